@@ -1,0 +1,42 @@
+# Two entry points, each bootstrapping its own virtual environment (.venv) from pyproject.toml.
+#   make run   - the default federated MEKD run on Fashion-MNIST (extra settings: make run ARGS="alpha=0.1")
+#   make test  - the test suite (fast tests plus one end-to-end simulation on synthetic data)
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.mekd-stamp
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+export FLWR_TELEMETRY_ENABLED := 0
+
+.PHONY: run test test-fast test-slow bench data venv clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# The offline default data set comes from Debian; install it when missing and we may (root, apt present).
+data:
+	@if [ ! -f $(FMNIST) ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	  else echo "Fashion-MNIST missing: run 'sudo apt-get install dataset-fashion-mnist' or pass ARGS=\"download=true\""; fi; \
+	fi
+
+run: $(STAMP) data
+	$(VENV)/bin/mekd-fl run $(ARGS)
+
+test: $(STAMP) data
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP) data
+	$(PY) -m pytest -q -m slow
+
+bench: $(STAMP) data
+	$(PY) experiments/bench_step.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,173 @@
+"""The edge device: local mapping emulation, query selection, distillation and evaluation.
+
+Plain PyTorch on purpose (no Flower here): state dicts and tensors in, state dicts and metrics out,
+so every step is testable without a runtime. `client_app.py` is the thin Flower shell around it.
+The client never reads a training label: it gets its images from `RunData.client_images`, and its
+labels exist only in the held-out split used to *measure* the global student.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mekd_fl.config import RunConfig
+from mekd_fl.distill import DistillContext, get_distiller
+from mekd_fl.emulator import EmulatorConfig, build_emulator, from_gan_range, train_emulator
+from mekd_fl.models.gan import Generator
+from mekd_fl.run_data import RunData, run_data
+from mekd_fl.teacher import build_model, predict_logits
+
+StateDict = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class EdgeDevice:
+    """One client's view of a run: its settings, its unlabeled images and its evaluation split."""
+
+    cfg: RunConfig
+    partition_id: int
+    device: torch.device
+
+    @property
+    def data(self) -> RunData:
+        return run_data(self.cfg)
+
+    @property
+    def images(self) -> torch.Tensor:
+        return self.data.client_images(self.partition_id)
+
+    # ------------------------------------------------------------------ models
+    def new_student(self) -> nn.Module:
+        ds = self.data.dataset
+        return build_model(self.cfg.student_arch, ds.num_classes, ds.image_shape, ds.mean, ds.std)
+
+    def new_generator(self) -> Generator:
+        ds = self.data.dataset
+        return build_emulator(ds.num_classes, ds.image_shape, self.cfg.emulator_width)[0]
+
+    def load_generator(self, state: StateDict) -> Generator:
+        gen = self.new_generator()
+        gen.load_state_dict(state)
+        return gen.to(self.device).eval()
+
+    # ------------------------------------------------------------------ stage 1: emulation
+    def train_emulator(self, g_state: StateDict | None = None, d_state: StateDict | None = None,
+                       ) -> tuple[StateDict, StateDict, dict[str, float]]:
+        """Train (or continue) this client's emulator GAN on its own images, z ~ N(0, I_C)."""
+        ds = self.data.dataset
+        gen = disc = None
+        if g_state is not None and d_state is not None:
+            gen, disc = build_emulator(ds.num_classes, ds.image_shape, self.cfg.emulator_width)
+            gen.load_state_dict(g_state)
+            disc.load_state_dict(d_state)
+        ecfg = EmulatorConfig(steps=self.cfg.emulator_steps, batch_size=self.cfg.emulator_batch_size,
+                              lr=self.cfg.emulator_lr, width=self.cfg.emulator_width,
+                              seed=self.cfg.seed * 1000 + self.partition_id)
+        t0 = time.time()
+        res = train_emulator(self.images, ds.num_classes, ecfg, self.device, gen, disc)
+        metrics = {"d-loss": res.d_loss, "g-loss": res.g_loss, "emulator-seconds": time.time() - t0,
+                   "num-examples": len(self.images)}
+        return _cpu(res.generator.state_dict()), _cpu(res.discriminator.state_dict()), metrics
+
+    # ------------------------------------------------------------------ teacher queries
+    def query_images(self, budget: int) -> torch.Tensor:
+        """The images this client sends to the teacher: its own, at most `budget` (a seeded subset)."""
+        images = self.images
+        if budget >= len(images):
+            return images
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1000 + self.partition_id)
+        keep = torch.randperm(len(images), generator=gen)[:budget].sort().values
+        return images[keep]
+
+    # ------------------------------------------------------------------ stage 2: distillation
+    def distill(self, student_state: StateDict, g_state: StateDict | None, images: torch.Tensor,
+                responses: torch.Tensor, server_round: int) -> tuple[StateDict, dict[str, float]]:
+        """Local distillation of the global student on (query image, teacher answer) pairs."""
+        cfg, ds = self.cfg, self.data.dataset
+        torch.manual_seed(cfg.seed * 100_003 + self.partition_id * 1009 + server_round)
+        student = self.new_student()
+        student.load_state_dict(student_state)
+        student.to(self.device).train()
+        generator = self.load_generator(g_state) if g_state is not None else None
+        ctx = DistillContext(num_classes=ds.num_classes, temperature=cfg.temperature,
+                             oracle_output=cfg.oracle_output, distance=cfg.distance,
+                             emulator_input=cfg.emulator_input, weight_emulation=cfg.weight_emulation,
+                             weight_kl=cfg.weight_kl, generator=generator)
+        distiller = get_distiller(cfg.method, ctx)
+        lr = round_lr(cfg, server_round)
+        opt = torch.optim.SGD(student.parameters(), lr=lr, momentum=cfg.momentum,
+                              weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+        images_dev, responses_dev = images.to(self.device), responses.to(self.device)
+        gen = torch.Generator().manual_seed(cfg.seed * 7919 + self.partition_id * 31 + server_round)
+        sums: dict[str, float] = {}
+        steps, t0 = 0, time.time()
+        for _ in range(cfg.local_epochs):
+            order = torch.randperm(len(images), generator=gen).to(self.device)
+            for start in range(0, len(images), cfg.batch_size):
+                idx = order[start:start + cfg.batch_size]
+                if len(idx) < 2:  # BatchNorm cannot train on a single image
+                    continue
+                x = images_dev[idx].float().div_(255.0)
+                parts = distiller.losses(student(x), responses_dev[idx], x, steps)
+                opt.zero_grad(set_to_none=True)
+                parts["loss"].backward()
+                opt.step()
+                for name, value in parts.items():
+                    sums[name] = sums.get(name, 0.0) + value.item()
+                steps += 1
+        metrics = {f"train-{k}": v / max(steps, 1) for k, v in sums.items()}
+        metrics.update({"num-examples": len(images), "lr": lr, "steps": steps,
+                        "train-seconds": time.time() - t0})
+        return _cpu(student.state_dict()), metrics
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, student_state: StateDict) -> dict[str, float]:
+        """Accuracy of the global student on this client's held-out split (labels used only here)."""
+        images, labels = self.data.client_test(self.partition_id)
+        student = self.new_student()
+        student.load_state_dict(student_state)
+        logits = predict_logits(student.to(self.device), images, self.device)
+        if len(labels) == 0:
+            return {"accuracy": 0.0, "loss": 0.0, "num-examples": 0}
+        loss = nn.functional.cross_entropy(logits, labels).item()
+        return {"accuracy": (logits.argmax(1) == labels).float().mean().item(), "loss": loss,
+                "num-examples": len(labels)}
+
+    @torch.no_grad()
+    def emulator_samples(self, student_state: StateDict, g_state: StateDict, images: torch.Tensor,
+                         responses: torch.Tensor) -> dict[str, torch.Tensor]:
+        """x, G(T(x)) and G(S(x)) as uint8 images: what the emulation term compares."""
+        from mekd_fl.distill.base import teacher_log_probs
+        from mekd_fl.distill.mekd import generator_input
+
+        cfg = self.cfg
+        gen = self.load_generator(g_state)
+        student = self.new_student()
+        student.load_state_dict(student_state)
+        s_logits = predict_logits(student.to(self.device), images, self.device).to(self.device)
+        responses = responses.to(self.device)
+        raw = cfg.oracle_output == "logits"
+        t_scores = responses if raw else teacher_log_probs(responses, "probs")
+        s_scores = s_logits if raw else s_logits.log_softmax(1)
+        g_t = gen(generator_input(t_scores, cfg.emulator_input, cfg.temperature))
+        g_s = gen(generator_input(s_scores, cfg.emulator_input, cfg.temperature))
+        return {"images": images.cpu(), "g-teacher": from_gan_range(g_t).cpu(), "g-student": from_gan_range(g_s).cpu()}
+
+
+def round_lr(cfg: RunConfig, server_round: int) -> float:
+    """Cosine decay of the student's learning rate over the rounds (round 1 gets the full `lr`).
+
+    Why: FedAvg with a constant rate keeps the averaged student oscillating between the clients'
+    skewed optima under non-IID partitions; decaying it lets the last rounds settle.
+    """
+    progress = (server_round - 1) / max(cfg.num_rounds, 1)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _cpu(state: StateDict) -> StateDict:
+    return {k: v.detach().cpu() for k, v in state.items()}

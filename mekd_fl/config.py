@@ -1,0 +1,196 @@
+"""One typed run configuration: defaults, merging from Flower run-config / CLI / YAML, validation.
+
+Why one object: every knob has one name (kebab-case in Flower run-config and YAML, snake_case in
+Python), one default, one validation and one row in the README table. The defaults here are the
+single source of truth; `pyproject.toml`'s `[tool.flwr.app.config]` mirrors them and a test keeps
+the two identical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from mekd_fl.errors import ConfigError
+
+
+def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A dataclass field carrying its README help text and accepted values."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every setting of a run. Field order is the order of the README table."""
+
+    # --- run ---
+    seed: int = _opt(42, "Seed for partitions, initialisation, sampling and training.")
+    run_name: str = _opt("", "Name of the result folder under `out-dir` (empty: timestamp + method).")
+    out_dir: str = _opt("runs", "Where result folders are written.")
+    cache_dir: str = _opt("", "Teacher checkpoint cache (empty: `$MEKD_FL_CACHE` or `~/.cache/mekd-fl`).")
+    device: str = _opt("auto", "Torch device for server and clients: auto (cuda when present), cpu, cuda.",
+                       ("auto", "cpu", "cuda"))
+    # --- data ---
+    dataset: str = _opt("fashion-mnist", "Data set.",
+                        ("fashion-mnist", "mnist", "cifar10", "cifar100", "synthetic"))
+    data_dir: str = _opt("", "Folder with the data set files (empty: Debian location for Fashion-MNIST, "
+                             "else `$MEKD_FL_DATA` or `~/.cache/mekd-fl/data`).")
+    download: bool = _opt(False, "Download the data set with torchvision when the files are missing (needs internet).")
+    num_clients: int = _opt(10, "Number of simulated edge clients (SuperNodes).")
+    partition: str = _opt("dirichlet", "How the clients' share is split.", ("iid", "dirichlet", "pathological"))
+    alpha: float = _opt(0.5, "Dirichlet concentration (smaller = more skewed); partition=dirichlet.")
+    classes_per_client: int = _opt(2, "Classes per client; partition=pathological.")
+    server_share: float = _opt(0.5, "Fraction of the training set kept labeled on the server to train the teacher.")
+    client_test_fraction: float = _opt(0.1, "Fraction of each client's images held out for federated evaluation.")
+    # --- teacher (server only) ---
+    teacher_arch: str = _opt("resnet20", "Teacher architecture (CIFAR ResNet, depth 6n+2).")
+    teacher_epochs: int = _opt(5, "Teacher training epochs on the server's labeled share.")
+    teacher_lr: float = _opt(0.1, "Teacher SGD learning rate (x0.1 at 50% and 75% of the epochs).")
+    teacher_batch_size: int = _opt(128, "Teacher training batch size.")
+    oracle_output: str = _opt("probs", "What the oracle answers: probs (softmax) or logits.", ("probs", "logits"))
+    query_budget: int = _opt(100000, "Most teacher queries (images) one client may send in a run.")
+    oracle_batch_size: int = _opt(1024, "Batch size of the oracle's teacher forward passes.")
+    # --- emulator (clients) ---
+    emulator_steps: int = _opt(200, "Generator updates of each client's emulator GAN.")
+    emulator_batch_size: int = _opt(64, "Emulator GAN batch size.")
+    emulator_lr: float = _opt(2e-4, "Emulator Adam learning rate (betas 0.5, 0.999).")
+    emulator_width: int = _opt(16, "Emulator channel width (generator and discriminator).")
+    # --- distillation (clients) ---
+    method: str = _opt("mekd", "Distillation method, from the registry in `mekd_fl/distill/` (mekd, kd).")
+    student_arch: str = _opt("resnet8", "Student architecture (CIFAR ResNet, depth 6n+2).")
+    num_rounds: int = _opt(8, "Federated distillation rounds.")
+    local_epochs: int = _opt(1, "Local distillation epochs per round.")
+    batch_size: int = _opt(64, "Distillation batch size.")
+    lr: float = _opt(0.05, "Student SGD learning rate (cosine-decayed over the rounds).")
+    momentum: float = _opt(0.9, "Student SGD momentum.")
+    weight_decay: float = _opt(5e-4, "Student SGD weight decay.")
+    distance: str = _opt("l1", "MEKD image distance d(G(S(x)), G(T(x))).", ("l1", "l2"))
+    temperature: float = _opt(4.0, "KL temperature T (KL scaled by T^2).")
+    emulator_input: str = _opt("probs", "What G receives: probs (softmax at T=1) or logits (logits / T).",
+                               ("probs", "logits"))
+    weight_emulation: float = _opt(1.0, "Weight of the emulation term d(G(S(x)), G(T(x))).")
+    weight_kl: float = _opt(1.0, "Weight of the KL term.")
+    fraction_train: float = _opt(1.0, "Fraction of clients sampled per distillation round.")
+    fraction_evaluate: float = _opt(1.0, "Fraction of clients sampled for federated evaluation.")
+    num_samples: int = _opt(8, "Images shown in the emulator-samples plot (G(T(x)) beside G(S(x))).")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def keys(cls) -> list[str]:
+        """All setting names in kebab-case, in table order."""
+        return [f.name.replace("_", "-") for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], *, validate: bool = True) -> "RunConfig":
+        """Build from kebab- or snake-case keys (Flower run-config, YAML, CLI) over the defaults.
+
+        Unknown keys are an error rather than ignored: a typo must not silently run the default.
+        """
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for raw_key, value in values.items():
+            key = raw_key.replace("-", "_")
+            if key not in known:
+                raise ConfigError(f"unknown setting '{raw_key}'; accepted: {', '.join(cls.keys())}")
+            kwargs[key] = _coerce(raw_key, value, known[key].type, known[key].default)
+        cfg = cls(**kwargs)
+        if validate:
+            cfg.validate()
+        return cfg
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Kebab-case mapping, the form written to `config.json` and sent to clients."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Reject bad settings with one line naming the setting and what is accepted.
+
+        Only cheap checks live here (no data decoding) so a run fails in well under a second.
+        """
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise ConfigError(
+                    f"{f.name.replace('_', '-')}={value!r} is not accepted; accepted: {', '.join(choices)}"
+                )
+        positive_ints = ("num_clients", "num_rounds", "local_epochs", "batch_size", "teacher_batch_size",
+                         "emulator_batch_size", "emulator_width", "oracle_batch_size", "query_budget",
+                         "classes_per_client")
+        for name in positive_ints:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name.replace('_', '-')}={getattr(self, name)} must be an integer >= 1")
+        for name in ("teacher_epochs", "emulator_steps", "num_samples"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name.replace('_', '-')}={getattr(self, name)} must be an integer >= 0")
+        if not self.alpha > 0:
+            raise ConfigError(f"alpha={self.alpha} must be > 0 (Dirichlet concentration; e.g. 0.1 skewed, 100 ~ iid)")
+        for name in ("lr", "teacher_lr", "emulator_lr", "temperature"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name.replace('_', '-')}={getattr(self, name)} must be > 0")
+        for name in ("weight_emulation", "weight_kl", "weight_decay", "momentum"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name.replace('_', '-')}={getattr(self, name)} must be >= 0")
+        for name in ("fraction_train", "fraction_evaluate"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ConfigError(f"{name.replace('_', '-')}={getattr(self, name)} must be in (0, 1]")
+        if not 0 <= self.server_share < 1:
+            raise ConfigError(f"server-share={self.server_share} must be in [0, 1)")
+        if not 0 <= self.client_test_fraction < 1:
+            raise ConfigError(f"client-test-fraction={self.client_test_fraction} must be in [0, 1)")
+        if self.server_share == 0 and self.teacher_epochs > 0:
+            raise ConfigError("server-share=0 leaves no labeled data to train the teacher; "
+                              "accepted: server-share in (0, 1) when teacher-epochs > 0")
+        # Methods and architectures are checked by the modules that own their lists.
+        from mekd_fl.distill import get_class
+        from mekd_fl.models.resnet import parse_depth
+
+        get_class(self.method)
+        parse_depth(self.teacher_arch, setting="teacher-arch")
+        parse_depth(self.student_arch, setting="student-arch")
+
+    # ------------------------------------------------------------------ derived paths
+    def resolved_cache_dir(self) -> Path:
+        base = self.cache_dir or os.environ.get("MEKD_FL_CACHE") or str(Path.home() / ".cache" / "mekd-fl")
+        return Path(base).expanduser()
+
+
+def _coerce(key: str, value: Any, type_name: Any, default: Any) -> Any:
+    """Turn CLI/TOML/YAML values into the field's type, with a one-line error when impossible."""
+    target = type(default)
+    if isinstance(value, target) and not (target is int and isinstance(value, bool)):
+        return value
+    try:
+        if target is bool:
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+                return value.lower() in ("true", "1", "yes")
+            if isinstance(value, (int, float)) and value in (0, 1):
+                return bool(value)
+            raise ValueError
+        if target is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if target is float:
+            return float(value)
+        if target is str:
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    raise ConfigError(f"{key}={value!r} is not a valid {target.__name__}")
+
+
+def default_flower_config() -> dict[str, Any]:
+    """The `[tool.flwr.app.config]` table that pyproject.toml must hold (checked by a test)."""
+    return RunConfig().to_dict()

@@ -1,0 +1,100 @@
+"""One interface for every distillation method, and the registry that finds them by name.
+
+Why a registry: the client and the strategy never branch on the method's name. A method is a class
+with `losses(student_logits, teacher_response, images, step)`; adding one is a new file with
+`@register("name")`, nothing else changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mekd_fl.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DistillContext:
+    """What a method may use besides the batch: settings, and the client's own emulator if any."""
+
+    num_classes: int
+    temperature: float = 4.0
+    oracle_output: str = "probs"          # what the teacher's responses are: probs or logits
+    distance: str = "l1"
+    emulator_input: str = "probs"
+    weight_emulation: float = 1.0
+    weight_kl: float = 1.0
+    generator: nn.Module | None = None    # the client's frozen emulator G (MEKD)
+
+
+def teacher_log_probs(response: torch.Tensor, oracle_output: str) -> torch.Tensor:
+    """log p_T from what the oracle answered.
+
+    With probabilities the logits are known only up to a per-sample constant, and log p is exactly
+    such a shift of them, so softmax(log p / T) equals softmax(logits / T): temperature scaling works
+    the same whichever form the oracle returns.
+    """
+    if oracle_output == "probs":
+        return response.clamp_min(1e-12).log()
+    return F.log_softmax(response, dim=1)
+
+
+def kl_divergence(teacher_log_p: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton's KL(softmax(t_T/T) || softmax(t_S/T)) * T^2, summed over classes, mean over the batch."""
+    t = temperature
+    log_pt = F.log_softmax(teacher_log_p / t, dim=1)
+    log_ps = F.log_softmax(student_logits / t, dim=1)
+    return (log_pt.exp() * (log_pt - log_ps)).sum(1).mean() * t * t
+
+
+class Distiller:
+    """Base class. `losses` returns named parts; the key "loss" is the one minimised."""
+
+    name: ClassVar[str] = ""
+    needs_generator: ClassVar[bool] = False
+
+    def __init__(self, ctx: DistillContext) -> None:
+        self.ctx = ctx
+
+    def losses(self, student_logits: torch.Tensor, teacher_response: torch.Tensor,
+               images: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, type[Distiller]] = {}
+
+
+def register(name: str) -> Callable[[type[Distiller]], type[Distiller]]:
+    def wrap(cls: type[Distiller]) -> type[Distiller]:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+    return wrap
+
+
+def methods() -> tuple[str, ...]:
+    return tuple(sorted(_REGISTRY))
+
+
+def needs_generator(name: str) -> bool:
+    """Whether a method distills through the client's emulator (so the emulator phase must run)."""
+    get_class(name)
+    return _REGISTRY[name].needs_generator
+
+
+def get_class(name: str) -> type[Distiller]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(f"method={name!r} is not accepted; accepted: {', '.join(methods())}") from None
+
+
+def get_distiller(name: str, ctx: DistillContext) -> Distiller:
+    cls = get_class(name)
+    if cls.needs_generator and ctx.generator is None:
+        raise ValueError(f"method={name!r} needs the client's emulator generator")
+    return cls(ctx)

@@ -1,0 +1,93 @@
+"""DCGAN used as the MEKD mapping emulator.
+
+The generator's input has exactly one dimension per class, so that after it
+is trained on N(0, I_C) noise it can be fed teacher softmax outputs and map
+label space back to image space. Layout follows the DCGAN of the authors'
+code (PyTorch-GAN style), but with default BatchNorm eps/momentum: the
+original passed 0.8 as eps by mistake, which we deliberately do not copy.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+ImageShape = tuple[int, int, int]
+
+
+class Generator(nn.Module):
+    """Maps a (B, latent_dim) code to images in [-1, 1] of shape (B, *image_shape)."""
+
+    def __init__(self, latent_dim: int, image_shape: ImageShape, width: int = 64) -> None:
+        super().__init__()
+        channels, height, side = image_shape
+        if height != side or side % 4 != 0:
+            raise ValueError(f"generator needs square images with side divisible by 4, got {image_shape}")
+        self.latent_dim = latent_dim
+        self.image_shape = tuple(image_shape)
+        self._init_side = side // 4
+        self._init_channels = 2 * width
+        self.fc = nn.Linear(latent_dim, self._init_channels * self._init_side**2)
+        self.body = nn.Sequential(
+            nn.BatchNorm2d(2 * width),
+            nn.Upsample(scale_factor=2),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1),
+            nn.BatchNorm2d(2 * width),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Upsample(scale_factor=2),
+            nn.Conv2d(2 * width, width, 3, padding=1),
+            nn.BatchNorm2d(width),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(width, channels, 3, padding=1),
+            nn.Tanh(),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if z.dim() != 2 or z.shape[1] != self.latent_dim:
+            raise ValueError(f"generator expects input (B, {self.latent_dim}), got {tuple(z.shape)}")
+        out = self.fc(z).view(-1, self._init_channels, self._init_side, self._init_side)
+        return self.body(out)
+
+
+class Discriminator(nn.Module):
+    """Four stride-2 conv blocks then a linear layer giving one real/fake logit per image.
+
+    Channel widths are width/4, width/2, width, 2*width (16..128 at the
+    authors' width 64); BatchNorm follows every block except the first.
+    """
+
+    def __init__(self, image_shape: ImageShape, width: int = 64, dropout: float = 0.25) -> None:
+        super().__init__()
+        channels = image_shape[0]
+        widths = [max(1, width // 4), max(1, width // 2), width, 2 * width]
+        blocks: list[nn.Module] = []
+        in_ch = channels
+        for i, out_ch in enumerate(widths):
+            blocks += [
+                nn.Conv2d(in_ch, out_ch, 3, stride=2, padding=1),
+                nn.LeakyReLU(0.2, inplace=True),
+                nn.Dropout2d(dropout),
+            ]
+            if i > 0:
+                blocks.append(nn.BatchNorm2d(out_ch))
+            in_ch = out_ch
+        self.features = nn.Sequential(*blocks)
+        # Each block maps side s to ceil(s / 2).
+        height, side = image_shape[1], image_shape[2]
+        for _ in widths:
+            height, side = (height + 1) // 2, (side + 1) // 2
+        self.head = nn.Linear(in_ch * height * side, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flatten(self.features(x), 1))
+
+
+def init_dcgan_weights(module: nn.Module) -> None:
+    """DCGAN init (Radford et al. 2016); use as ``model.apply(init_dcgan_weights)``."""
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)

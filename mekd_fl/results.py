@@ -1,0 +1,156 @@
+"""The result folder of one run: resolved config, per-round metrics, summary and plots.
+
+Why a class: a run writes to its folder at several moments (partition at start, one JSON line per
+round, plots and summary at the end) and must never clobber an earlier run's files; the folder is
+claimed once, atomically, and refused if it already exists.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mekd_fl.config import RunConfig
+from mekd_fl.errors import ConfigError
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return None if not math.isfinite(float(value)) else float(value)
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    return value
+
+
+def default_run_name(cfg: RunConfig) -> str:
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.method}-{cfg.dataset}-{cfg.partition}"
+
+
+class RunResults:
+    """Writes `config.json`, `partition.json`, `metrics.jsonl`, `summary.json` and PNG plots."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.metrics_path = folder / "metrics.jsonl"
+        self.rounds: list[dict] = []
+
+    @classmethod
+    def claim(cls, cfg: RunConfig) -> "RunResults":
+        """Create the run's folder; refuse one that exists so no earlier result is overwritten."""
+        name = cfg.run_name or default_run_name(cfg)
+        folder = Path(cfg.out_dir) / name
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            raise ConfigError(f"run-name={name!r}: {folder} already exists; choose another run-name "
+                              f"(results are never overwritten)") from None
+        results = cls(folder)
+        results.write_json("config.json", cfg.to_dict())
+        return results
+
+    def write_json(self, name: str, payload: Any) -> Path:
+        path = self.folder / name
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(_jsonable(payload), indent=2) + "\n")
+        os.replace(tmp, path)
+        return path
+
+    def append_round(self, record: dict) -> None:
+        self.rounds.append(record)
+        with self.metrics_path.open("a") as fh:
+            fh.write(json.dumps(_jsonable(record)) + "\n")
+
+    # ------------------------------------------------------------------ plots
+    def plot_accuracy(self, teacher_accuracy: float | None, title: str) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        rounds = [r["round"] for r in self.rounds]
+        for key, label in (("server/accuracy", "global student, server test set"),
+                           ("fed/accuracy", "global student, client test splits"),
+                           ("server/agreement", "agreement with teacher")):
+            pts = [(r["round"], r[key]) for r in self.rounds if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=label)
+        if teacher_accuracy is not None:
+            ax.axhline(teacher_accuracy, color="grey", linestyle="--", label="teacher, server test set")
+        ax.set_xlabel("round")
+        ax.set_ylabel("accuracy")
+        ax.set_xticks(rounds)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.set_title(title)
+        ax.legend(loc="lower right", fontsize=8)
+        return self._save(fig, "accuracy.png")
+
+    def plot_label_distribution(self, counts: np.ndarray, class_names: list[str], title: str) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        counts = np.asarray(counts)
+        fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(counts) + 2), 4))
+        bottom = np.zeros(len(counts))
+        cmap = plt.get_cmap("tab10" if counts.shape[1] <= 10 else "tab20")
+        for c in range(counts.shape[1]):
+            ax.bar(range(len(counts)), counts[:, c], bottom=bottom,
+                   color=cmap(c % cmap.N), label=class_names[c] if c < 20 else None)
+            bottom += counts[:, c]
+        ax.set_xlabel("client")
+        ax.set_ylabel("images")
+        ax.set_xticks(range(len(counts)))
+        ax.set_title(title)
+        if counts.shape[1] <= 20:
+            ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
+        return self._save(fig, "label_distribution.png")
+
+    def plot_samples(self, samples: dict[str, np.ndarray]) -> Path:
+        """Rows: real x, G(T(x)), G(S(x)); one column per image."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = [("images", "x"), ("g-teacher", "G(T(x))"), ("g-student", "G(S(x))")]
+        n = len(samples["images"])
+        fig, axes = plt.subplots(3, n, figsize=(1.2 * n, 3.9), squeeze=False)
+        for r, (key, label) in enumerate(rows):
+            for c in range(n):
+                img = samples[key][c]
+                ax = axes[r][c]
+                if img.shape[0] == 1:
+                    ax.imshow(img[0], cmap="gray", vmin=0, vmax=255)
+                else:
+                    ax.imshow(np.transpose(img, (1, 2, 0)))
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if c == 0:
+                    ax.set_ylabel(label, fontsize=9)
+        fig.suptitle("emulator samples: teacher vs student through G")
+        return self._save(fig, "emulator_samples.png")
+
+    def _save(self, fig: Any, name: str) -> Path:
+        import matplotlib.pyplot as plt
+
+        path = self.folder / name
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path

@@ -1,0 +1,148 @@
+"""Teacher training on the server's labeled share, with a checkpoint cache.
+
+Why a cache: the teacher is the most expensive part of a run on a CPU, and every run of a sweep with
+the same data set, architecture, seed and recipe would train the same network again. The cache key
+holds everything that changes the weights; the file is written atomically, so a run killed while
+saving never leaves a half-written checkpoint that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mekd_fl.augment import FLIP_SAFE, Normalize, random_shift_flip, to_unit
+from mekd_fl.errors import ConfigError
+from mekd_fl.models.resnet import resnet
+
+
+@dataclass(frozen=True)
+class TeacherRecipe:
+    """Everything that determines the teacher's weights (and so the cache key)."""
+
+    dataset: str
+    arch: str
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    seed: int
+    epochs: int
+    lr: float
+    batch_size: int
+    server_share: float
+    num_train: int
+
+    def key(self) -> str:
+        blob = json.dumps(self.__dict__, sort_keys=True, default=list)
+        digest = hashlib.sha256(blob.encode()).hexdigest()[:12]
+        return f"{self.dataset}-{self.arch}-seed{self.seed}-ep{self.epochs}-{digest}"
+
+
+def build_model(arch: str, num_classes: int, image_shape: tuple[int, int, int],
+                mean: tuple[float, ...], std: tuple[float, ...]) -> nn.Module:
+    """A CIFAR ResNet that takes images in [0, 1] (normalisation is its first layer)."""
+    return nn.Sequential(Normalize(mean, std), resnet(arch, num_classes, image_shape[0]))
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 1024) -> torch.Tensor:
+    """Logits for uint8 (or [0, 1] float) images, computed in batches on `device`, returned on the CPU."""
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch = to_unit(images[start:start + batch_size].to(device, non_blocking=True))
+        out.append(model(batch).float().cpu())
+    return torch.cat(out) if out else torch.empty(0, 0)
+
+
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device) -> float:
+    if len(labels) == 0:
+        return float("nan")
+    return (predict_logits(model, images, device).argmax(1) == labels).float().mean().item()
+
+
+def train_teacher(recipe: TeacherRecipe, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
+                  log: Callable[[str], None] = print) -> nn.Module:
+    """SGD with momentum, multi-step LR (x0.1 at 50% and 75%), random shift (+ flip where it fits)."""
+    torch.manual_seed(recipe.seed)
+    model = build_model(recipe.arch, recipe.num_classes, recipe.image_shape, recipe.mean, recipe.std).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    steps_per_epoch = max(1, -(-len(images) // recipe.batch_size))
+    total = steps_per_epoch * recipe.epochs
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [int(total * 0.5), int(total * 0.75)], gamma=0.1)
+    gen = torch.Generator().manual_seed(recipe.seed)
+    flip = recipe.dataset in FLIP_SAFE
+    shift = 4 if recipe.image_shape[1] >= 32 else 2
+    images_dev, labels_dev = images.to(device), labels.to(device)
+    for epoch in range(recipe.epochs):
+        model.train()
+        t0, loss_sum, correct = time.time(), 0.0, 0
+        order = torch.randperm(len(images), generator=gen).to(device)
+        for start in range(0, len(images), recipe.batch_size):
+            idx = order[start:start + recipe.batch_size]
+            x = random_shift_flip(to_unit(images_dev[idx]), shift, flip, gen)
+            y = labels_dev[idx]
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += loss.item() * len(idx)
+            correct += (logits.argmax(1) == y).sum().item()
+        log(f"[teacher] epoch {epoch + 1}/{recipe.epochs}: loss {loss_sum / len(images):.4f}, "
+            f"train acc {correct / len(images):.4f} ({time.time() - t0:.0f}s)")
+    model.eval()
+    return model
+
+
+def _atomic_save(obj: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_or_train_teacher(recipe: TeacherRecipe, cache_dir: Path, images: torch.Tensor, labels: torch.Tensor,
+                          test_images: torch.Tensor, test_labels: torch.Tensor, device: torch.device,
+                          log: Callable[[str], None] = print) -> tuple[nn.Module, dict]:
+    """Return the teacher and its metadata (test accuracy, whether it came from the cache)."""
+    path = cache_dir / "teachers" / f"{recipe.key()}.pt"
+    if path.exists():
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        if ckpt.get("recipe") != recipe.__dict__:
+            raise ConfigError(f"cache-dir: checkpoint {path} was made by another recipe; delete it or set cache-dir")
+        model = build_model(recipe.arch, recipe.num_classes, recipe.image_shape, recipe.mean, recipe.std)
+        try:
+            model.load_state_dict(ckpt["state_dict"])
+        except RuntimeError as exc:
+            raise ConfigError(f"teacher-arch={recipe.arch}: checkpoint {path} does not fit this architecture "
+                              f"({str(exc).splitlines()[0]}); delete it to retrain") from exc
+        meta = dict(ckpt["meta"], cached=True, path=str(path))
+        log(f"[teacher] loaded from cache {path} (test acc {meta['test_accuracy']:.4f})")
+        return model.to(device).eval(), meta
+    t0 = time.time()
+    log(f"[teacher] training {recipe.arch} on {len(images)} labeled server images for {recipe.epochs} epochs")
+    model = train_teacher(recipe, images, labels, device, log)
+    acc = accuracy(model, test_images, test_labels, device)
+    meta = {"test_accuracy": acc, "train_seconds": time.time() - t0, "num_train": len(images)}
+    _atomic_save({"recipe": recipe.__dict__, "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+                  "meta": meta}, path)
+    log(f"[teacher] test acc {acc:.4f}, trained in {meta['train_seconds']:.0f}s, cached at {path}")
+    return model, dict(meta, cached=False, path=str(path))

@@ -1,0 +1,261 @@
+"""Distillation losses against hand computations, MEKD's frozen generator, and the method registry."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mekd_fl.distill import (DistillContext, get_class, get_distiller, kl_divergence, methods, needs_generator,
+                             teacher_log_probs)
+from mekd_fl.distill.kd import KD
+from mekd_fl.distill.mekd import MEKD
+from mekd_fl.errors import ConfigError
+
+torch.set_num_threads(1)
+
+C = 3
+TEACHER = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 3.0]])
+STUDENT = torch.tensor([[1.0, 1.0, 0.0], [-0.5, 2.0, 0.5]])
+IMAGES = torch.zeros(2, 1, 4, 4)  # unused by the losses, but part of the interface
+
+
+# ---------------------------------------------------------------------------- hand computations
+def softmax_rows(x: torch.Tensor, t: float = 1.0) -> list[list[float]]:
+    out = []
+    for row in x.tolist():
+        e = [math.exp(v / t) for v in row]
+        s = sum(e)
+        out.append([v / s for v in e])
+    return out
+
+
+def hand_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, t: float) -> float:
+    """mean_b sum_c p_T (log p_T - log p_S) * T^2 with p = softmax(logits / T)."""
+    pts, pss = softmax_rows(teacher_logits, t), softmax_rows(student_logits, t)
+    per_row = [sum(a * (math.log(a) - math.log(b)) for a, b in zip(pt, ps)) for pt, ps in zip(pts, pss)]
+    return sum(per_row) / len(per_row) * t * t
+
+
+# ---------------------------------------------------------------------------- KL
+def test_kl_closed_form_two_classes() -> None:
+    # p_T = (1/4, 3/4), p_S = (1/2, 1/2) at T = 1.
+    t = torch.tensor([[0.0, math.log(3.0)]])
+    s = torch.zeros(1, 2)
+    expected = 0.25 * math.log(0.5) + 0.75 * math.log(1.5)
+    assert kl_divergence(t, s, 1.0).item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_kl_equals_hand_computation(temperature: float) -> None:
+    got = kl_divergence(TEACHER, STUDENT, temperature).item()
+    assert got == pytest.approx(hand_kl(TEACHER, STUDENT, temperature), rel=1e-5)
+    assert got > 0
+
+
+def test_kl_temperature_matters() -> None:
+    # Guard against a loss that ignores T: the two values differ for these inputs.
+    assert kl_divergence(TEACHER, STUDENT, 1.0).item() != pytest.approx(kl_divergence(TEACHER, STUDENT, 4.0).item())
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_kl_zero_when_student_matches_teacher(temperature: float) -> None:
+    assert kl_divergence(TEACHER, TEACHER.clone(), temperature).item() == pytest.approx(0.0, abs=1e-6)
+    # A per-row shift of the student's logits changes nothing either.
+    assert kl_divergence(TEACHER, TEACHER + torch.tensor([[5.0], [-2.0]]), temperature).item() == pytest.approx(
+        0.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_teacher_log_probs_from_probs_and_logits_agree(temperature: float) -> None:
+    probs = TEACHER.softmax(1)
+    from_probs = teacher_log_probs(probs, "probs")
+    from_logits = teacher_log_probs(TEACHER, "logits")
+    torch.testing.assert_close(from_probs.exp(), probs)
+    torch.testing.assert_close(from_logits.exp(), probs)
+    expected = torch.tensor(softmax_rows(TEACHER, temperature))
+    torch.testing.assert_close((from_probs / temperature).softmax(1), expected)
+    torch.testing.assert_close((from_logits / temperature).softmax(1), expected)
+    # And so the KL is the same whichever form the oracle answers.
+    assert kl_divergence(from_probs, STUDENT, temperature).item() == pytest.approx(
+        kl_divergence(from_logits, STUDENT, temperature).item(), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------- KD
+@pytest.mark.parametrize("oracle_output", ["probs", "logits"])
+def test_kd_loss_is_the_kl(oracle_output: str) -> None:
+    ctx = DistillContext(num_classes=C, temperature=4.0, oracle_output=oracle_output)
+    kd = get_distiller("kd", ctx)
+    assert isinstance(kd, KD)
+    response = TEACHER.softmax(1) if oracle_output == "probs" else TEACHER
+    parts = kd.losses(STUDENT, response, IMAGES, 0)
+    assert parts["loss"].item() == pytest.approx(hand_kl(TEACHER, STUDENT, 4.0), rel=1e-5)
+    assert parts["kl"].item() == parts["loss"].item()
+
+
+# ---------------------------------------------------------------------------- MEKD
+class LinearGen(nn.Module):
+    """A tiny deterministic 'generator': C scores -> a (B, 1, 4, 4) image, optionally through BatchNorm."""
+
+    def __init__(self, batchnorm: bool = False) -> None:
+        super().__init__()
+        self.fc = nn.Linear(C, 16)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.linspace(-1.0, 1.0, 16 * C).view(16, C) ** 3 + 0.1)
+            self.fc.bias.copy_(torch.linspace(0.2, -0.3, 16))
+        self.bn = nn.BatchNorm1d(16) if batchnorm else None
+        if self.bn is not None:
+            with torch.no_grad():
+                self.bn.running_mean.copy_(torch.linspace(-0.5, 0.5, 16))
+                self.bn.running_var.copy_(torch.linspace(0.5, 2.0, 16))
+                self.bn.weight.copy_(torch.linspace(0.5, 1.5, 16))
+                self.bn.bias.copy_(torch.linspace(0.1, -0.1, 16))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.fc(z)
+        if self.bn is not None:
+            h = self.bn(h)
+        return h.view(-1, 1, 4, 4)
+
+
+def hand_gen(gen: LinearGen, z: torch.Tensor) -> torch.Tensor:
+    """G written out: z W^T + b, then (eval-mode) BatchNorm with the running statistics."""
+    h = z @ gen.fc.weight.detach().T + gen.fc.bias.detach()
+    if gen.bn is not None:
+        bn = gen.bn
+        h = (h - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight.detach() + bn.bias.detach()
+    return h.view(-1, 1, 4, 4)
+
+
+def log_softmax_rows(x: torch.Tensor) -> torch.Tensor:
+    return x - torch.logsumexp(x, dim=1, keepdim=True)
+
+
+def hand_inputs(oracle_output: str, emulator_input: str, t: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """What G receives for the teacher and for the student."""
+    if oracle_output == "logits":  # raw logits of both
+        t_scores, s_scores = TEACHER, STUDENT
+    else:  # log-probabilities of both
+        t_scores, s_scores = log_softmax_rows(TEACHER), log_softmax_rows(STUDENT)
+    if emulator_input == "probs":  # softmax at T = 1
+        return torch.tensor(softmax_rows(t_scores)), torch.tensor(softmax_rows(s_scores))
+    return t_scores / t, s_scores / t
+
+
+def make_mekd(gen: nn.Module, **kw) -> MEKD:
+    ctx = DistillContext(num_classes=C, generator=gen, **kw)
+    distiller = get_distiller("mekd", ctx)
+    assert isinstance(distiller, MEKD)
+    return distiller
+
+
+@pytest.mark.parametrize("batchnorm", [False, True])
+@pytest.mark.parametrize("oracle_output", ["probs", "logits"])
+@pytest.mark.parametrize("emulator_input", ["probs", "logits"])
+@pytest.mark.parametrize("distance", ["l1", "l2"])
+def test_mekd_emulation_equals_hand_computation(distance: str, emulator_input: str, oracle_output: str,
+                                                batchnorm: bool) -> None:
+    t = 4.0
+    gen = LinearGen(batchnorm)
+    mekd = make_mekd(gen, temperature=t, oracle_output=oracle_output, distance=distance,
+                     emulator_input=emulator_input)
+    response = TEACHER.softmax(1) if oracle_output == "probs" else TEACHER
+    parts = mekd.losses(STUDENT, response, IMAGES, 0)
+
+    in_t, in_s = hand_inputs(oracle_output, emulator_input, t)
+    diff = hand_gen(gen, in_s) - hand_gen(gen, in_t)
+    expected = diff.abs().mean() if distance == "l1" else (diff ** 2).mean()
+    assert parts["emulation"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert parts["emulation"].item() > 0
+    assert parts["kl"].item() == pytest.approx(hand_kl(TEACHER, STUDENT, t), rel=1e-5)
+
+
+def test_mekd_emulation_zero_when_student_matches_teacher() -> None:
+    mekd = make_mekd(LinearGen(), oracle_output="logits", emulator_input="logits")
+    parts = mekd.losses(TEACHER.clone(), TEACHER, IMAGES, 0)
+    assert parts["emulation"].item() == pytest.approx(0.0, abs=1e-7)
+    assert parts["loss"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_mekd_loss_is_weighted_sum() -> None:
+    mekd = make_mekd(LinearGen(), temperature=4.0, weight_emulation=0.3, weight_kl=2.0)
+    parts = mekd.losses(STUDENT, TEACHER.softmax(1), IMAGES, 0)
+    assert set(parts) == {"loss", "emulation", "kl"}
+    expected = 0.3 * parts["emulation"].item() + 2.0 * parts["kl"].item()
+    assert parts["loss"].item() == pytest.approx(expected, rel=1e-6)
+    # Not the unweighted sum (which would equal it only by accident).
+    assert parts["loss"].item() != pytest.approx(parts["emulation"].item() + parts["kl"].item())
+
+
+def test_gradient_flows_to_student_not_to_generator() -> None:
+    gen = LinearGen(batchnorm=True)
+    gen.train()  # the distiller must freeze it whatever mode it came in
+    mekd = make_mekd(gen, weight_emulation=0.3, weight_kl=2.0)
+    assert not gen.training and not gen.bn.training
+    assert all(not p.requires_grad for p in gen.parameters())
+
+    torch.manual_seed(0)
+    student = nn.Linear(4, C)
+    x = torch.randn(2, 4)
+    parts = mekd.losses(student(x), TEACHER.softmax(1), IMAGES, 0)
+    parts["loss"].backward()
+    assert student.weight.grad is not None and student.weight.grad.abs().sum() > 0
+    assert student.bias.grad is not None and student.bias.grad.abs().sum() > 0
+    assert all(p.grad is None for p in gen.parameters())
+
+
+def test_emulation_term_alone_pulls_the_student_through_g() -> None:
+    # The image distance must be differentiable w.r.t. the student's logits *through* G (the method's point),
+    # and its gradient must equal that of the hand-written loss.
+    gen = LinearGen(batchnorm=True)
+    mekd = make_mekd(gen, distance="l2", emulator_input="probs", oracle_output="logits")
+    logits = STUDENT.clone().requires_grad_(True)
+    mekd.losses(logits, TEACHER, IMAGES, 0)["emulation"].backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+    ref = STUDENT.clone().requires_grad_(True)
+    manual = ((hand_gen(gen, ref.softmax(1)) - hand_gen(gen, TEACHER.softmax(1))) ** 2).mean()
+    manual.backward()
+    torch.testing.assert_close(logits.grad, ref.grad)
+
+
+def test_generator_batchnorm_statistics_unchanged() -> None:
+    gen = LinearGen(batchnorm=True)
+    gen.train()
+    before = {k: v.clone() for k, v in gen.state_dict().items()}
+    mekd = make_mekd(gen)
+    for step in range(3):
+        logits = STUDENT.clone().requires_grad_(True)
+        mekd.losses(logits, TEACHER.softmax(1), IMAGES, step)["loss"].backward()
+    after = gen.state_dict()
+    for key, value in before.items():
+        assert torch.equal(after[key], value), f"generator {key} changed"
+    assert int(after["bn.num_batches_tracked"]) == 0
+
+
+# ---------------------------------------------------------------------------- registry
+def test_methods_lists_kd_and_mekd() -> None:
+    names = methods()
+    assert "kd" in names and "mekd" in names
+    assert list(names) == sorted(names)
+    assert get_class("kd") is KD and get_class("mekd") is MEKD
+    assert needs_generator("mekd") is True
+    assert needs_generator("kd") is False
+
+
+def test_unknown_method_is_a_config_error_listing_methods() -> None:
+    with pytest.raises(ConfigError) as info:
+        get_distiller("nope", DistillContext(num_classes=C))
+    msg = str(info.value)
+    assert "method='nope'" in msg
+    assert "accepted:" in msg and "kd" in msg and "mekd" in msg
+    assert "\n" not in msg
+    with pytest.raises(ConfigError, match="method='nope'"):
+        needs_generator("nope")
+
+
+def test_mekd_without_generator_refused() -> None:
+    with pytest.raises(ValueError, match="method='mekd' needs the client's emulator generator"):
+        get_distiller("mekd", DistillContext(num_classes=C))
+    # KD does not need one.
+    assert isinstance(get_distiller("kd", DistillContext(num_classes=C)), KD)

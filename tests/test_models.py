@@ -1,0 +1,90 @@
+"""Shape, size and init checks for the ResNets and the DCGAN emulator networks."""
+
+import pytest
+import torch
+
+from mekd_fl.errors import ConfigError
+from mekd_fl.models import (
+    ARCHITECTURES,
+    Discriminator,
+    Generator,
+    count_parameters,
+    init_dcgan_weights,
+    parse_depth,
+    resnet,
+)
+
+INPUTS = [(1, 28, 28), (3, 32, 32), (3, 64, 64)]
+
+
+@pytest.mark.parametrize("depth", [8, 20, 32, 56, 110])
+@pytest.mark.parametrize("shape", INPUTS)
+def test_resnet_output_shape(depth: int, shape: tuple[int, int, int]) -> None:
+    model = resnet(f"resnet{depth}", num_classes=7, in_channels=shape[0])
+    assert model(torch.randn(2, *shape)).shape == (2, 7)
+
+
+@pytest.mark.parametrize(
+    "arch, expected",
+    [("resnet8", 0.08e6), ("resnet20", 0.27e6), ("resnet32", 0.47e6), ("resnet56", 0.86e6), ("resnet110", 1.7e6)],
+)
+def test_resnet_parameter_counts(arch: str, expected: float) -> None:
+    assert count_parameters(resnet(arch, 10, 3)) == pytest.approx(expected, rel=0.10)
+
+
+def test_parse_depth_accepts_any_6n_plus_2() -> None:
+    assert [parse_depth(a) for a in ARCHITECTURES] == [8, 14, 20, 32, 44, 56, 110]
+    assert parse_depth("resnet26") == 26
+
+
+@pytest.mark.parametrize("arch", ["resnet9", "resnet2", "resnet", "vgg16", "resnet20x"])
+def test_bad_arch_raises_one_line_config_error(arch: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        resnet(arch, 10, 3)
+    message = str(info.value)
+    assert "\n" not in message and repr(arch) in message
+    assert ", ".join(ARCHITECTURES) in message
+
+
+def test_resnet_gradient_reaches_stem() -> None:
+    model = resnet("resnet8", 10, 3)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert model.stem[0].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("shape", INPUTS[:2])
+def test_generator_shape_and_range(shape: tuple[int, int, int]) -> None:
+    gen = Generator(10, shape, width=8)
+    out = gen(torch.randn(4, 10) * 10)
+    assert out.shape == (4, *shape)
+    assert out.min() >= -1 and out.max() <= 1
+
+
+def test_generator_input_is_exactly_num_classes() -> None:
+    gen = Generator(10, (1, 28, 28), width=8)
+    with pytest.raises(ValueError):
+        gen(torch.randn(4, 11))
+
+
+def test_generator_rejects_side_not_divisible_by_4() -> None:
+    with pytest.raises(ValueError):
+        Generator(10, (3, 30, 30))
+
+
+@pytest.mark.parametrize("shape", INPUTS)
+def test_discriminator_one_logit_per_image(shape: tuple[int, int, int]) -> None:
+    disc = Discriminator(shape, width=8)
+    assert disc(torch.randn(3, *shape)).shape == (3, 1)
+
+
+def test_dcgan_init_statistics() -> None:
+    torch.manual_seed(0)
+    gen = Generator(10, (3, 32, 32), width=64)
+    gen.apply(init_dcgan_weights)
+    conv = gen.body[2]
+    assert conv.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert conv.bias.abs().max() == 0
+    bn = gen.body[3]
+    assert bn.weight.mean().item() == pytest.approx(1.0, abs=0.01)
+    assert bn.eps == 1e-5 and bn.momentum == 0.1

@@ -1,0 +1,186 @@
+"""Client partitions and the server/client split: determinism, skew, coverage, validation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mekd_fl.data import PARTITIONS, FederatedSplit, label_counts, partition_indices, split_federated
+from mekd_fl.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def labels() -> np.ndarray:
+    """3000 labels over 10 classes in random order (balanced, like the real datasets)."""
+    return np.random.default_rng(0).permutation(np.arange(3000) % 10)
+
+
+def max_class_share(labels: np.ndarray, parts: list[np.ndarray]) -> float:
+    counts = label_counts(labels, parts, 10)
+    return float((counts.max(1) / counts.sum(1)).mean())
+
+
+def assert_disjoint_sorted_nonempty(parts: list[np.ndarray]) -> np.ndarray:
+    joined = np.concatenate(parts)
+    assert len(np.unique(joined)) == len(joined)
+    assert all(len(p) > 0 and np.all(np.diff(p) > 0) for p in parts)
+    return joined
+
+
+@pytest.mark.parametrize("scheme", PARTITIONS)
+def test_same_seed_same_partitions_different_seed_different(labels: np.ndarray, scheme: str) -> None:
+    a = partition_indices(labels, 10, scheme, seed=1)
+    b = partition_indices(labels, 10, scheme, seed=1)
+    c = partition_indices(labels, 10, scheme, seed=2)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+
+
+@pytest.mark.parametrize("scheme", PARTITIONS)
+def test_partitions_are_disjoint_and_cover_everything(labels: np.ndarray, scheme: str) -> None:
+    parts = partition_indices(labels, 10, scheme, alpha=0.3)
+    assert len(parts) == 10 and all(p.dtype == np.int64 for p in parts)
+    assert np.array_equal(np.sort(assert_disjoint_sorted_nonempty(parts)), np.arange(len(labels)))
+
+
+def test_iid_sizes_and_label_proportions(labels: np.ndarray) -> None:
+    parts = partition_indices(labels, 7, "iid")
+    assert all(abs(len(p) - len(labels) / 7) <= 1 for p in parts)
+    shares = label_counts(labels, parts, 10) / np.array([[len(p)] for p in parts])
+    assert np.abs(shares - 0.1).max() < 0.08
+    assert max_class_share(labels, parts) < 0.2
+
+
+def test_dirichlet_small_alpha_is_skewed(labels: np.ndarray) -> None:
+    assert max_class_share(labels, partition_indices(labels, 10, "dirichlet", alpha=0.1)) > 0.5
+    assert max_class_share(labels, partition_indices(labels, 10, "dirichlet", alpha=1000.0)) < 0.2
+
+
+def test_dirichlet_honours_min_partition_size(labels: np.ndarray) -> None:
+    parts = partition_indices(labels, 10, "dirichlet", alpha=0.3, min_partition_size=50)
+    assert min(len(p) for p in parts) >= 50
+
+
+def test_dirichlet_on_small_data_lowers_the_minimum(labels: np.ndarray) -> None:
+    parts = partition_indices(labels[:60], 10, "dirichlet", alpha=0.5)  # 6 per client on average < 10
+    assert_disjoint_sorted_nonempty(parts)
+
+
+def test_dirichlet_impossible_minimum_is_a_config_error(labels: np.ndarray) -> None:
+    with pytest.raises(ConfigError, match="alpha=0.01 with num-clients=15"):
+        partition_indices(labels[:20], 15, "dirichlet", alpha=0.01)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_pathological_clients_hold_k_classes(labels: np.ndarray, k: int) -> None:
+    parts = partition_indices(labels, 10, "pathological", classes_per_partition=k)
+    assert ((label_counts(labels, parts, 10) > 0).sum(1) == k).all()
+
+
+def test_pathological_with_few_clients_warns_about_unused_classes(labels: np.ndarray) -> None:
+    with pytest.warns(UserWarning, match=r"classes \[4, 5, 6, 7, 8, 9\] to no client"):
+        parts = partition_indices(labels, 3, "pathological", classes_per_partition=2)
+    assert set(np.unique(labels[assert_disjoint_sorted_nonempty(parts)])) == {0, 1, 2, 3}
+
+
+def test_pathological_too_few_samples_is_a_config_error() -> None:
+    labels = np.array([0] * 3 + [1] * 50)
+    with pytest.raises(ConfigError, match="classes-per-client=2 with num-clients=10"):
+        partition_indices(labels, 10, "pathological", classes_per_partition=2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "setting"),
+    [
+        ({"scheme": "shards"}, r"^partition='shards' is not known; accepted: iid, dirichlet, pathological$"),
+        ({"scheme": "dirichlet", "alpha": 0.0}, r"^alpha=0.0 must be > 0"),
+        ({"scheme": "dirichlet", "alpha": -1.0}, r"^alpha=-1.0 must be > 0"),
+        ({"num_partitions": 0}, r"^num-clients=0 must be at least 1$"),
+        ({"num_partitions": 3001}, r"^num-clients=3001 exceeds the 3000 samples available to clients$"),
+        ({"scheme": "pathological", "classes_per_partition": 0}, r"^classes-per-client=0 must be in \[1, 10\]"),
+        ({"scheme": "pathological", "classes_per_partition": 11}, r"^classes-per-client=11 must be in \[1, 10\]"),
+    ],
+)
+def test_bad_settings_name_the_setting(labels: np.ndarray, kwargs: dict, setting: str) -> None:
+    args = {"num_partitions": 10, "scheme": "iid"} | kwargs
+    with pytest.raises(ConfigError, match=setting):
+        partition_indices(labels, args.pop("num_partitions"), args.pop("scheme"), **args)
+
+
+def test_label_counts(labels: np.ndarray) -> None:
+    parts = [np.arange(0, 10), np.arange(10, 3000)]
+    counts = label_counts(labels, parts, 10)
+    assert counts.shape == (2, 10) and counts.dtype == np.int64
+    assert counts[0].tolist() == np.bincount(labels[:10], minlength=10).tolist()
+    assert counts.sum() == 3000
+
+
+def split(labels: np.ndarray, **overrides) -> FederatedSplit:
+    args = dict(num_clients=6, scheme="dirichlet", alpha=0.5, classes_per_partition=2,
+                server_share=0.2, client_test_fraction=0.25, seed=7) | overrides
+    return split_federated(labels, **args)
+
+
+@pytest.mark.parametrize("scheme", PARTITIONS)
+def test_split_groups_are_disjoint_and_cover_the_train_set(labels: np.ndarray, scheme: str) -> None:
+    s = split(labels, scheme=scheme, num_clients=10)
+    joined = np.concatenate([s.server_indices, *s.client_train, *s.client_test])
+    assert np.array_equal(np.sort(joined), np.arange(len(labels)))
+    assert all(len(t) >= 1 and np.all(np.diff(t) > 0) for t in s.client_train)
+
+
+def test_server_share_is_stratified() -> None:
+    labels = np.random.default_rng(3).permutation(np.repeat(np.arange(4), [400, 200, 100, 50]))
+    s = split(labels, server_share=0.3)
+    assert np.bincount(labels[s.server_indices]).tolist() == [120, 60, 30, 15]
+    assert len(split(labels, server_share=0.0).server_indices) == 0
+
+
+def test_client_test_fraction_and_label_counts(labels: np.ndarray) -> None:
+    s = split(labels, client_test_fraction=0.25)
+    for train, test, counts in zip(s.client_train, s.client_test, s.label_counts):
+        assert len(test) == round(0.25 * (len(train) + len(test)))
+        assert counts.tolist() == np.bincount(labels[np.concatenate([train, test])], minlength=10).tolist()
+    assert all(len(t) == 0 for t in split(labels, client_test_fraction=0.0).client_test)
+
+
+def test_client_keeps_at_least_one_training_image() -> None:
+    s = split(np.arange(4) % 2, num_clients=2, scheme="iid", server_share=0.0, client_test_fraction=0.9)
+    assert [len(t) for t in s.client_train] == [1, 1] and [len(t) for t in s.client_test] == [1, 1]
+
+
+def test_split_is_deterministic_for_a_seed(labels: np.ndarray) -> None:
+    a, b, c = split(labels, seed=5), split(labels, seed=5), split(labels, seed=6)
+    fields = lambda s: [s.server_indices, *s.client_train, *s.client_test]  # noqa: E731
+    assert all(np.array_equal(x, y) for x, y in zip(fields(a), fields(b)))
+    assert not all(np.array_equal(x, y) for x, y in zip(fields(a), fields(c)))
+
+
+@pytest.mark.parametrize(("setting", "value"), [("server_share", 1.0), ("server_share", -0.1),
+                                                ("client_test_fraction", 1.0), ("client_test_fraction", -0.5)])
+def test_bad_fractions_name_the_setting(labels: np.ndarray, setting: str, value: float) -> None:
+    with pytest.raises(ConfigError, match=rf"^{setting.replace('_', '-')}={value} must be in \[0, 1\)$"):
+        split(labels, **{setting: value})
+
+
+def test_too_many_clients_for_what_the_server_leaves(labels: np.ndarray) -> None:
+    with pytest.raises(ConfigError, match=r"num-clients=100 exceeds the 3\d samples available to clients"):
+        split(labels[:100], num_clients=100, server_share=0.7)
+
+
+def test_summary_table_lists_every_client(labels: np.ndarray) -> None:
+    s = split(labels, num_clients=12)
+    names = [f"class{i}" for i in range(10)]
+    lines = s.summary_table(names).splitlines()
+    assert lines[0].split() == ["client", "train", "test", *names]
+    assert [line.split()[0] for line in lines[1:13]] == [str(i) for i in range(12)]
+    assert lines[1].split()[3:] == [str(n) for n in s.label_counts[0]]
+    assert lines[-1] == f"server: {len(s.server_indices)} labeled images (teacher data)"
+
+
+def test_summary_table_with_many_classes_shows_a_digest() -> None:
+    labels = np.random.default_rng(4).permutation(np.arange(2000) % 100)
+    s = split(labels, num_clients=4, scheme="iid")
+    lines = s.summary_table().splitlines()
+    assert lines[0].split() == ["client", "train", "test", "classes", "largest", "classes"]
+    assert len(lines) == 6 and all(line.split()[3] == str((s.label_counts[i] > 0).sum()) for i, line in enumerate(lines[1:5]))

@@ -1,0 +1,148 @@
+"""The teacher checkpoint cache (train once, then load; keyed by recipe; atomic) and batch augmentation."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import mekd_fl.teacher as teacher_mod
+from mekd_fl.augment import random_shift_flip
+from mekd_fl.errors import ConfigError
+from mekd_fl.teacher import TeacherRecipe, load_or_train_teacher
+
+torch.set_num_threads(1)
+
+CPU = torch.device("cpu")
+RECIPE = TeacherRecipe(dataset="synthetic", arch="resnet8", num_classes=3, image_shape=(1, 28, 28), mean=(0.5,),
+                       std=(0.25,), seed=0, epochs=1, lr=0.05, batch_size=32, server_share=0.3, num_train=64)
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 1, 28, 28), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, 3, (64,), generator=g)
+    return images, labels, images[:16], labels[:16]
+
+
+def load(recipe: TeacherRecipe, cache, data):
+    return load_or_train_teacher(recipe, cache, *data, CPU, log=lambda _: None)
+
+
+def tmp_files(cache) -> list:
+    return [p for p in cache.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_trains_once_then_loads_from_cache(tmp_path, data, monkeypatch) -> None:
+    calls = []
+    real_train = teacher_mod.train_teacher
+
+    def counting_train(*args, **kwargs):
+        calls.append(1)
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(teacher_mod, "train_teacher", counting_train)
+    model, meta = load(RECIPE, tmp_path, data)
+    assert calls == [1]
+    assert meta["cached"] is False
+    path = tmp_path / "teachers" / f"{RECIPE.key()}.pt"
+    assert meta["path"] == str(path) and path.is_file()
+    assert 0.0 <= meta["test_accuracy"] <= 1.0
+    assert tmp_files(tmp_path) == []
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached teacher must not be trained again")
+
+    monkeypatch.setattr(teacher_mod, "train_teacher", no_training)
+    again, meta2 = load(RECIPE, tmp_path, data)
+    assert meta2["cached"] is True
+    assert meta2["test_accuracy"] == meta["test_accuracy"]
+    assert not again.training
+    first, second = model.state_dict(), again.state_dict()
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key].cpu(), second[key]), key
+    x = data[0][:4].float() / 255
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), again(x))
+    assert tmp_files(tmp_path) == []
+
+
+def test_key_changes_with_everything_that_changes_the_weights() -> None:
+    keys = {RECIPE.key()}
+    for change in ({"seed": 1}, {"epochs": 2}, {"lr": 0.1}, {"arch": "resnet14"}, {"num_train": 65},
+                   {"mean": (0.4,)}, {"dataset": "mnist"}):
+        keys.add(dataclasses.replace(RECIPE, **change).key())
+    assert len(keys) == 8
+    assert RECIPE.key() == dataclasses.replace(RECIPE).key()  # stable for equal recipes
+    assert "seed0" in RECIPE.key() and "ep1" in RECIPE.key()
+
+
+def test_checkpoint_of_another_recipe_is_a_config_error(tmp_path, data, monkeypatch) -> None:
+    path = tmp_path / "teachers" / f"{RECIPE.key()}.pt"
+    path.parent.mkdir(parents=True)
+    other = dict(dataclasses.replace(RECIPE, lr=0.3).__dict__)
+    torch.save({"recipe": other, "state_dict": {}, "meta": {"test_accuracy": 0.5}}, path)
+    monkeypatch.setattr(teacher_mod, "train_teacher", lambda *a, **k: pytest.fail("must not train"))
+    with pytest.raises(ConfigError, match="cache-dir: checkpoint .* was made by another recipe") as info:
+        load(RECIPE, tmp_path, data)
+    assert "\n" not in str(info.value)
+
+
+def test_failed_save_leaves_no_partial_file(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "teachers" / "x.pt"
+
+    def broken_save(obj, f, *args, **kwargs):
+        with open(f, "wb") as fh:
+            fh.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(teacher_mod.torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        teacher_mod._atomic_save({"a": 1}, path)
+    assert not path.exists()
+    assert list(path.parent.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------- augmentation
+def batch(n: int = 16) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(n, 1, 8, 8, generator=g)
+
+
+def test_no_shift_no_flip_is_identity() -> None:
+    x = batch()
+    out = random_shift_flip(x, 0, False, torch.Generator().manual_seed(0))
+    assert torch.equal(out, x)
+
+
+def test_flip_mirrors_some_images_exactly() -> None:
+    x = batch(32)
+    out = random_shift_flip(x, 0, True, torch.Generator().manual_seed(0))
+    flipped = torch.flip(x, [3])
+    mirrored = [torch.equal(o, f) for o, f in zip(out, flipped)]
+    same = [torch.equal(o, i) for o, i in zip(out, x)]
+    assert all(m or s for m, s in zip(mirrored, same))
+    assert 0 < sum(mirrored) < len(x)
+
+
+def test_shift_translates_with_zero_fill() -> None:
+    x = batch(32) + 0.5  # no zeros inside the images
+    out = random_shift_flip(x, 2, False, torch.Generator().manual_seed(0))
+    for o, i in zip(out, x):
+        matches = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                   if torch.equal(o, shifted(i, dy, dx))]
+        assert len(matches) == 1
+    assert not torch.equal(out, x)
+
+
+def shifted(img: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """`img` moved by (dy, dx) pixels in either direction, with zeros coming in (by hand)."""
+    out = torch.zeros_like(img)
+    h, w = img.shape[-2:]
+    for r in range(h):
+        for c in range(w):
+            sr, sc = r + dy, c + dx
+            if 0 <= sr < h and 0 <= sc < w:
+                out[..., r, c] = img[..., sr, sc]
+    return out
