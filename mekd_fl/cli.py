@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from typing import Any
 
 import yaml
@@ -63,8 +64,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.check:
         print(f"settings and data OK: {cfg.dataset}, {cfg.num_clients} clients, method={cfg.method}")
         return 0
-    if not args.verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+    if not args.verbose:  # our own progress lines say what happens; Flower's INFO/deprecation logs are noise
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", category=FutureWarning)
     from flwr.simulation import run_simulation
 
     from mekd_fl.client_app import app as client_app

@@ -63,7 +63,7 @@ class RunConfig:
     method: str = _opt("mekd", "Distillation method, from the registry in `mekd_fl/distill/` (mekd, kd).")
     student_arch: str = _opt("resnet8", "Student architecture (CIFAR ResNet, depth 6n+2).")
     num_rounds: int = _opt(8, "Federated distillation rounds.")
-    local_epochs: int = _opt(1, "Local distillation epochs per round.")
+    local_epochs: int = _opt(2, "Local distillation epochs per round.")
     batch_size: int = _opt(64, "Distillation batch size.")
     lr: float = _opt(0.05, "Student SGD learning rate (cosine-decayed over the rounds).")
     momentum: float = _opt(0.9, "Student SGD momentum.")
@@ -194,3 +194,18 @@ def _coerce(key: str, value: Any, type_name: Any, default: Any) -> Any:
 def default_flower_config() -> dict[str, Any]:
     """The `[tool.flwr.app.config]` table that pyproject.toml must hold (checked by a test)."""
     return RunConfig().to_dict()
+
+
+def settings_table() -> str:
+    """The README's configuration table, generated from the fields (`python -m mekd_fl.config`)."""
+    rows = ["| setting | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(RunConfig):
+        choices = f.metadata.get("choices")
+        meaning = f.metadata["help"] + (f" One of: {', '.join(choices)}." if choices else "")
+        default = json.dumps(f.default)
+        rows.append(f"| `{f.name.replace('_', '-')}` | `{default}` | {meaning} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(settings_table())

@@ -1,0 +1,118 @@
+"""Benchmark (not a test): MEKD step time over KD step time, and oracle throughput over a raw forward.
+
+Both ratios are measured side by side in one process, interleaved, so machine noise hits both sides
+alike. Usage: `python experiments/bench_step.py [--device cpu|cuda] [--batch-size 64] [--repeats 30]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from mekd_fl.config import RunConfig
+from mekd_fl.data import load_dataset
+from mekd_fl.device import pick_device
+from mekd_fl.distill import DistillContext, get_distiller
+from mekd_fl.emulator import build_emulator
+from mekd_fl.errors import ConfigError
+from mekd_fl.oracle import TeacherOracle
+from mekd_fl.teacher import build_model
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(cfg: RunConfig, images: torch.Tensor, device: torch.device, repeats: int) -> dict[str, float]:
+    """Median seconds of one optimisation step per method on the same batch and the same student."""
+    c, shape = 10, tuple(images.shape[1:])
+    ds_mean, ds_std = (0.5,) * shape[0], (0.5,) * shape[0]
+    teacher = build_model(cfg.teacher_arch, c, shape, ds_mean, ds_std).to(device).eval()
+    generator = build_emulator(c, shape, cfg.emulator_width)[0].to(device)
+    x = images.to(device).float().div(255)
+    with torch.no_grad():
+        response = teacher(x).softmax(1)
+    students, distillers, optims = {}, {}, {}
+    for method in ("kd", "mekd"):
+        torch.manual_seed(0)
+        students[method] = build_model(cfg.student_arch, c, shape, ds_mean, ds_std).to(device).train()
+        ctx = DistillContext(num_classes=c, temperature=cfg.temperature, generator=generator)
+        distillers[method] = get_distiller(method, ctx)
+        optims[method] = torch.optim.SGD(students[method].parameters(), lr=0.01, momentum=0.9)
+    times: dict[str, list[float]] = {m: [] for m in students}
+    for i in range(repeats + 3):
+        for method in students:  # interleaved: both methods see the same machine state
+            _sync(device)
+            t0 = time.perf_counter()
+            loss = distillers[method].losses(students[method](x), response, x, i)["loss"]
+            optims[method].zero_grad(set_to_none=True)
+            loss.backward()
+            optims[method].step()
+            _sync(device)
+            if i >= 3:  # warm-up excluded
+                times[method].append(time.perf_counter() - t0)
+    return {m: statistics.median(v) for m, v in times.items()}
+
+
+def time_oracle(cfg: RunConfig, images: torch.Tensor, device: torch.device, repeats: int) -> dict[str, float]:
+    """Images per second: oracle.query (validation, budget, conversion, softmax) vs teacher forward."""
+    c, shape = 10, tuple(images.shape[1:])
+    teacher = build_model(cfg.teacher_arch, c, shape, (0.5,) * shape[0], (0.5,) * shape[0]).to(device).eval()
+    oracle = TeacherOracle(teacher, num_classes=c, image_shape=shape, budget=10**12,
+                           batch_size=cfg.oracle_batch_size, device=device)
+    ready = [images[s:s + cfg.oracle_batch_size].to(device).float().div(255)
+             for s in range(0, len(images), cfg.oracle_batch_size)]
+    oracle_t, raw_t = [], []
+    for i in range(repeats + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        oracle.query("bench", images)
+        _sync(device)
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            for batch in ready:
+                teacher(batch)
+        _sync(device)
+        t2 = time.perf_counter()
+        if i:
+            oracle_t.append(t1 - t0)
+            raw_t.append(t2 - t1)
+    n = len(images)
+    return {"oracle": n / statistics.median(oracle_t), "raw": n / statistics.median(raw_t)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--oracle-images", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = RunConfig(dataset=args.dataset, batch_size=args.batch_size)
+    device = pick_device(args.device)
+    try:
+        ds = load_dataset(cfg.dataset)
+    except ConfigError as exc:
+        raise SystemExit(f"bench: {exc}")
+    images = ds.train_images[:max(args.batch_size, args.oracle_images)]
+    print(f"device {device} ({torch.cuda.get_device_name(0) if device.type == 'cuda' else 'cpu'}), "
+          f"torch threads {torch.get_num_threads()}, {cfg.dataset} {tuple(images.shape[1:])}")
+    steps = time_steps(cfg, images[:args.batch_size], device, args.repeats)
+    print(f"distillation step, batch {args.batch_size}, {cfg.student_arch} student, emulator width "
+          f"{cfg.emulator_width}: KD {steps['kd'] * 1e3:.2f} ms, MEKD {steps['mekd'] * 1e3:.2f} ms, "
+          f"MEKD/KD = {steps['mekd'] / steps['kd']:.2f}")
+    rates = time_oracle(cfg, images[:args.oracle_images], device, max(3, args.repeats // 5))
+    print(f"teacher {cfg.teacher_arch} on {args.oracle_images} uint8 images: oracle {rates['oracle']:.0f} img/s, "
+          f"raw forward {rates['raw']:.0f} img/s, oracle/raw = {rates['oracle'] / rates['raw']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

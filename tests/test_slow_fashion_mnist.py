@@ -1,0 +1,31 @@
+"""Slow end-to-end checks on the real Fashion-MNIST (`pytest -m slow`; CI runs them)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mekd_fl.data import DEBIAN_FASHION_MNIST
+from tests.test_end_to_end import mekd_fl
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not Path(DEBIAN_FASHION_MNIST).is_dir(),
+                                 reason="needs the Debian package dataset-fashion-mnist")]
+
+
+@pytest.mark.parametrize("method, partition", [("mekd", "pathological"), ("kd", "iid")])
+def test_short_fashion_mnist_federation_learns(tmp_path: Path, method: str, partition: str) -> None:
+    proc = mekd_fl(f"method={method}", f"partition={partition}", "num-clients=4", "num-rounds=2",
+                   "server-share=0.1", "client-test-fraction=0.05", "teacher-epochs=2", "teacher-arch=resnet8",
+                   "emulator-steps=30", "local-epochs=1", "out-dir=runs", "cache-dir=cache", "run-name=r",
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs" / "r" / "summary.json").read_text())
+    assert summary["teacher-accuracy"] > 0.7
+    assert summary["student-accuracy"] > 0.5, summary
+    partition_info = json.loads((tmp_path / "runs" / "r" / "partition.json").read_text())
+    counts = partition_info["label_counts"]
+    if partition == "pathological":  # two classes per client
+        assert all(sum(1 for n in row if n) <= 2 for row in counts)
