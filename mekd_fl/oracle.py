@@ -9,8 +9,6 @@ malformed query is refused as a whole, before any forward pass, with a message t
 from __future__ import annotations
 
 import threading
-from collections import defaultdict
-
 import torch
 from torch import nn
 
@@ -49,15 +47,15 @@ class TeacherOracle:
         self.output = output
         self.budget = budget
         self.batch_size = batch_size
-        self._used: dict[str, int] = defaultdict(int)
+        self._used: dict[str, int] = {}
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ accounting
     def used(self, client: str) -> int:
-        return self._used[str(client)]
+        return self._used.get(str(client), 0)
 
     def remaining(self, client: str) -> int:
-        return self.budget - self._used[str(client)]
+        return self.budget - self.used(client)
 
     def usage(self) -> dict[str, int]:
         return dict(self._used)
@@ -88,11 +86,11 @@ class TeacherOracle:
         images = self.validate(images)
         client = str(client)
         with self._lock:
-            left = self.budget - self._used[client]
+            left = self.remaining(client)
             if len(images) > left:
                 raise BudgetExceeded(f"client {client} asked for {len(images)} answers but has {max(left, 0)} of its "
                                      f"query-budget={self.budget} left")
-            self._used[client] += len(images)
+            self._used[client] = self.used(client) + len(images)
         return self._answer(images)
 
     __call__ = query
