@@ -77,6 +77,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mekd_fl.compare import compare
+    from mekd_fl.config import RunConfig
+    from mekd_fl.distill import get_class
+
+    base = RunConfig.from_mapping(load_settings(args.config, args.settings))
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for method in methods:
+        get_class(method)
+    folder = Path(args.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    command = "mekd-fl compare " + " ".join(args.settings) + f" --methods {args.methods} --out {args.out}"
+    caption = (f"{base.dataset}, {base.num_clients} clients, partition={base.partition} (alpha={base.alpha}), "
+               f"{base.teacher_arch} -> {base.student_arch}, {base.num_rounds} rounds x {base.local_epochs} local "
+               f"epochs, seed {base.seed}. Command: `{command.strip()}`")
+    markdown = compare(base, methods, folder, caption, client_cpus=args.client_cpus, client_gpus=args.client_gpus,
+                       verbose=args.verbose)
+    print(markdown)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mekd-fl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,6 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--check", action="store_true", help="validate settings and data, then stop")
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     run.set_defaults(func=cmd_run)
+    cmp = sub.add_parser("compare", help="run several methods on the same settings and tabulate them")
+    cmp.add_argument("settings", nargs="*", help="shared run settings as key=value")
+    cmp.add_argument("--config", help="YAML file of settings (key=value pairs override it)")
+    cmp.add_argument("--methods", default="kd,dkd,cdl,can,mekd,supervised")
+    cmp.add_argument("--out", default="runs/compare", help="folder for the runs and comparison.md/.csv")
+    cmp.add_argument("--client-cpus", type=float, default=1.0)
+    cmp.add_argument("--client-gpus", type=float, default=None)
+    cmp.add_argument("--verbose", action="store_true")
+    cmp.set_defaults(func=cmd_compare)
     return parser
 
 

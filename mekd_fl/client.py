@@ -18,6 +18,8 @@ from torch import nn
 from mekd_fl.config import RunConfig
 from mekd_fl.distill import DistillContext, get_distiller
 from mekd_fl.emulator import EmulatorConfig, build_emulator, from_gan_range, train_emulator
+from mekd_fl.fid import FeatureNet, domain_fid
+from mekd_fl.queries import generated, select_queries
 from mekd_fl.models.gan import Generator
 from mekd_fl.run_data import RunData, run_data
 from mekd_fl.teacher import build_model, predict_logits
@@ -48,7 +50,7 @@ class EdgeDevice:
 
     def new_generator(self) -> Generator:
         ds = self.data.dataset
-        return build_emulator(ds.num_classes, ds.image_shape, self.cfg.emulator_width)[0]
+        return build_emulator(ds.num_classes, ds.image_shape, self.cfg.emulator_width, kind=self.cfg.emulator)[0]
 
     def load_generator(self, state: StateDict) -> Generator:
         gen = self.new_generator()
@@ -56,49 +58,70 @@ class EdgeDevice:
         return gen.to(self.device).eval()
 
     # ------------------------------------------------------------------ stage 1: emulation
+    def emulator_config(self, steps: int | None = None) -> EmulatorConfig:
+        cfg = self.cfg
+        return EmulatorConfig(steps=cfg.emulator_steps if steps is None else steps,
+                              batch_size=cfg.emulator_batch_size, lr=cfg.emulator_lr, width=cfg.emulator_width,
+                              seed=cfg.seed * 1000 + self.partition_id, kind=cfg.emulator,
+                              n_critic=cfg.wgan_n_critic, gp_lambda=cfg.wgan_gp_lambda, info_weight=cfg.infogan_weight)
+
     def train_emulator(self, g_state: StateDict | None = None, d_state: StateDict | None = None,
-                       ) -> tuple[StateDict, StateDict, dict[str, float]]:
-        """Train (or continue) this client's emulator GAN on its own images, z ~ N(0, I_C)."""
+                       steps: int | None = None) -> tuple[StateDict, StateDict, dict[str, float]]:
+        """Train (or continue from the given weights) this client's emulator GAN on its own images."""
         ds = self.data.dataset
         gen = disc = None
         if g_state is not None and d_state is not None:
-            gen, disc = build_emulator(ds.num_classes, ds.image_shape, self.cfg.emulator_width)
+            gen, disc = build_emulator(ds.num_classes, ds.image_shape, self.cfg.emulator_width, kind=self.cfg.emulator)
             gen.load_state_dict(g_state)
             disc.load_state_dict(d_state)
-        ecfg = EmulatorConfig(steps=self.cfg.emulator_steps, batch_size=self.cfg.emulator_batch_size,
-                              lr=self.cfg.emulator_lr, width=self.cfg.emulator_width,
-                              seed=self.cfg.seed * 1000 + self.partition_id)
         t0 = time.time()
-        res = train_emulator(self.images, ds.num_classes, ecfg, self.device, gen, disc)
+        res = train_emulator(self.images, ds.num_classes, self.emulator_config(steps), self.device, gen, disc)
         metrics = {"d-loss": res.d_loss, "g-loss": res.g_loss, "emulator-seconds": time.time() - t0,
                    "num-examples": len(self.images)}
         return _cpu(res.generator.state_dict()), _cpu(res.discriminator.state_dict()), metrics
 
+    def emulator_fid(self, g_state: StateDict, fid_net_state: StateDict, max_images: int = 2000) -> float:
+        """Domain FID of G(z), z ~ N(0, I_C), against this client's own images (as many of each)."""
+        ds = self.data.dataset
+        net = FeatureNet(ds.num_classes, ds.image_shape)
+        net.load_state_dict(fid_net_state)
+        real = self.images[:max_images]
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1000 + self.partition_id + 1)
+        fake = generated(self.load_generator(g_state), len(real), ds.num_classes, gen)
+        return domain_fid(net.to(self.device), real, fake, self.device)
+
     # ------------------------------------------------------------------ teacher queries
-    def query_images(self, budget: int) -> torch.Tensor:
-        """The images this client sends to the teacher: its own, at most `budget` (a seeded subset)."""
-        images = self.images
-        if budget >= len(images):
-            return images
-        gen = torch.Generator().manual_seed(self.cfg.seed * 1000 + self.partition_id)
-        keep = torch.randperm(len(images), generator=gen)[:budget].sort().values
-        return images[keep]
+    def query_images(self, budget: int, g_state: StateDict | None = None) -> torch.Tensor:
+        """What this client sends to the teacher (`query-source`, `query-views`), at most `budget` images."""
+        cfg, ds = self.cfg, self.data.dataset
+        return select_queries(cfg.query_source, self.images, views=cfg.query_views, budget=budget,
+                              dataset=ds.name, num_classes=ds.num_classes, seed=cfg.seed * 1000 + self.partition_id,
+                              generator=self.load_generator(g_state) if g_state is not None else None)
 
     # ------------------------------------------------------------------ stage 2: distillation
     def distill(self, student_state: StateDict, g_state: StateDict | None, images: torch.Tensor,
-                responses: torch.Tensor, server_round: int) -> tuple[StateDict, dict[str, float]]:
-        """Local distillation of the global student on (query image, teacher answer) pairs."""
+                responses: torch.Tensor, server_round: int, extra_state: StateDict | None = None,
+                ) -> tuple[StateDict, dict[str, float], StateDict | None]:
+        """Local distillation of the global student on (query image, teacher answer) pairs.
+
+        Returns the new student weights, metrics and the method's own state (CAN's discriminator) to
+        keep for the next round. Only a method that declares `uses_labels` (the supervised reference)
+        gets the client's true labels, and it then trains on the client's own images instead.
+        """
         cfg, ds = self.cfg, self.data.dataset
         torch.manual_seed(cfg.seed * 100_003 + self.partition_id * 1009 + server_round)
         student = self.new_student()
         student.load_state_dict(student_state)
         student.to(self.device).train()
         generator = self.load_generator(g_state) if g_state is not None else None
-        ctx = DistillContext(num_classes=ds.num_classes, temperature=cfg.temperature,
-                             oracle_output=cfg.oracle_output, distance=cfg.distance,
-                             emulator_input=cfg.emulator_input, weight_emulation=cfg.weight_emulation,
-                             weight_kl=cfg.weight_kl, generator=generator)
-        distiller = get_distiller(cfg.method, ctx)
+        distiller = get_distiller(cfg.method, DistillContext.from_config(cfg, ds.num_classes, generator, self.device))
+        if extra_state is not None:
+            distiller.load_extra_state(extra_state)
+        labels = None
+        if distiller.uses_labels:
+            images = self.images
+            labels = self.data.client_labels(self.partition_id).to(self.device)
+            responses = torch.zeros(len(images), ds.num_classes)
         lr = round_lr(cfg, server_round)
         opt = torch.optim.SGD(student.parameters(), lr=lr, momentum=cfg.momentum,
                               weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
@@ -106,24 +129,29 @@ class EdgeDevice:
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + self.partition_id * 31 + server_round)
         sums: dict[str, float] = {}
         steps, t0 = 0, time.time()
-        for _ in range(cfg.local_epochs):
+        batches = max(1, -(-len(images) // cfg.batch_size))
+        for local_epoch in range(cfg.local_epochs):
             order = torch.randperm(len(images), generator=gen).to(self.device)
-            for start in range(0, len(images), cfg.batch_size):
+            for b, start in enumerate(range(0, len(images), cfg.batch_size)):
                 idx = order[start:start + cfg.batch_size]
                 if len(idx) < 2:  # BatchNorm cannot train on a single image
                     continue
+                # Progress in local epochs since the run began, from 1 (DKD's warm-up reads it).
+                epoch = (server_round - 1) * cfg.local_epochs + local_epoch + (b + 1) / batches
                 x = images_dev[idx].float().div_(255.0)
-                parts = distiller.losses(student(x), responses_dev[idx], x, steps)
+                parts = distiller.losses(student(x), responses_dev[idx], x, epoch,
+                                         labels[idx] if labels is not None else None)
                 opt.zero_grad(set_to_none=True)
                 parts["loss"].backward()
                 opt.step()
                 for name, value in parts.items():
-                    sums[name] = sums.get(name, 0.0) + value.item()
+                    sums[name] = sums.get(name, 0.0) + float(value)
                 steps += 1
         metrics = {f"train-{k}": v / max(steps, 1) for k, v in sums.items()}
         metrics.update({"num-examples": len(images), "lr": lr, "steps": steps,
                         "train-seconds": time.time() - t0})
-        return _cpu(student.state_dict()), metrics
+        extra = distiller.extra_state()
+        return _cpu(student.state_dict()), metrics, (_cpu(extra) if extra is not None else None)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, student_state: StateDict) -> dict[str, float]:

@@ -8,7 +8,7 @@ discriminator weights) and the teacher's answers to its queries.
 
 from __future__ import annotations
 
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from mekd_fl.client import EdgeDevice
@@ -18,8 +18,9 @@ from mekd_fl.device import limit_threads, pick_device
 app = ClientApp()
 
 _STATE_G, _STATE_D, _STATE_QA = "emulator-generator", "emulator-discriminator", "teacher-answers"
+_STATE_METHOD = "distiller-state"
 # Keys the strategy adds to the run config in its messages; they are not run settings.
-_MESSAGE_KEYS = ("server-round", "budget", "num-samples")
+_MESSAGE_KEYS = ("server-round", "budget", "num-samples", "phase-steps", "return-weights", "measure-fid")
 
 
 def _device_for(message: Message, context: Context) -> EdgeDevice:
@@ -31,11 +32,30 @@ def _device_for(message: Message, context: Context) -> EdgeDevice:
     if num_partitions != cfg.num_clients:
         raise ValueError(f"num-clients={cfg.num_clients} but the federation has {num_partitions} SuperNodes; "
                          f"set num-supernodes={cfg.num_clients}")
+    _forget_other_runs(context, cfg.run_name)
     return EdgeDevice(cfg, partition_id, pick_device(cfg.device))
 
 
-def _reply(message: Message, metrics: dict, partition_id: int, arrays: dict | None = None) -> Message:
-    content = RecordDict({"metrics": MetricRecord({**metrics, "partition-id": partition_id})})
+def _forget_other_runs(context: Context, run_name: str) -> None:
+    """Drop emulator, answers and method state left by another run on this node.
+
+    Under `flwr run` every run has a fresh context; a sweep that runs many configurations in one
+    simulation does not, and a CAN discriminator or cached answers from the previous cell must not
+    leak into the next one.
+    """
+    current = context.state.config_records.get("mekd-run")
+    if current is not None and current["run-name"] == run_name:
+        return
+    for key in (_STATE_G, _STATE_D, _STATE_QA, _STATE_METHOD):
+        if key in context.state:
+            del context.state[key]
+    context.state["mekd-run"] = ConfigRecord({"run-name": run_name})
+
+
+def _reply(message: Message, metrics: dict, partition_id: int, arrays: dict | None = None,
+           records: dict[str, ArrayRecord] | None = None) -> Message:
+    """A reply with metrics (always tagged with the partition id), optional weights and extra records."""
+    content = RecordDict({"metrics": MetricRecord({**metrics, "partition-id": partition_id}), **(records or {})})
     if arrays is not None:
         content["arrays"] = ArrayRecord(arrays)
     return Message(content=content, reply_to=message)
@@ -48,17 +68,32 @@ def _state_dict(context: Context, key: str) -> dict | None:
 
 @app.train("emulator")
 def train_emulator(message: Message, context: Context) -> Message:
+    """Train this client's emulator; in a federated emulator, start from the server's averaged weights
+    (sent as ArrayRecords of the same names) and send the new weights back."""
     edge = _device_for(message, context)
-    g_state, d_state, metrics = edge.train_emulator()
+    config = message.content["config"]
+    g_start, d_start = (message.content.array_records.get(k) for k in (_STATE_G, _STATE_D))
+    g_state = g_start.to_torch_state_dict() if g_start is not None else None
+    d_state = d_start.to_torch_state_dict() if d_start is not None else None
+    steps = int(config.get("phase-steps", edge.cfg.emulator_steps))
+    metrics: dict = {"num-examples": len(edge.images)}
+    if steps > 0:
+        g_state, d_state, metrics = edge.train_emulator(g_state, d_state, steps)
+    if g_state is None or d_state is None:
+        raise ValueError("no emulator weights to install and no steps to train")
     context.state[_STATE_G] = ArrayRecord(g_state)
     context.state[_STATE_D] = ArrayRecord(d_state)
-    return _reply(message, metrics, edge.partition_id)
+    fid_net = message.content.array_records.get("fid-net")
+    if config.get("measure-fid", False) and fid_net is not None:
+        metrics["fid"] = edge.emulator_fid(g_state, fid_net.to_torch_state_dict())
+    weights = {_STATE_G: ArrayRecord(g_state), _STATE_D: ArrayRecord(d_state)}
+    return _reply(message, metrics, edge.partition_id, records=weights if config.get("return-weights", False) else {})
 
 
 @app.query("teacher")
 def send_queries(message: Message, context: Context) -> Message:
     edge = _device_for(message, context)
-    images = edge.query_images(int(message.content["config"]["budget"]))
+    images = edge.query_images(int(message.content["config"]["budget"]), _state_dict(context, _STATE_G))
     content = RecordDict({
         "queries": ArrayRecord({"images": Array(images.numpy())}),
         "metrics": MetricRecord({"partition-id": edge.partition_id, "num-examples": len(images)}),
@@ -92,7 +127,10 @@ def distill(message: Message, context: Context) -> Message:
     images, responses = _answers(context)
     student = message.content["arrays"].to_torch_state_dict()
     server_round = int(message.content["config"]["server-round"])
-    state, metrics = edge.distill(student, _state_dict(context, _STATE_G), images, responses, server_round)
+    state, metrics, extra = edge.distill(student, _state_dict(context, _STATE_G), images, responses, server_round,
+                                         _state_dict(context, _STATE_METHOD))
+    if extra is not None:
+        context.state[_STATE_METHOD] = ArrayRecord(extra)
     return _reply(message, metrics, edge.partition_id, state)
 
 

@@ -57,10 +57,27 @@ class RunConfig:
     # --- emulator (clients) ---
     emulator_steps: int = _opt(200, "Generator updates of each client's emulator GAN.")
     emulator_batch_size: int = _opt(64, "Emulator GAN batch size.")
-    emulator_lr: float = _opt(2e-4, "Emulator Adam learning rate (betas 0.5, 0.999).")
+    emulator_lr: float = _opt(2e-4, "Emulator Adam learning rate (betas 0.5, 0.999 for dcgan and infogan; 0.5, 0.9 for wgan-gp).")
     emulator_width: int = _opt(16, "Emulator channel width (generator and discriminator).")
+    emulator: str = _opt("dcgan", "Emulator GAN: dcgan, wgan-gp (critic without BatchNorm, gradient penalty) "
+                                  "or infogan (Q head recovering the C-dim input).", ("dcgan", "wgan-gp", "infogan"))
+    wgan_n_critic: int = _opt(5, "WGAN-GP critic steps per generator step.")
+    wgan_gp_lambda: float = _opt(10.0, "WGAN-GP gradient-penalty weight lambda.")
+    infogan_weight: float = _opt(1.0, "InfoGAN weight of the Q head's code-reconstruction loss.")
+    emulator_fid: bool = _opt(True, "Measure each emulator's domain FID against the client's images (features of "
+                                    "a small classifier trained apart from the teacher).")
+    federated_emulator: bool = _opt(False, "Average generators and discriminators across clients during the "
+                                           "emulator phase instead of keeping each local.")
+    emulator_rounds: int = _opt(4, "Averaging rounds of the emulator phase when federated-emulator=true "
+                                   "(emulator-steps are split across them).")
+    query_source: str = _opt("local", "What clients send to the teacher: local (their own images, the paper), "
+                                      "generated (emulator samples G(z): data-free) or mixed (half each).",
+                             ("local", "generated", "mixed"))
+    query_views: int = _opt(1, "Augmented views sent per local image (1: the image itself); all count against "
+                               "the query budget.")
     # --- distillation (clients) ---
-    method: str = _opt("mekd", "Distillation method, from the registry in `mekd_fl/distill/` (mekd, kd).")
+    method: str = _opt("mekd", "Distillation method, from the registry in `mekd_fl/distill/`: mekd, kd, dkd, cdl, "
+                               "can, or supervised (true labels: an upper bound that breaks the source-blind rule).")
     student_arch: str = _opt("resnet8", "Student architecture (CIFAR ResNet, depth 6n+2).")
     num_rounds: int = _opt(8, "Federated distillation rounds.")
     local_epochs: int = _opt(2, "Local distillation epochs per round.")
@@ -76,6 +93,13 @@ class RunConfig:
     weight_kl: float = _opt(1.0, "Weight of the KL term.")
     fraction_train: float = _opt(1.0, "Fraction of clients sampled per distillation round.")
     fraction_evaluate: float = _opt(1.0, "Fraction of clients sampled for federated evaluation.")
+    dkd_alpha: float = _opt(1.0, "DKD weight of the target-class term TCKD.")
+    dkd_beta: float = _opt(8.0, "DKD weight of the non-target term NCKD.")
+    dkd_warmup: float = _opt(20.0, "DKD linear warm-up length in local epochs (weight min(epoch / warmup, 1)).")
+    cdl_weight: float = _opt(1.0, "CDL weight of the class-distance term (added to KD).")
+    cdl_margin: float = _opt(0.5, "CDL margin between class centres of the student's outputs.")
+    can_weight: float = _opt(1.0, "CAN weight of the student's adversarial term (added to KD).")
+    can_lr: float = _opt(1e-4, "CAN discriminator Adam learning rate.")
     num_samples: int = _opt(8, "Images shown in the emulator-samples plot (G(T(x)) beside G(S(x))).")
 
     # ------------------------------------------------------------------ construction
@@ -127,6 +151,7 @@ class RunConfig:
                 )
         positive_ints = ("num_clients", "num_rounds", "local_epochs", "batch_size", "teacher_batch_size",
                          "emulator_batch_size", "emulator_width", "oracle_batch_size", "query_budget",
+                         "wgan_n_critic", "emulator_rounds", "query_views",
                          "classes_per_client")
         for name in positive_ints:
             if getattr(self, name) < 1:
@@ -136,10 +161,11 @@ class RunConfig:
                 raise ConfigError(f"{name.replace('_', '-')}={getattr(self, name)} must be an integer >= 0")
         if not self.alpha > 0:
             raise ConfigError(f"alpha={self.alpha} must be > 0 (Dirichlet concentration; e.g. 0.1 skewed, 100 ~ iid)")
-        for name in ("lr", "teacher_lr", "emulator_lr", "temperature"):
+        for name in ("lr", "teacher_lr", "emulator_lr", "temperature", "can_lr"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name.replace('_', '-')}={getattr(self, name)} must be > 0")
-        for name in ("weight_emulation", "weight_kl", "weight_decay", "momentum"):
+        for name in ("weight_emulation", "weight_kl", "weight_decay", "momentum", "wgan_gp_lambda", "infogan_weight",
+                     "dkd_alpha", "dkd_beta", "dkd_warmup", "cdl_weight", "cdl_margin", "can_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name.replace('_', '-')}={getattr(self, name)} must be >= 0")
         for name in ("fraction_train", "fraction_evaluate"):

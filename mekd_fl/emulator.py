@@ -5,6 +5,17 @@ generator G with a C-dimensional input (one dim per class) as a GAN on its own
 unlabeled images, with z ~ N(0, I_C). Later, G(softmax(teacher(x))) maps label
 space back to image space, i.e. G emulates the inverse of the teacher's
 mapping. Labels are never used here.
+
+The paper says any GAN works and compares three (its Table 5), so three kinds
+are offered, all with the same :class:`Generator` so G is interchangeable
+downstream:
+
+- ``dcgan``: non-saturating GAN loss, BatchNorm discriminator (the default);
+- ``wgan-gp`` (Gulrajani et al. 2017): critic without BatchNorm, ``n_critic``
+  critic steps per generator step, gradient penalty ``gp_lambda``;
+- ``infogan``: DCGAN plus a Q head recovering the generator's whole C-dim input,
+  which pushes G to keep every input direction visible in its images, the
+  property MEKD relies on when it feeds G teacher outputs.
 """
 
 from __future__ import annotations
@@ -16,7 +27,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mekd_fl.models.gan import Discriminator, Generator, ImageShape, init_dcgan_weights
+from mekd_fl.errors import ConfigError
+from mekd_fl.models.gan import Critic, Discriminator, Generator, ImageShape, InfoDiscriminator, init_dcgan_weights
 
 
 @dataclass
@@ -26,17 +38,26 @@ class EmulatorConfig:
     steps: int = 300  # generator updates
     batch_size: int = 64
     lr: float = 2e-4
-    betas: tuple[float, float] = (0.5, 0.999)
+    betas: tuple[float, float] | None = None  # Adam betas; None: the kind's usual ones (see _KINDS)
     width: int = 32
     seed: int = 0
+    kind: str = "dcgan"  # one of EMULATORS
+    n_critic: int = 5  # wgan-gp: critic steps per generator step
+    gp_lambda: float = 10.0  # wgan-gp: gradient-penalty weight
+    info_weight: float = 1.0  # infogan: weight of the code-reconstruction (Q) loss
 
 
 @dataclass
 class EmulatorResult:
-    """Trained networks (in eval mode) and losses averaged over the last 10% of steps."""
+    """Trained networks (in eval mode) and losses averaged over the last 10% of generator steps.
+
+    ``d_loss``/``g_loss`` are the full objectives each network minimises (for
+    wgan-gp the critic loss includes the penalty, averaged over critic steps;
+    for infogan both include the weighted Q loss). ``steps`` counts generator steps.
+    """
 
     generator: Generator
-    discriminator: Discriminator
+    discriminator: nn.Module
     d_loss: float
     g_loss: float
     steps: int
@@ -52,17 +73,140 @@ def from_gan_range(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(-1.0, 1.0).add(1.0).mul(127.5).round().to(torch.uint8)
 
 
-def build_emulator(num_classes: int, image_shape: ImageShape, width: int) -> tuple[Generator, Discriminator]:
-    """Fresh DCGAN pair with DCGAN init; the generator takes exactly ``num_classes`` inputs."""
-    generator = Generator(num_classes, image_shape, width)
-    discriminator = Discriminator(image_shape, width)
-    generator.apply(init_dcgan_weights)
-    discriminator.apply(init_dcgan_weights)
-    return generator, discriminator
+def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """WGAN-GP penalty E[(||grad_x critic(x_hat)||_2 - 1)^2] at random interpolates of real and fake.
+
+    One uniform weight per sample (drawn from ``generator``, on its device,
+    for runs that match across devices). The graph is kept (create_graph) so
+    the penalty can be back-propagated into the critic's weights.
+    """
+    eps_shape = (real.shape[0],) + (1,) * (real.dim() - 1)
+    eps_device = generator.device if generator is not None else real.device
+    eps = torch.rand(eps_shape, generator=generator, device=eps_device).to(real.device)
+    x_hat = torch.lerp(fake.detach(), real.detach(), eps).requires_grad_(True)
+    (grad,) = torch.autograd.grad(critic(x_hat).sum(), x_hat, create_graph=True)
+    return (grad.flatten(1).norm(2, dim=1) - 1.0).square().mean()
+
+
+@dataclass
+class _Loop:
+    """What one generator step needs. Batches and noise come from one CPU RNG so runs match across devices."""
+
+    data: torch.Tensor  # uint8 on device: 4x smaller than floats
+    generator: Generator
+    discriminator: nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    cfg: EmulatorConfig
+    rng: torch.Generator
+    device: torch.device
+
+    def real_batch(self) -> torch.Tensor:
+        idx = torch.randint(len(self.data), (self.cfg.batch_size,), generator=self.rng)
+        return to_gan_range(self.data[idx.to(self.device)])
+
+    def noise(self) -> torch.Tensor:
+        return torch.randn(self.cfg.batch_size, self.generator.latent_dim, generator=self.rng).to(self.device)
 
 
 def _bce(logits: torch.Tensor, target: float) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
+
+
+def _update(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def _dcgan_step(loop: _Loop) -> tuple[torch.Tensor, torch.Tensor]:
+    """One discriminator and one generator update with the non-saturating GAN loss."""
+    real, z = loop.real_batch(), loop.noise()
+    fake = loop.generator(z)
+    disc = loop.discriminator
+    d_loss = _bce(disc(real), 1.0) + _bce(disc(fake.detach()), 0.0)
+    _update(loop.opt_d, d_loss)
+    g_loss = _bce(disc(fake), 1.0)
+    _update(loop.opt_g, g_loss)
+    return d_loss.detach(), g_loss.detach()
+
+
+def _infogan_step(loop: _Loop) -> tuple[torch.Tensor, torch.Tensor]:
+    """DCGAN step plus the Q loss: MSE between q(G(z)) and z (unit-variance Gaussian NLL up to scale).
+
+    The Q loss enters the discriminator update (training the Q head and the
+    shared trunk on detached fakes) and the generator update (training G to
+    keep its code recoverable).
+    """
+    real, z = loop.real_batch(), loop.noise()
+    fake = loop.generator(z)
+    disc: InfoDiscriminator = loop.discriminator  # type: ignore[assignment]
+    weight = loop.cfg.info_weight
+    logit_fake, code_fake = disc.heads(fake.detach())
+    d_loss = _bce(disc(real), 1.0) + _bce(logit_fake, 0.0) + weight * F.mse_loss(code_fake, z)
+    _update(loop.opt_d, d_loss)
+    logit, code = disc.heads(fake)
+    g_loss = _bce(logit, 1.0) + weight * F.mse_loss(code, z)
+    _update(loop.opt_g, g_loss)
+    return d_loss.detach(), g_loss.detach()
+
+
+def _wgan_gp_step(loop: _Loop) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n_critic`` critic updates on D(fake) - D(real) + lambda * GP, then one generator update on -D(G(z))."""
+    critic, cfg = loop.discriminator, loop.cfg
+    c_sum = torch.zeros((), device=loop.device)
+    for _ in range(cfg.n_critic):
+        real, z = loop.real_batch(), loop.noise()
+        with torch.no_grad():
+            fake = loop.generator(z)
+        penalty = gradient_penalty(critic, real, fake, loop.rng)
+        c_loss = critic(fake).mean() - critic(real).mean() + cfg.gp_lambda * penalty
+        _update(loop.opt_d, c_loss)
+        c_sum += c_loss.detach()
+    g_loss = -critic(loop.generator(loop.noise())).mean()
+    _update(loop.opt_g, g_loss)
+    return c_sum / cfg.n_critic, g_loss.detach()
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """How one emulator kind builds its discriminator and trains; ``discriminator`` is the type a given D must have."""
+
+    discriminator: type[nn.Module]
+    build_discriminator: Callable[[int, ImageShape, int], nn.Module]  # (num_classes, image_shape, width)
+    step: Callable[[_Loop], tuple[torch.Tensor, torch.Tensor]]  # one generator step -> (d_loss, g_loss)
+    betas: tuple[float, float]
+
+
+_KINDS: dict[str, _Kind] = {
+    "dcgan": _Kind(Discriminator, lambda c, shape, w: Discriminator(shape, w), _dcgan_step, (0.5, 0.999)),
+    "wgan-gp": _Kind(Critic, lambda c, shape, w: Critic(shape, w), _wgan_gp_step, (0.5, 0.9)),
+    "infogan": _Kind(InfoDiscriminator, lambda c, shape, w: InfoDiscriminator(shape, c, w), _infogan_step,
+                     (0.5, 0.999)),
+}
+EMULATORS: tuple[str, ...] = tuple(_KINDS)
+
+
+def _kind(name: str) -> _Kind:
+    if name not in _KINDS:
+        raise ConfigError(f"emulator={name!r} is not accepted; accepted: {', '.join(EMULATORS)}")
+    return _KINDS[name]
+
+
+def build_emulator(num_classes: int, image_shape: ImageShape, width: int,
+                   kind: str = "dcgan") -> tuple[Generator, nn.Module]:
+    """Fresh (generator, discriminator) pair of ``kind`` with DCGAN init; G takes exactly ``num_classes`` inputs.
+
+    The construction is deterministic in shape, so every client's networks of
+    one kind have identical state_dict keys and shapes and can be averaged.
+    """
+    spec = _kind(kind)
+    generator = Generator(num_classes, image_shape, width)
+    discriminator = spec.build_discriminator(num_classes, image_shape, width)
+    generator.apply(init_dcgan_weights)
+    discriminator.apply(init_dcgan_weights)
+    return generator, discriminator
 
 
 def train_emulator(
@@ -71,32 +215,36 @@ def train_emulator(
     cfg: EmulatorConfig,
     device: torch.device,
     generator: Generator | None = None,
-    discriminator: Discriminator | None = None,
+    discriminator: nn.Module | None = None,
     log_every: int = 0,
     log: Callable[[str], None] = print,
 ) -> EmulatorResult:
-    """Train (or continue training) the emulator GAN on unlabeled uint8 images (N, C, H, W).
+    """Train (or continue training) the emulator GAN of ``cfg.kind`` on unlabeled uint8 images (N, C, H, W).
 
     Passing ``generator``/``discriminator`` continues from them, so a strategy can
     average the networks across clients between phases. Optimiser state is fresh
-    each call. Everything random (init, minibatches, noise, dropout) derives from
-    ``cfg.seed`` without disturbing the caller's global RNG state.
+    each call. Everything random (init, minibatches, noise, dropout, interpolates)
+    derives from ``cfg.seed`` without disturbing the caller's global RNG state.
     """
+    spec = _kind(cfg.kind)
     if images.dtype != torch.uint8 or images.dim() != 4:
         raise ValueError(f"emulator expects uint8 images (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
-    if cfg.steps < 1:
-        raise ValueError(f"emulator steps must be >= 1, got {cfg.steps}")
+    if cfg.steps < 1 or cfg.n_critic < 1:
+        raise ValueError(f"emulator steps and n_critic must be >= 1, got {cfg.steps} and {cfg.n_critic}")
     if generator is not None and generator.latent_dim != num_classes:
         raise ValueError(f"generator input has {generator.latent_dim} dims, expected {num_classes} (one per class)")
+    if discriminator is not None and not isinstance(discriminator, spec.discriminator):
+        raise ValueError(f"emulator {cfg.kind!r} needs a {spec.discriminator.__name__}, "
+                         f"got {type(discriminator).__name__}")
 
     fork_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(cfg.seed)
         if generator is None or discriminator is None:
-            fresh_g, fresh_d = build_emulator(num_classes, tuple(images.shape[1:]), cfg.width)
+            fresh_g, fresh_d = build_emulator(num_classes, tuple(images.shape[1:]), cfg.width, cfg.kind)
             generator = fresh_g if generator is None else generator
             discriminator = fresh_d if discriminator is None else discriminator
-        d_loss, g_loss = _run_gan(images, num_classes, cfg, device, generator, discriminator, log_every, log)
+        d_loss, g_loss = _run_gan(images, cfg, spec, device, generator, discriminator, log_every, log)
 
     generator.eval()
     discriminator.eval()
@@ -105,45 +253,37 @@ def train_emulator(
 
 def _run_gan(
     images: torch.Tensor,
-    num_classes: int,
     cfg: EmulatorConfig,
+    spec: _Kind,
     device: torch.device,
-    generator: nn.Module,
+    generator: Generator,
     discriminator: nn.Module,
     log_every: int,
     log: Callable[[str], None],
 ) -> tuple[float, float]:
-    """Non-saturating GAN loop; returns (d_loss, g_loss) averaged over the last 10% of steps."""
-    data = images.to(device)  # kept uint8 on device: 4x smaller than floats
+    """``cfg.steps`` generator steps of ``spec``; returns (d_loss, g_loss) averaged over the last 10% of steps."""
     generator.to(device).train()
     discriminator.to(device).train()
-    opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.lr, betas=cfg.betas)
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=cfg.lr, betas=cfg.betas)
-    # Batches and noise come from a CPU generator so runs match across devices.
-    rng = torch.Generator().manual_seed(cfg.seed)
+    betas = spec.betas if cfg.betas is None else cfg.betas
+    loop = _Loop(
+        data=images.to(device),
+        generator=generator,
+        discriminator=discriminator,
+        opt_g=torch.optim.Adam(generator.parameters(), lr=cfg.lr, betas=betas),
+        opt_d=torch.optim.Adam(discriminator.parameters(), lr=cfg.lr, betas=betas),
+        cfg=cfg,
+        rng=torch.Generator().manual_seed(cfg.seed),
+        device=device,
+    )
     tail_start = cfg.steps - max(1, cfg.steps // 10)
     d_tail = torch.zeros((), device=device)
     g_tail = torch.zeros((), device=device)
 
     for step in range(cfg.steps):
-        idx = torch.randint(len(data), (cfg.batch_size,), generator=rng)
-        real = to_gan_range(data[idx.to(device)])
-        z = torch.randn(cfg.batch_size, num_classes, generator=rng).to(device)
-        fake = generator(z)
-
-        opt_d.zero_grad(set_to_none=True)
-        d_loss = _bce(discriminator(real), 1.0) + _bce(discriminator(fake.detach()), 0.0)
-        d_loss.backward()
-        opt_d.step()
-
-        opt_g.zero_grad(set_to_none=True)
-        g_loss = _bce(discriminator(fake), 1.0)
-        g_loss.backward()
-        opt_g.step()
-
+        d_loss, g_loss = spec.step(loop)
         if step >= tail_start:
-            d_tail += d_loss.detach()
-            g_tail += g_loss.detach()
+            d_tail += d_loss
+            g_tail += g_loss
         if log_every and (step + 1) % log_every == 0:
             log(f"emulator step {step + 1}/{cfg.steps}: d_loss={d_loss.item():.4f} g_loss={g_loss.item():.4f}")
 

@@ -18,10 +18,12 @@ from flwr.serverapp import Grid, ServerApp
 from mekd_fl.config import RunConfig
 from mekd_fl.data import class_names
 from mekd_fl.device import pick_device
-from mekd_fl.distill import needs_generator
+from mekd_fl.distill import get_class, needs_generator
+from mekd_fl.errors import ConfigError
+from mekd_fl.fid import train_feature_net
 from mekd_fl.oracle import TeacherOracle
 from mekd_fl.results import RunResults
-from mekd_fl.run_data import run_data
+from mekd_fl.run_data import RunData, run_data
 from mekd_fl.teacher import TeacherRecipe, build_model, load_or_train_teacher, predict_logits
 from strategies import MEKD
 
@@ -33,7 +35,26 @@ def say(line: str) -> None:
 def prepare(cfg: RunConfig) -> None:
     """Every check that can fail fast: settings, data files, partition feasibility (no training)."""
     cfg.validate()
+    if emulators_needed(cfg) and cfg.emulator_steps == 0:
+        raise ConfigError(f"emulator-steps=0, but method={cfg.method} with query-source={cfg.query_source} needs "
+                          f"an emulator; accepted: emulator-steps >= 1")
     run_data(cfg)
+
+
+def emulators_needed(cfg: RunConfig) -> bool:
+    """The emulator phase runs when the method distills through G or the queries are G's samples."""
+    return needs_generator(cfg.method) or cfg.query_source != "local"
+
+
+def fid_feature_net(cfg: RunConfig, data: RunData, device: torch.device, log: Callable[[str], None]) -> torch.nn.Module:
+    """The small classifier whose features measure emulator FID: trained on (a part of) the server's
+    labeled share with its own seed, so it is independent of the teacher, which stays blind."""
+    images, labels = data.server_train()
+    keep = slice(0, min(len(labels), 10_000))
+    t0 = time.time()
+    net = train_feature_net(images[keep], labels[keep], data.dataset.num_classes, seed=cfg.seed + 1, device=device)
+    log(f"[fid] feature network trained on {len(labels[keep])} server images in {time.time() - t0:.0f}s")
+    return net
 
 
 def run_server(grid: Grid, cfg: RunConfig, log: Callable[[str], None] = say) -> dict[str, Any]:
@@ -44,6 +65,7 @@ def run_server(grid: Grid, cfg: RunConfig, log: Callable[[str], None] = say) -> 
     ds, split = data.dataset, data.split
     names = class_names(ds.name, ds.num_classes)
     results = RunResults.claim(cfg)
+    cfg = cfg.replace(run_name=results.folder.name)  # clients key their state by it
     log(f"[setup] run folder {results.folder}")
     log(f"[setup] {ds.name}: {len(ds.train_labels)} train / {len(ds.test_labels)} test, {ds.num_classes} classes, "
         f"{cfg.num_clients} clients, partition={cfg.partition}"
@@ -90,13 +112,15 @@ def run_server(grid: Grid, cfg: RunConfig, log: Callable[[str], None] = say) -> 
             f"client-test acc {fed if fed is None else round(fed, 4)}, rejected {record.get('rejected', 0)}, "
             f"{record['elapsed-s']:.0f}s")
 
-    needs_emulator = needs_generator(cfg.method)
-    strategy = MEKD(oracle, query_budget=cfg.query_budget, train_emulators=needs_emulator and cfg.emulator_steps > 0,
+    emulator_records = {}
+    if emulators_needed(cfg) and cfg.emulator_fid:
+        emulator_records["fid-net"] = ArrayRecord(fid_feature_net(cfg, data, device, log).state_dict())
+    strategy = MEKD(oracle, query_budget=cfg.query_budget, train_emulators=emulators_needed(cfg),
+                    federated_emulator=cfg.federated_emulator, emulator_rounds=cfg.emulator_rounds,
+                    emulator_steps=cfg.emulator_steps, emulator_records=emulator_records,
                     seed=cfg.seed, on_round=on_round, log_fn=log,
                     fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
                     min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=cfg.num_clients)
-    if needs_emulator and cfg.emulator_steps == 0:
-        raise RuntimeError(f"method={cfg.method} needs an emulator; emulator-steps must be >= 1")
     config = ConfigRecord({k: v for k, v in cfg.to_dict().items()})
     result = strategy.start(grid, ArrayRecord(student.state_dict()), num_rounds=cfg.num_rounds,
                             train_config=config, evaluate_config=ConfigRecord(dict(config)),
@@ -117,6 +141,11 @@ def run_server(grid: Grid, cfg: RunConfig, log: Callable[[str], None] = say) -> 
         "student-agreement": last["server/agreement"], "client-test-accuracy": last.get("fed/accuracy"),
         "queries-used": strategy.queries_used, "queries-total": sum(strategy.queries_used.values()),
         "rejected-updates": strategy.rejected, "emulator": strategy.emulator_metrics,
+        "emulator-kind": cfg.emulator, "federated-emulator": cfg.federated_emulator,
+        "emulator-fid-mean": _mean([m.get("fid") for m in strategy.emulator_metrics.values()]),
+        "query-source": cfg.query_source, "query-views": cfg.query_views,
+        # The supervised reference reads the clients' true labels: it breaks the source-blind rule.
+        "source-blind": not get_class(cfg.method).uses_labels,
         "wall-seconds": round(time.time() - t_start, 1), "folder": str(results.folder),
     }
     results.write_json("summary.json", summary)
@@ -126,6 +155,11 @@ def run_server(grid: Grid, cfg: RunConfig, log: Callable[[str], None] = say) -> 
         f"student {summary['student-accuracy']:.4f} vs teacher {summary['teacher-accuracy']:.4f} test acc, "
         f"{summary['queries-total']} teacher queries, {summary['wall-seconds']:.0f}s -> {results.folder}")
     return summary
+
+
+def _mean(values: list) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
 
 
 def make_server_app(settings: Mapping[str, Any] | RunConfig) -> ServerApp:

@@ -45,18 +45,28 @@ class MEKD(FedAvg):
     --------------------------
     oracle : callable (client_key, uint8 images) -> soft outputs; raising ValueError refuses the query.
     query_budget : images each client is asked for (the oracle enforces its own budget as well).
-    train_emulators : run the emulator phase (False for methods that do not use G, e.g. plain KD).
+    train_emulators : run the emulator phase (False when neither the method nor the queries use G).
+    federated_emulator : average generators and discriminators across clients over `emulator_rounds`
+        rounds that split `emulator_steps` between them, instead of keeping each emulator local.
+    emulator_records : extra ArrayRecords sent with emulator messages (e.g. "fid-net" to measure FID).
     seed : seeds client sampling, so the same seed gives the same rounds.
     on_round : called after each round's evaluation with one flat dict of that round's metrics.
     """
 
     def __init__(self, oracle: Oracle, *, query_budget: int = 100_000, train_emulators: bool = True,
+                 federated_emulator: bool = False, emulator_rounds: int = 1, emulator_steps: int = 200,
+                 emulator_records: dict[str, ArrayRecord] | None = None,
                  seed: int = 0, on_round: RoundCallback | None = None, log_fn: Callable[[str], None] = print,
                  **fedavg_kwargs) -> None:
         super().__init__(**fedavg_kwargs)
         self.oracle = oracle
         self.query_budget = query_budget
         self.train_emulators = train_emulators
+        self.federated_emulator = federated_emulator
+        self.emulator_rounds = max(1, emulator_rounds)
+        self.emulator_steps = emulator_steps
+        # Sent with the emulator messages, e.g. "fid-net": the weights of the FID feature network.
+        self.emulator_records = dict(emulator_records or {})
         self.seed = seed
         self.on_round = on_round
         self.say = log_fn
@@ -108,16 +118,56 @@ class MEKD(FedAvg):
 
     # ------------------------------------------------------------------ phase 1: emulation
     def run_emulation(self, grid: Grid, node_ids: list[int], config: ConfigRecord, timeout: float) -> None:
+        """Local emulators (one message), or a federated emulator (averaging rounds, then installation)."""
         t0 = time.time()
-        self.say(f"[emulator] training one emulator per client on {len(node_ids)} clients")
-        replies = self._send(grid, node_ids, EMULATOR, RecordDict({self.configrecord_key: config}), timeout)
+        measure = "fid-net" in self.emulator_records
+        kind = "federated" if self.federated_emulator else "local"
+        self.say(f"[emulator] training {kind} emulators on {len(node_ids)} clients")
+        if not self.federated_emulator:
+            replies = self._emulator_round(grid, node_ids, config, timeout, {"measure-fid": measure}, {})
+        else:
+            weights: dict[str, ArrayRecord] = {}
+            splits = [len(part) for part in np.array_split(np.arange(self.emulator_steps), self.emulator_rounds)]
+            for r, steps in enumerate(splits):
+                replies = self._emulator_round(grid, node_ids, config, timeout,
+                                               {"phase-steps": steps, "return-weights": True}, weights)
+                weights = {key: self._weighted_average([rep.content for rep in replies], key)
+                           for key in ("emulator-generator", "emulator-discriminator")}
+                self.say(f"[emulator] federated round {r + 1}/{len(splits)}: averaged {len(replies)} emulators")
+                node_ids = [rep.metadata.src_node_id for rep in replies]
+            replies = self._emulator_round(grid, node_ids, config, timeout, {"phase-steps": 0, "measure-fid": measure},
+                                           weights)
         for reply in replies:
-            pid = self._note_partition(reply)
+            pid = self.partition_of[reply.metadata.src_node_id]
             metrics = dict(next(iter(reply.content.metric_records.values())))
-            self.emulator_metrics[pid] = metrics
-            self.say(f"[emulator] client {pid}: d-loss {metrics['d-loss']:.3f} g-loss {metrics['g-loss']:.3f} "
-                     f"({metrics['emulator-seconds']:.0f}s)")
-        self.say(f"[emulator] {len(replies)}/{len(node_ids)} clients done in {time.time() - t0:.0f}s")
+            self.emulator_metrics[pid] = {**self.emulator_metrics.get(pid, {}), **metrics}
+            self.say(f"[emulator] client {pid}: " + ", ".join(
+                f"{k} {self.emulator_metrics[pid][k]:.3f}" for k in ("d-loss", "g-loss", "fid")
+                if k in self.emulator_metrics[pid]))
+        fids = [m["fid"] for m in self.emulator_metrics.values() if "fid" in m]
+        self.say(f"[emulator] {len(replies)}/{len(node_ids)} clients done in {time.time() - t0:.0f}s"
+                 + (f", mean domain FID {np.mean(fids):.2f}" if fids else ""))
+
+    def _emulator_round(self, grid: Grid, node_ids: list[int], config: ConfigRecord, timeout: float,
+                        extra_config: dict, weights: dict[str, ArrayRecord]) -> list[Message]:
+        cfg = ConfigRecord({**dict(config), **extra_config})
+        record = RecordDict({self.configrecord_key: cfg, **self.emulator_records, **weights})
+        replies = self._send(grid, node_ids, EMULATOR, record, timeout)
+        for reply in replies:
+            self._note_partition(reply)
+        if not replies:
+            raise RuntimeError("no client finished its emulator (see the failures above)")
+        return replies
+
+    def _weighted_average(self, contents: list[RecordDict], key: str,
+                          reference: ArrayRecord | None = None) -> ArrayRecord:
+        """FedAvg of the ArrayRecord `key` across replies, keeping the reference's dtypes (BatchNorm counters)."""
+        metrics = [next(iter(c.metric_records.values())) for c in contents]
+        averaged = aggregate_arrayrecords([RecordDict({"a": c[key], "m": m}) for c, m in zip(contents, metrics)],
+                                          self.weighted_by_key)
+        reference = reference if reference is not None else contents[0][key]
+        return ArrayRecord({k: Array(np.asarray(averaged[k].numpy()).astype(reference[k].numpy().dtype))
+                            for k in reference.keys()})
 
     # ------------------------------------------------------------------ phase 2: teacher queries
     def run_queries(self, grid: Grid, node_ids: list[int], config: ConfigRecord, timeout: float) -> None:
@@ -255,10 +305,7 @@ class MEKD(FedAvg):
             return None, None
         valid.sort(key=lambda m: self.partition_of.get(m.metadata.src_node_id, m.metadata.src_node_id))
         contents = [m.content for m in valid]
-        arrays = aggregate_arrayrecords(contents, self.weighted_by_key)
-        if self._global is not None:  # FedAvg returns float64 for integer buffers; keep the model's dtypes
-            arrays = ArrayRecord({k: Array(np.asarray(arrays[k].numpy()).astype(self._global[k].numpy().dtype))
-                                  for k in self._global.keys()})
+        arrays = self._weighted_average(contents, next(iter(contents[0].array_records.keys())), self._global)
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
         self._last_train = metrics
         return arrays, metrics

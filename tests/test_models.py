@@ -1,19 +1,23 @@
-"""Shape, size and init checks for the ResNets and the DCGAN emulator networks."""
+"""Shape, size and init checks for the ResNets and the GAN emulator networks."""
 
 import pytest
 import torch
+from torch import nn
 
 from mekd_fl.errors import ConfigError
 from mekd_fl.models import (
     ARCHITECTURES,
+    Critic,
     Discriminator,
     Generator,
+    InfoDiscriminator,
     count_parameters,
     init_dcgan_weights,
     parse_depth,
     resnet,
 )
 
+torch.set_num_threads(1)
 INPUTS = [(1, 28, 28), (3, 32, 32), (3, 64, 64)]
 
 
@@ -88,3 +92,33 @@ def test_dcgan_init_statistics() -> None:
     bn = gen.body[3]
     assert bn.weight.mean().item() == pytest.approx(1.0, abs=0.01)
     assert bn.eps == 1e-5 and bn.momentum == 0.1
+
+
+@pytest.mark.parametrize("shape", INPUTS)
+def test_critic_one_linear_score_per_image_without_batchnorm(shape: tuple[int, int, int]) -> None:
+    critic = Critic(shape, width=8)
+    assert critic(torch.randn(3, *shape)).shape == (3, 1)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in critic.modules())
+    assert isinstance(critic.head, nn.Linear)
+
+
+def test_critic_scores_each_sample_on_its_own() -> None:
+    """No BatchNorm: a sample's score does not depend on the rest of the batch (what the penalty assumes)."""
+    critic = Critic((1, 28, 28), width=8).train()
+    x = torch.randn(4, 1, 28, 28)
+    assert torch.allclose(critic(x)[:1], critic(x[:1]), atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", INPUTS[:2])
+def test_info_discriminator_heads(shape: tuple[int, int, int]) -> None:
+    disc = InfoDiscriminator(shape, code_dim=7, width=8).eval()
+    x = torch.randn(3, *shape)
+    logit, code = disc.heads(x)
+    assert logit.shape == (3, 1) and code.shape == (3, 7)
+    assert torch.equal(disc(x), logit) and torch.equal(disc.q(x), code)
+
+
+def test_info_discriminator_extends_dcgan_state_dict() -> None:
+    info, plain = InfoDiscriminator((1, 28, 28), 10, width=8), Discriminator((1, 28, 28), width=8)
+    extra = set(info.state_dict()) - set(plain.state_dict())
+    assert set(plain.state_dict()) <= set(info.state_dict()) and extra == {"q_head.weight", "q_head.bias"}

@@ -1,14 +1,15 @@
 """One interface for every distillation method, and the registry that finds them by name.
 
 Why a registry: the client and the strategy never branch on the method's name. A method is a class
-with `losses(student_logits, teacher_response, images, step)`; adding one is a new file with
+with `losses(student_logits, teacher_response, images, epoch, labels=None)`; adding one is a new file with
 `@register("name")`, nothing else changes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,22 @@ class DistillContext:
     weight_emulation: float = 1.0
     weight_kl: float = 1.0
     generator: nn.Module | None = None    # the client's frozen emulator G (MEKD)
+    dkd_alpha: float = 1.0
+    dkd_beta: float = 8.0
+    dkd_warmup: float = 20.0
+    cdl_weight: float = 1.0
+    cdl_margin: float = 0.5
+    can_weight: float = 1.0
+    can_lr: float = 1e-4
+    device: torch.device | str = "cpu"
+
+    @classmethod
+    def from_config(cls, cfg: Any, num_classes: int, generator: nn.Module | None = None,
+                    device: torch.device | str = "cpu") -> "DistillContext":
+        """Take every field of the same name from a RunConfig."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"num_classes", "generator", "device"}
+        return cls(num_classes=num_classes, generator=generator, device=device,
+                   **{n: getattr(cfg, n) for n in names})
 
 
 def teacher_log_probs(response: torch.Tensor, oracle_output: str) -> torch.Tensor:
@@ -52,17 +69,31 @@ def kl_divergence(teacher_log_p: torch.Tensor, student_logits: torch.Tensor, tem
 
 
 class Distiller:
-    """Base class. `losses` returns named parts; the key "loss" is the one minimised."""
+    """Base class. `losses` returns named parts; the key "loss" is the one the student minimises.
+
+    `epoch` is the run's progress in local epochs, starting at 1 (for warm-ups); `labels` is passed
+    only to methods that declare `uses_labels` (the supervised reference, which breaks the rule).
+    Methods with trainable parts of their own (CAN's discriminator) update them inside `losses` and
+    expose them through `extra_state` so the client can keep them between rounds.
+    """
 
     name: ClassVar[str] = ""
     needs_generator: ClassVar[bool] = False
+    uses_labels: ClassVar[bool] = False
 
     def __init__(self, ctx: DistillContext) -> None:
         self.ctx = ctx
 
     def losses(self, student_logits: torch.Tensor, teacher_response: torch.Tensor,
-               images: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+               images: torch.Tensor, epoch: float, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def extra_state(self) -> dict[str, torch.Tensor] | None:
+        """Weights of the method's own trainable parts, to persist between rounds (None: nothing)."""
+        return None
+
+    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what `extra_state` returned in an earlier round."""
 
 
 _REGISTRY: dict[str, type[Distiller]] = {}

@@ -37,7 +37,7 @@ class MEKD(Distiller):
             p.requires_grad_(False)
 
     def losses(self, student_logits: torch.Tensor, teacher_response: torch.Tensor,
-               images: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+               images: torch.Tensor, epoch: float, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         ctx = self.ctx
         t_log_p = teacher_log_probs(teacher_response, ctx.oracle_output)
         raw_logits = ctx.oracle_output == "logits"

@@ -1,13 +1,18 @@
-"""DCGAN used as the MEKD mapping emulator.
+"""GAN networks used as the MEKD mapping emulator: one generator, three discriminators.
 
 The generator's input has exactly one dimension per class, so that after it
 is trained on N(0, I_C) noise it can be fed teacher softmax outputs and map
-label space back to image space. Layout follows the DCGAN of the authors'
-code (PyTorch-GAN style), but with default BatchNorm eps/momentum: the
-original passed 0.8 as eps by mistake, which we deliberately do not copy.
+label space back to image space. Every emulator kind (DCGAN, WGAN-GP,
+InfoGAN) shares the same :class:`Generator`, so a trained G is
+interchangeable downstream; only the network judging its samples differs.
+Layout follows the DCGAN of the authors' code (PyTorch-GAN style), but with
+default BatchNorm eps/momentum: the original passed 0.8 as eps by mistake,
+which we deliberately do not copy.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -49,8 +54,32 @@ class Generator(nn.Module):
         return self.body(out)
 
 
+def _conv_trunk(image_shape: ImageShape, width: int, norm: Callable[[int], nn.Module],
+                dropout: float) -> tuple[nn.Sequential, int]:
+    """Four stride-2 conv blocks (widths width/4 .. 2*width); returns the stack and its flattened output size.
+
+    ``norm`` follows every block except the first (DCGAN practice: no normalisation on raw pixels);
+    ``dropout`` 0 leaves the dropout layers out altogether.
+    """
+    widths = [max(1, width // 4), max(1, width // 2), width, 2 * width]
+    blocks: list[nn.Module] = []
+    in_ch = image_shape[0]
+    for i, out_ch in enumerate(widths):
+        blocks += [nn.Conv2d(in_ch, out_ch, 3, stride=2, padding=1), nn.LeakyReLU(0.2, inplace=True)]
+        if dropout > 0:
+            blocks.append(nn.Dropout2d(dropout))
+        if i > 0:
+            blocks.append(norm(out_ch))
+        in_ch = out_ch
+    # Each block maps side s to ceil(s / 2).
+    height, side = image_shape[1], image_shape[2]
+    for _ in widths:
+        height, side = (height + 1) // 2, (side + 1) // 2
+    return nn.Sequential(*blocks), in_ch * height * side
+
+
 class Discriminator(nn.Module):
-    """Four stride-2 conv blocks then a linear layer giving one real/fake logit per image.
+    """DCGAN discriminator: conv trunk with BatchNorm and dropout, then one real/fake logit per image.
 
     Channel widths are width/4, width/2, width, 2*width (16..128 at the
     authors' width 64); BatchNorm follows every block except the first.
@@ -58,28 +87,53 @@ class Discriminator(nn.Module):
 
     def __init__(self, image_shape: ImageShape, width: int = 64, dropout: float = 0.25) -> None:
         super().__init__()
-        channels = image_shape[0]
-        widths = [max(1, width // 4), max(1, width // 2), width, 2 * width]
-        blocks: list[nn.Module] = []
-        in_ch = channels
-        for i, out_ch in enumerate(widths):
-            blocks += [
-                nn.Conv2d(in_ch, out_ch, 3, stride=2, padding=1),
-                nn.LeakyReLU(0.2, inplace=True),
-                nn.Dropout2d(dropout),
-            ]
-            if i > 0:
-                blocks.append(nn.BatchNorm2d(out_ch))
-            in_ch = out_ch
-        self.features = nn.Sequential(*blocks)
-        # Each block maps side s to ceil(s / 2).
-        height, side = image_shape[1], image_shape[2]
-        for _ in widths:
-            height, side = (height + 1) // 2, (side + 1) // 2
-        self.head = nn.Linear(in_ch * height * side, 1)
+        self.features, flat = _conv_trunk(image_shape, width, nn.BatchNorm2d, dropout)
+        self.head = nn.Linear(flat, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.flatten(self.features(x), 1))
+
+
+class Critic(nn.Module):
+    """WGAN-GP critic: the DCGAN trunk with per-sample LayerNorm instead of BatchNorm, no dropout, linear score.
+
+    The gradient penalty constrains the gradient norm of each sample's score
+    with respect to that sample; BatchNorm would couple the samples of a
+    batch and make that per-sample gradient meaningless (Gulrajani et al.
+    2017, Sec. 4), and dropout would make it noisy. GroupNorm with one group
+    is LayerNorm over (C, H, W) and keeps every parameter a plain tensor.
+    """
+
+    def __init__(self, image_shape: ImageShape, width: int = 64) -> None:
+        super().__init__()
+        self.features, flat = _conv_trunk(image_shape, width, lambda ch: nn.GroupNorm(1, ch), dropout=0.0)
+        self.head = nn.Linear(flat, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flatten(self.features(x), 1))
+
+
+class InfoDiscriminator(Discriminator):
+    """InfoGAN discriminator: the DCGAN one plus a Q head predicting the generator's C-dim input code.
+
+    The trunk is shared, so the code-recovery loss shapes the same features
+    that judge real vs fake; ``forward`` stays the adversarial logit, so this
+    network drops in wherever a DCGAN discriminator is expected.
+    """
+
+    def __init__(self, image_shape: ImageShape, code_dim: int, width: int = 64, dropout: float = 0.25) -> None:
+        super().__init__(image_shape, width, dropout)
+        self.code_dim = code_dim
+        self.q_head = nn.Linear(self.head.in_features, code_dim)
+
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(real/fake logit (B, 1), predicted code (B, code_dim)) from one pass through the trunk."""
+        h = torch.flatten(self.features(x), 1)
+        return self.head(h), self.q_head(h)
+
+    def q(self, x: torch.Tensor) -> torch.Tensor:
+        """Predicted input code (B, code_dim) of images x."""
+        return self.heads(x)[1]
 
 
 def init_dcgan_weights(module: nn.Module) -> None:

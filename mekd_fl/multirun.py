@@ -1,0 +1,59 @@
+"""Several runs in ONE Flower simulation: one Ray start, clients kept warm, cells run one after another.
+
+Why: starting Ray and the simulated SuperNodes costs seconds to tens of seconds; a comparison of six
+methods (or a test of every combination) pays it once. Each cell is a complete `run_server` with its
+own result folder; clients key their state by run name, so nothing leaks from one cell to the next.
+All cells must share `num-clients` (one federation).
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+import warnings
+from typing import Any, Callable
+
+from mekd_fl.config import RunConfig
+from mekd_fl.errors import ConfigError
+
+
+def run_configs(configs: list[RunConfig], *, client_cpus: float = 1.0, client_gpus: float | None = None,
+                log: Callable[[str], None] = print, verbose: bool = False) -> dict[str, dict[str, Any]]:
+    """Run every config; returns {run-name: {"summary": ...} or {"error": traceback}} in order."""
+    from flwr.app import Context
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    from mekd_fl.cli import backend_config
+    from mekd_fl.client_app import app as client_app
+    from mekd_fl.server_app import prepare, run_server
+
+    if not configs:
+        raise ConfigError("nothing to run: the list of configurations is empty")
+    sizes = {cfg.num_clients for cfg in configs}
+    if len(sizes) != 1:
+        raise ConfigError(f"num-clients differs between the runs ({sorted(sizes)}); one simulation has one federation")
+    names = [cfg.run_name for cfg in configs]
+    if "" in names or len(set(names)) != len(names):
+        raise ConfigError("every run needs its own non-empty run-name")
+    for cfg in configs:
+        prepare(cfg)
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+    outcome: dict[str, dict[str, Any]] = {}
+    server = ServerApp()
+
+    @server.main()
+    def run_all(grid: Grid, context: Context) -> None:
+        for i, cfg in enumerate(configs, 1):
+            log(f"=== run {i}/{len(configs)}: {cfg.run_name}")
+            try:
+                outcome[cfg.run_name] = {"summary": run_server(grid, cfg, log)}
+            except Exception:  # one failing cell must not stop the others; its error is reported
+                outcome[cfg.run_name] = {"error": traceback.format_exc(limit=6)}
+                log(f"=== run {cfg.run_name} failed: {traceback.format_exc(limit=1).strip().splitlines()[-1]}")
+
+    run_simulation(server_app=server, client_app=client_app, num_supernodes=configs[0].num_clients,
+                   backend_config=backend_config(client_cpus, client_gpus), verbose_logging=verbose)
+    return outcome
