@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from mekd_fl.config import RunConfig
-from mekd_fl.distill import DistillContext, get_distiller
+from mekd_fl.distill import DistillContext, get_distiller, teacher_log_probs
+from mekd_fl.distill.mekd import generator_input
 from mekd_fl.emulator import EmulatorConfig, build_emulator, from_gan_range, train_emulator
 from mekd_fl.fid import FeatureNet, domain_fid
 from mekd_fl.queries import generated, select_queries
@@ -170,9 +171,6 @@ class EdgeDevice:
     def emulator_samples(self, student_state: StateDict, g_state: StateDict, images: torch.Tensor,
                          responses: torch.Tensor) -> dict[str, torch.Tensor]:
         """x, G(T(x)) and G(S(x)) as uint8 images: what the emulation term compares."""
-        from mekd_fl.distill.base import teacher_log_probs
-        from mekd_fl.distill.mekd import generator_input
-
         cfg = self.cfg
         gen = self.load_generator(g_state)
         student = self.new_student()

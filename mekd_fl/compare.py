@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Mapping, Sequence
 
 from mekd_fl.config import RunConfig
 
@@ -42,31 +42,47 @@ def comparison_rows(folder: Path, names: dict[str, str]) -> list[dict[str, Any]]
     return rows
 
 
-def _fmt(value: Any) -> str:
+# Columns holding fractions get 4 decimals; times, ratios and FIDs 2.
+_FRACTIONS = ("student acc", "best acc", "agreement", "client-test acc")
+
+
+def _fmt(value: Any, column: str = "") -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.4f}" if value <= 1.0 else f"{value:.2f}"
+        return f"{value:.4f}" if column in _FRACTIONS else f"{value:.2f}"
     return str(value)
+
+
+def markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    """A GitHub Markdown table of already formatted cells (shared by `compare` and `report`)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(path: Path, header: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> None:
+    """One CSV line per mapping, missing fields empty."""
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(header))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({c: row.get(c, "") for c in header})
 
 
 def write_tables(rows: list[dict[str, Any]], folder: Path, caption: str) -> str:
     """Markdown (best source-blind student accuracy in bold) and CSV; returns the Markdown."""
     blind = [r["student acc"] for r in rows if r.get("source-blind") == "yes" and isinstance(r["student acc"], float)]
     best = max(blind) if blind else None
-    lines = [caption, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    body = []
     for row in rows:
-        cells = [_fmt(row.get(c)) for c in COLUMNS]
+        cells = [_fmt(row.get(c), c) for c in COLUMNS]
         if row.get("student acc") == best:
             cells[2] = f"**{cells[2]}**"
-        lines.append("| " + " | ".join(cells) + " |")
-    markdown = "\n".join(lines) + "\n"
+        body.append(cells)
+    markdown = caption + "\n\n" + markdown_table(COLUMNS, body)
     (folder / "comparison.md").write_text(markdown)
-    with (folder / "comparison.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({c: row.get(c, "") for c in COLUMNS})
+    write_csv(folder / "comparison.csv", COLUMNS, rows)
     return markdown
 
 

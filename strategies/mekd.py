@@ -5,8 +5,9 @@ outputs`, so a remote endpoint fits) and register the client handlers of `mekd_f
 your own with the same message types) on your ClientApp.
 
 Phases, all driven by the server because clients cannot call it:
-1. `train.emulator` (when the method needs an emulator): each client trains its GAN on its own images;
-   the emulator stays in the client's `context.state`.
+1. `train.emulator` (when the method or the query source needs an emulator): each client trains its GAN
+   on its own images; the emulator stays in the client's `context.state`. With a federated emulator the
+   strategy averages generators and discriminators over several such rounds, then installs the average.
 2. `query.teacher`: each client replies with its query images (uint8); the strategy passes them through
    the oracle (which counts them against the client's budget) and sends the soft outputs back in a
    `query.answers` message; the client caches them.
