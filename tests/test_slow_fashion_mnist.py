@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.slow,
 @pytest.mark.parametrize("method, partition", [("mekd", "pathological"), ("kd", "iid")])
 def test_short_fashion_mnist_federation_learns(tmp_path: Path, method: str, partition: str) -> None:
     proc = mekd_fl(f"method={method}", f"partition={partition}", "num-clients=4", "num-rounds=2",
-                   "server-share=0.1", "client-test-fraction=0.05", "teacher-epochs=2", "teacher-arch=resnet8",
+                   "server-share=0.8", "client-test-fraction=0.05", "teacher-epochs=1", "teacher-arch=resnet8",
                    "emulator-steps=30", "local-epochs=1", "out-dir=runs", "cache-dir=cache", "run-name=r",
                    cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
