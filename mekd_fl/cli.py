@@ -1,5 +1,7 @@
 """`mekd-fl`: run a simulation in-process (`run`), with settings from YAML and `key=value` overrides.
 
+Also `compare` (methods side by side), `bench` (an experiment spec's grid, resumable) and `report`.
+
 Why beside `flwr run`: Flower's CLI starts a SuperLink in the background and needs the federation's
 SuperNode count set to match `num-clients`; `mekd-fl run` checks the settings and data first (bad
 input fails in under a second, before Ray starts), sizes the federation from `num-clients`, and
@@ -100,6 +102,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from mekd_fl.bench import bench
+
+    return bench(args.spec, args.out, parse_overrides(args.set), dry_run=args.dry_run, client_cpus=args.client_cpus,
+                 client_gpus=args.client_gpus, verbose=args.verbose)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mekd_fl.report import write_report
+
+    print(write_report(Path(args.folder)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mekd-fl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,6 +139,19 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--client-gpus", type=float, default=None)
     cmp.add_argument("--verbose", action="store_true")
     cmp.set_defaults(func=cmd_compare)
+    bench = sub.add_parser("bench", help="run every cell of an experiment spec (resumable), then report")
+    bench.add_argument("spec", help="experiment spec, e.g. experiments/smoke.yaml")
+    bench.add_argument("--out", default="experiments/runs", help="results go to OUT/<spec name>/")
+    bench.add_argument("--dry-run", action="store_true", help="list the cells and which are done; run nothing")
+    bench.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                       help="settings applied over the spec's base for every cell (saved in the spec copy)")
+    bench.add_argument("--client-cpus", type=float, default=1.0)
+    bench.add_argument("--client-gpus", type=float, default=None)
+    bench.add_argument("--verbose", action="store_true")
+    bench.set_defaults(func=cmd_bench)
+    rep = sub.add_parser("report", help="tables and plots of a bench folder (OUT/<spec name>)")
+    rep.add_argument("folder")
+    rep.set_defaults(func=cmd_report)
     return parser
 
 

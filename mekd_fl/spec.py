@@ -1,0 +1,258 @@
+"""Experiment specs (`experiments/*.yaml`): a base of settings, a grid of axes, and how to report them.
+
+Why a parser of its own: a sweep of dozens of cells must fail on a typo before the first cell spends
+an hour, so every key, method, axis and cell's RunConfig is checked here, with one line naming the
+problem, before anything runs. The grid's cells get stable, readable, filesystem-safe names, which
+are also their result folders: that is what lets a second `mekd-fl bench` find what is done.
+
+Format::
+
+    name: noniid-fmnist            # folder name under the bench output directory
+    description: free text
+    base: {dataset: fashion-mnist, num-clients: 10}   # settings shared by every cell
+    grid:                          # the cells are the cartesian product of the axes, in this order
+      method: [kd, mekd]           # an axis over one setting's values
+      partition:                   # or a named list of setting-mappings (label optional)
+        - {label: iid, partition: iid}
+        - {label: dirichlet-a0.1, partition: dirichlet, alpha: 0.1}
+    report: {rows: method, columns: partition, metrics: [student-accuracy]}
+    timing: how long the sweep takes
+    set: {}                        # written by `mekd-fl bench --set`: applied over base
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from mekd_fl.config import RunConfig
+from mekd_fl.distill import get_class
+from mekd_fl.errors import ConfigError
+
+TOP_LEVEL_KEYS = ("name", "description", "base", "grid", "report", "timing", "set")
+# The bench owns these: one folder per cell, named after the cell, under the bench's folder.
+RESERVED_SETTINGS = ("run-name", "out-dir")
+# Numbers a run writes to summary.json that a report can tabulate; True: higher is better.
+METRICS: dict[str, bool] = {
+    "student-accuracy": True, "student-best-accuracy": True, "student-agreement": True,
+    "client-test-accuracy": True, "teacher-accuracy": True, "emulator-fid-mean": False,
+    "queries-total": False, "wall-seconds": False,
+}
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass(frozen=True)
+class Level:
+    """One entry of an axis: its label (in cell names and tables) and the settings it sets."""
+
+    label: str
+    settings: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Axis:
+    """`named`: written as a list of setting-mappings (kept that way when the spec is saved)."""
+
+    name: str
+    levels: tuple[Level, ...]
+    named: bool
+
+
+@dataclass(frozen=True)
+class ReportLayout:
+    rows: str
+    columns: str | None
+    metrics: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of the grid: its folder name, its label on each axis, and its validated settings."""
+
+    name: str
+    labels: dict[str, str]
+    config: RunConfig
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    description: str
+    base: dict[str, Any]
+    grid: tuple[Axis, ...]
+    report: ReportLayout
+    timing: str
+    overrides: dict[str, Any]
+
+    def axis(self, name: str) -> Axis:
+        return next(a for a in self.grid if a.name == name)
+
+    def cells(self, out_dir: str = "runs") -> list[Cell]:
+        """The cartesian product of the axes, each cell's RunConfig validated, results under `out_dir`."""
+        cells = []
+        for levels in itertools.product(*(axis.levels for axis in self.grid)):
+            labels = {axis.name: level.label for axis, level in zip(self.grid, levels)}
+            name = "__".join(f"{axis}={label}" for axis, label in labels.items())
+            settings = {**self.base, **self.overrides}
+            for level in levels:
+                settings.update(level.settings)
+            settings.update({"run-name": name, "out-dir": out_dir})
+            try:
+                config = RunConfig.from_mapping(settings)
+            except ConfigError as exc:
+                raise ConfigError(f"spec {self.name!r}, cell {name}: {exc}") from None
+            cells.append(Cell(name, labels, config))
+        return cells
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as YAML data, `set` included, so the saved copy reproduces the cells exactly."""
+        grid: dict[str, Any] = {}
+        for axis in self.grid:
+            if axis.named:
+                grid[axis.name] = [{"label": level.label, **level.settings} for level in axis.levels]
+            else:
+                grid[axis.name] = [level.settings[axis.name] for level in axis.levels]
+        report: dict[str, Any] = {"rows": self.report.rows}
+        if self.report.columns:
+            report["columns"] = self.report.columns
+        report["metrics"] = list(self.report.metrics)
+        return {"name": self.name, "description": self.description, "base": self.base, "grid": grid,
+                "report": report, "timing": self.timing, "set": self.overrides}
+
+
+def load_spec(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Spec:
+    """Read and validate a spec file; `overrides` (from `--set`) are merged over its own `set`."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"spec {path}: cannot read it: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"spec {path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    return parse_spec(data, str(path), overrides or {})
+
+
+def parse_spec(data: Any, source: str, overrides: Mapping[str, Any]) -> Spec:
+    """Validate everything that can be checked without data or training; see the module docstring."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"spec {source}: must be a mapping with keys {', '.join(TOP_LEVEL_KEYS)}")
+    for key in data:
+        if key not in TOP_LEVEL_KEYS:
+            raise ConfigError(f"spec {source}: unknown top-level key {key!r}; accepted: {', '.join(TOP_LEVEL_KEYS)}")
+    name = data.get("name")
+    if not isinstance(name, str) or not name or _SAFE.search(name):
+        raise ConfigError(f"spec {source}: name={name!r} must be a non-empty folder name (letters, digits, . _ -)")
+    base = _settings(data.get("base") or {}, f"spec {source}: base")
+    sets = _settings({**(data.get("set") or {}), **overrides}, f"spec {source}: --set")
+    grid = _grid(data.get("grid"), f"spec {source}: grid")
+    for key in sets:
+        setters = [axis.name for axis in grid if any(key in level.settings for level in axis.levels)]
+        if setters:
+            raise ConfigError(f"spec {source}: --set {key}: the grid axis {setters[0]!r} sets it; change the grid")
+    spec = Spec(name=name, description=str(data.get("description") or ""), base=base, grid=grid,
+                report=_report(data.get("report"), grid, f"spec {source}: report"),
+                timing=str(data.get("timing") or ""), overrides=sets)
+    spec.cells()  # every cell's RunConfig validated up front
+    return spec
+
+
+def _settings(values: Any, where: str) -> dict[str, Any]:
+    """A mapping of known, bench-settable settings in kebab-case; methods checked against the registry."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: must be a mapping of settings")
+    out = {}
+    keys = RunConfig.keys()
+    for raw, value in values.items():
+        key = str(raw).replace("_", "-")
+        if key not in keys:
+            close = difflib.get_close_matches(key, keys, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"accepted: {', '.join(keys)}"
+            raise ConfigError(f"{where}: unknown setting {raw!r}; {hint}")
+        if key in RESERVED_SETTINGS:
+            raise ConfigError(f"{where}: {key} is chosen by the bench (one folder per cell); remove it")
+        if key == "method":
+            try:
+                get_class(str(value))
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+        out[key] = value
+    return out
+
+
+def _grid(data: Any, where: str) -> tuple[Axis, ...]:
+    if not isinstance(data, dict) or not data:
+        raise ConfigError(f"{where}: is empty; give at least one axis, e.g. grid: {{seed: [1, 2, 3]}}")
+    axes = []
+    owner: dict[str, str] = {}
+    for name, entries in data.items():
+        name = str(name)
+        if _SAFE.search(name) or "=" in name:
+            raise ConfigError(f"{where}: axis name {name!r} must be letters, digits, . _ -")
+        if not isinstance(entries, list) or not entries:
+            raise ConfigError(f"{where}.{name}: empty axis; give a non-empty list of values")
+        levels = tuple(_level(name, entry, f"{where}.{name}") for entry in entries)
+        labels = [level.label for level in levels]
+        duplicate = next((label for label in labels if labels.count(label) > 1), None)
+        if duplicate is not None:
+            raise ConfigError(f"{where}.{name}: label {duplicate!r} appears twice; give each entry its own label")
+        for key in {k for level in levels for k in level.settings}:
+            if key in owner:
+                raise ConfigError(f"{where}: setting {key!r} is set by two axes ({owner[key]!r} and {name!r})")
+            owner[key] = name
+        axes.append(Axis(name, levels, named=any(isinstance(entry, dict) for entry in entries)))
+    return tuple(axes)
+
+
+def _level(axis: str, entry: Any, where: str) -> Level:
+    """A scalar is a value of the axis' own setting; a mapping is a named set of settings."""
+    if isinstance(entry, dict):
+        entry = dict(entry)
+        label = entry.pop("label", None)
+        settings = _settings(entry, where)
+        if not settings:
+            raise ConfigError(f"{where}: entry {label or '{}'} sets nothing")
+        if label is None:
+            label = "-".join(_label(v) if k == axis else f"{k}{_label(v)}" for k, v in settings.items())
+        return Level(_safe_label(str(label), where), settings)
+    if isinstance(entry, list):
+        raise ConfigError(f"{where}: entry {entry!r} is a list; give a value or a mapping of settings")
+    settings = _settings({axis: entry}, where)
+    return Level(_safe_label(_label(entry), where), settings)
+
+
+def _label(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _safe_label(label: str, where: str) -> str:
+    safe = _SAFE.sub("-", label).strip("-")
+    if not safe:
+        raise ConfigError(f"{where}: label {label!r} has no letters or digits")
+    return safe
+
+
+def _report(data: Any, grid: tuple[Axis, ...], where: str) -> ReportLayout:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: missing; give rows (an axis), optional columns (an axis) and metrics")
+    unknown = set(data) - {"rows", "columns", "metrics"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}; accepted: rows, columns, metrics")
+    axes = [axis.name for axis in grid]
+    rows, columns = data.get("rows"), data.get("columns")
+    for role, axis in (("rows", rows), ("columns", columns)):
+        if (axis is not None or role == "rows") and axis not in axes:
+            raise ConfigError(f"{where}: {role}={axis!r} is not a grid axis; accepted: {', '.join(axes)}")
+    if rows == columns:
+        raise ConfigError(f"{where}: rows and columns are both {rows!r}; choose two different axes")
+    metrics = data.get("metrics") or ["student-accuracy"]
+    if isinstance(metrics, str):
+        metrics = [metrics]
+    for metric in metrics:
+        if metric not in METRICS:
+            raise ConfigError(f"{where}: unknown metric {metric!r}; accepted: {', '.join(METRICS)}")
+    return ReportLayout(rows=rows, columns=columns, metrics=tuple(metrics))

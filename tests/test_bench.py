@@ -1,0 +1,146 @@
+"""`mekd-fl bench`: planning, resume bookkeeping and progress (fast), then the smoke spec end to end with a
+SIGKILL in the middle (a real bench in a subprocess, through Flower's simulation runtime)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mekd_fl.bench import Progress, bench, cell_state, move_aside
+from mekd_fl.errors import ConfigError
+from mekd_fl.spec import load_spec
+
+SMOKE = Path(__file__).resolve().parents[1] / "experiments" / "smoke.yaml"
+
+
+def fake_finished(folder: Path, name: str, config: dict) -> Path:
+    run = folder / name
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(config))
+    (run / "summary.json").write_text(json.dumps({"student-accuracy": 0.5, "source-blind": True}))
+    return run
+
+
+def test_dry_run_lists_cells_and_states_and_writes_nothing(tmp_path: Path) -> None:
+    cells = load_spec(SMOKE).cells(out_dir=str(tmp_path / "smoke"))
+    fake_finished(tmp_path / "smoke", cells[0].name, cells[0].config.to_dict())
+    (tmp_path / "smoke" / cells[1].name).mkdir()  # a run that never finished
+    lines: list[str] = []
+    assert bench(str(SMOKE), str(tmp_path), dry_run=True, echo=lines.append) == 0
+    assert lines[0] == f"smoke: 4 cells, 1 done, 3 to run -> {tmp_path / 'smoke'}"
+    assert lines[1].split() == ["[done", "]", cells[0].name]
+    assert lines[2].split()[:3] == ["[partial]", cells[1].name, "(unfinished"]
+    assert lines[3].split() == ["[todo", "]", cells[2].name]
+    assert sorted(p.name for p in (tmp_path / "smoke").iterdir()) == sorted([cells[0].name, cells[1].name])
+
+
+def test_finished_cell_with_other_settings_is_refused(tmp_path: Path) -> None:
+    cell = load_spec(SMOKE).cells(out_dir=str(tmp_path / "smoke"))[0]
+    fake_finished(tmp_path / "smoke", cell.name, cell.config.to_dict())
+    # settings that do not change results may differ (another cache or device) ...
+    bench(str(SMOKE), str(tmp_path), {"cache-dir": "elsewhere", "device": "cpu"}, dry_run=True, echo=lambda _: None)
+    # ... but a finished cell is never silently mixed with cells run on other settings
+    with pytest.raises(ConfigError, match=f"cell {cell.name} was finished with num-rounds=1 but the spec now gives "
+                                          "num-rounds=2"):
+        bench(str(SMOKE), str(tmp_path), {"num-rounds": 2}, dry_run=True, echo=lambda _: None)
+
+
+def test_move_aside_keeps_everything(tmp_path: Path) -> None:
+    for n in range(2):
+        run = tmp_path / "cell"
+        run.mkdir()
+        (run / "metrics.jsonl").write_text(f"{n}\n")
+        moved = move_aside(run)
+        assert moved.name.startswith("cell.incomplete-") and (moved / "metrics.jsonl").read_text() == f"{n}\n"
+        assert cell_state(run) == "todo"
+    assert len(list(tmp_path.glob("cell.incomplete-*"))) == 2
+
+
+def test_progress_follows_the_run_log(tmp_path: Path) -> None:
+    cells = load_spec(SMOKE).cells()
+    shown: list[str] = []
+    progress = Progress(tmp_path, cells, to_run=2, echo=shown.append)
+    first, second = cells[0].name, cells[1].name
+    for line in (f"=== run 1/2: {first}", "[teacher] training resnet8", "[round 0/2] initial student: acc 0.1",
+                 "[round 1/2] distill (kd): loss 1.0", "[round 2/2] distill (kd): loss 0.5", "[done] kd on synthetic",
+                 f"=== run 2/2: {second}", f"=== run {second} failed: RuntimeError: out of memory"):
+        progress(line)
+    progress.close()
+    assert shown[0] == f"cell 1/4 {first} ... started"
+    assert shown[1] == f"cell 1/4 {first} ... [teacher] training resnet8"
+    assert shown[3].startswith(f"cell 1/4 {first} ... round 1/2, 0s in cell, 0s elapsed, ETA ")
+    assert shown[-1] == f"cell 2/4 {second} ... failed: RuntimeError: out of memory"
+    entries = [json.loads(line) for line in (tmp_path / "cells.jsonl").read_text().splitlines()]
+    assert [(e["cell"], e["status"], e["error"]) for e in entries] == [
+        (first, "ok", None), (second, "failed", "RuntimeError: out of memory")]
+    assert all(isinstance(e["wall-s"], float) for e in entries)
+    assert "[round 2/2]" in (tmp_path / "bench.log").read_text()
+
+
+def bench_command(out: Path, cache: Path) -> dict:
+    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", OMP_NUM_THREADS="1", MEKD_FL_CACHE=str(cache))
+    return {"args": [sys.executable, "-m", "mekd_fl.cli", "bench", str(SMOKE), "--out", str(out), "--client-gpus", "0"],
+            "env": env, "stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+
+
+def run_bench(out: Path, cache: Path) -> tuple[int, str]:
+    proc = subprocess.run(**bench_command(out, cache), timeout=600)
+    return proc.returncode, proc.stdout
+
+
+def test_smoke_bench_end_to_end_resumes_after_sigkill(tmp_path: Path) -> None:
+    folder = tmp_path / "runs" / "smoke"
+    cells = [c.name for c in load_spec(SMOKE).cells()]
+    # its own process group, so that the kill takes Ray's helper processes with it
+    proc = subprocess.Popen(**bench_command(tmp_path / "runs", tmp_path / "cache"), start_new_session=True)
+    deadline, unfinished = time.time() + 300, None
+    while time.time() < deadline and proc.poll() is None:
+        if (folder / cells[0] / "summary.json").is_file():
+            unfinished = next((c for c in cells[1:] if cell_state(folder / c) == "partial"), None)
+            if unfinished:
+                break
+        time.sleep(0.02)
+    assert unfinished, f"bench ended before a cell was caught mid-run: {proc.communicate()[0][-3000:]}"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = sum(cell_state(folder / c) == "done" for c in cells)
+    first_summary = (folder / cells[0] / "summary.json").read_bytes()
+    first_mtime = (folder / cells[0] / "summary.json").stat().st_mtime_ns
+
+    t0 = time.time()
+    code, output = run_bench(tmp_path / "runs", tmp_path / "cache")
+    assert code == 0, output[-3000:]
+    resumed_seconds = time.time() - t0
+    assert all(cell_state(folder / c) == "done" for c in cells), output[-3000:]
+    # the finished cell was skipped, not redone
+    assert (folder / cells[0] / "summary.json").read_bytes() == first_summary
+    assert (folder / cells[0] / "summary.json").stat().st_mtime_ns == first_mtime
+    assert f"smoke: 4 cells, {done_before} done, {4 - done_before} to run" in output
+    assert f"cell 1/4 {cells[0]}" not in output
+    # the unfinished one was moved aside (kept) and run again
+    aside = list(folder.glob(f"{unfinished}.incomplete-*"))
+    assert len(aside) == 1 and (aside[0] / "config.json").is_file()
+    entries = [json.loads(line) for line in (folder / "cells.jsonl").read_text().splitlines()]
+    rerun = [e for e in entries if e["cell"] == unfinished]
+    assert rerun[-1]["status"] == "ok" and rerun[-1]["moved-aside"] == aside[0].name
+    assert "round 1/1" in output and "ETA" in output
+    # the report: table and plots beside the cells, the spec copy with it
+    report = (folder / "report.md").read_text()
+    assert "| kd |" in report and "| mekd |" in report and "4/4 cells finished" in report
+    for name in ("report.csv", "spec.yaml", "accuracy_per_round.png", "accuracy_vs_queries.png",
+                 "label_distribution.png", "bench.log"):
+        assert (folder / name).is_file(), name
+    for cell in cells:
+        summary = json.loads((folder / cell / "summary.json").read_text())
+        assert summary["num-rounds"] == 1 and summary["dataset"] == "synthetic"
+    # a third call finds everything done: runs nothing, redraws the report
+    code, output = run_bench(tmp_path / "runs", tmp_path / "cache")
+    assert code == 0 and "4 done, 0 to run" in output and "started" not in output
+    print(f"resumed bench: {resumed_seconds:.0f}s")

@@ -1,0 +1,141 @@
+"""`mekd-fl report` on a bench folder written by hand: statistics, best marks, the upper bound, CSV, plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from mekd_fl.cli import main
+from mekd_fl.errors import ConfigError
+from mekd_fl.report import write_report
+from mekd_fl.spec import parse_spec
+
+SPEC = {"name": "hand", "description": "Written by the test.", "base": {"dataset": "synthetic", "num-clients": 2},
+        "grid": {"method": ["kd", "mekd", "supervised"],
+                 "partition": [{"label": "iid", "partition": "iid"},
+                               {"label": "dir-a0.1", "partition": "dirichlet", "alpha": 0.1},
+                               {"label": "dir-a1.0", "partition": "dirichlet", "alpha": 1.0}],
+                 "seed": [1, 2, 3]},
+        "report": {"rows": "method", "columns": "partition", "metrics": ["student-accuracy"]}, "timing": "none"}
+# student accuracy per (method, partition) over seeds 1, 2, 3; None: the cell never finished
+ACC = {("kd", "iid"): [0.70, 0.72, None], ("kd", "dir-a0.1"): [0.50, 0.52, 0.54], ("kd", "dir-a1.0"): [0.6, 0.6, 0.6],
+       ("mekd", "iid"): [0.80, 0.82, 0.84], ("mekd", "dir-a0.1"): [0.50, 0.50, 0.50],
+       ("mekd", "dir-a1.0"): [0.58, 0.6, 0.62],
+       ("supervised", "iid"): [0.95, 0.95, 0.95], ("supervised", "dir-a0.1"): [0.9, 0.9, 0.9],
+       ("supervised", "dir-a1.0"): [0.9, 0.9, 0.9]}
+
+
+@pytest.fixture()
+def bench_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "hand"
+    folder.mkdir()
+    spec = parse_spec(SPEC, "hand.yaml", {})
+    (folder / "spec.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+    for cell in spec.cells(out_dir=str(folder)):
+        seed = cell.config.seed
+        acc = ACC[cell.labels["method"], cell.labels["partition"]][seed - 1]
+        run = folder / cell.name
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps(cell.config.to_dict()))
+        (run / "partition.json").write_text(json.dumps({"label_counts": [[5, 1] + [0] * 8, [0, 3] + [1] * 8],
+                                                         "class_names": [f"c{i}" for i in range(10)]}))
+        rounds = [{"round": r, "server/accuracy": 0.1 + r * 0.2} for r in range(3)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
+        if acc is None:
+            continue
+        summary = {"student-accuracy": acc, "teacher-accuracy": 0.9 + 0.01 * seed, "queries-total": 1000 * seed,
+                   "emulator-fid-mean": 30.0 + seed if cell.config.method == "mekd" else None,
+                   "source-blind": cell.config.method != "supervised", "wall-seconds": 10.0}
+        (run / "summary.json").write_text(json.dumps(summary))
+    return folder
+
+
+def row_of(markdown: str, label: str) -> list[str]:
+    line = next(line for line in markdown.splitlines() if line.startswith(f"| {label}"))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_table_gives_mean_and_sample_std_over_seeds(bench_folder: Path) -> None:
+    markdown = write_report(bench_folder)
+    header = row_of(markdown, "method")
+    assert header == ["method \\ partition", "iid", "dir-a0.1", "dir-a1.0"]
+    mekd = row_of(markdown, "mekd")
+    assert mekd[1] == "**82.00 ± 2.00**"  # mean 0.82, sample std 0.02, best of its column
+    assert mekd[2] == "50.00 ± 0.00"
+    kd = row_of(markdown, "kd")
+    assert kd[1] == "71.00 ± 1.41 (n=2/3)"  # one seed never finished
+    assert kd[2] == "**52.00 ± 2.00**" and kd[3] == "**60.00 ± 0.00**"  # ties at the best are both bold
+    assert row_of(markdown, "mekd")[3] == "**60.00 ± 2.00**"
+    assert "2 more" not in markdown and "26/27 cells finished" in markdown
+    assert "method=kd__partition=iid__seed=3" in markdown  # named as unfinished
+    assert "mean ± sample std over seed (3)" in markdown
+
+
+def test_supervised_is_an_upper_bound_never_best(bench_folder: Path) -> None:
+    markdown = write_report(bench_folder)
+    supervised = row_of(markdown, "supervised")
+    assert supervised[0] == "supervised (labels, upper bound)"
+    assert supervised[1:] == ["95.00 ± 0.00", "90.00 ± 0.00", "90.00 ± 0.00"]  # highest, yet not bold
+    teacher = row_of(markdown, "teacher")
+    assert teacher[1] == "92.00 ± 1.00"  # one value per seed's teacher, not one per method
+
+
+def test_csv_is_long_format_and_parseable(bench_folder: Path) -> None:
+    write_report(bench_folder)
+    with (bench_folder / "report.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["method", "partition", "metric", "mean", "std", "n", "expected", "source-blind", "best"]
+    assert len(rows) == 3 * 3 + 3  # every entry plus the teacher per column
+    entry = next(r for r in rows if (r["method"], r["partition"]) == ("mekd", "iid"))
+    assert np.isclose(float(entry["mean"]), 0.82) and np.isclose(float(entry["std"]), 0.02)
+    assert (entry["n"], entry["best"], entry["source-blind"]) == ("3", "True", "True")
+    supervised = next(r for r in rows if (r["method"], r["partition"]) == ("supervised", "iid"))
+    assert (supervised["best"], supervised["source-blind"]) == ("False", "False")
+
+
+def test_plots_are_written_and_linked(bench_folder: Path) -> None:
+    markdown = write_report(bench_folder)
+    for name in ("accuracy_per_round", "accuracy_vs_alpha", "accuracy_vs_queries", "accuracy_vs_fid",
+                 "label_distribution"):
+        assert (bench_folder / f"{name}.png").stat().st_size > 1000, name
+        assert f"({name}.png)" in markdown
+    assert (bench_folder / "report.md").read_text() == markdown
+
+
+def test_metrics_without_columns_axis_and_lower_is_better(tmp_path: Path) -> None:
+    folder = tmp_path / "abl"
+    folder.mkdir()
+    spec = parse_spec({"name": "abl", "base": {"dataset": "synthetic", "num-clients": 1},
+                       "grid": {"variant": [{"label": "good", "emulator-steps": 400},
+                                            {"label": "poor", "emulator-steps": 25}], "seed": [1, 2]},
+                       "report": {"rows": "variant", "metrics": ["student-accuracy", "emulator-fid-mean"]}},
+                      "abl.yaml", {})
+    (folder / "spec.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+    for cell in spec.cells(out_dir=str(folder)):
+        good = cell.labels["variant"] == "good"
+        (folder / cell.name).mkdir()
+        (folder / cell.name / "summary.json").write_text(json.dumps(
+            {"student-accuracy": 0.8 if good else 0.7, "emulator-fid-mean": 20.0 if good else 90.0,
+             "source-blind": True, "teacher-accuracy": 0.9}))
+    markdown = write_report(folder)
+    assert row_of(markdown, "variant") == ["variant", "student-accuracy", "emulator-fid-mean"]
+    assert row_of(markdown, "good")[1:] == ["**80.00 ± 0.00**", "**20.0 ± 0.0**"]
+    assert row_of(markdown, "poor")[1:] == ["70.00 ± 0.00", "90.0 ± 0.0"]
+    assert not (folder / "accuracy_per_round.png").exists()  # no metrics.jsonl: nothing to draw
+
+
+def test_report_command(bench_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["report", str(bench_folder)]) == 0
+    assert "| mekd |" in capsys.readouterr().out
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert "no spec.yaml" in capsys.readouterr().err
+
+
+def test_missing_spec_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="mekd-fl bench"):
+        write_report(tmp_path)
