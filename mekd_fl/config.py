@@ -120,7 +120,7 @@ class RunConfig:
             key = raw_key.replace("-", "_")
             if key not in known:
                 raise ConfigError(f"unknown setting '{raw_key}'; accepted: {', '.join(cls.keys())}")
-            kwargs[key] = _coerce(raw_key, value, known[key].type, known[key].default)
+            kwargs[key] = _coerce(raw_key, value, known[key].default)
         cfg = cls(**kwargs)
         if validate:
             cfg.validate()
@@ -192,7 +192,7 @@ class RunConfig:
         return Path(base).expanduser()
 
 
-def _coerce(key: str, value: Any, type_name: Any, default: Any) -> Any:
+def _coerce(key: str, value: Any, default: Any) -> Any:
     """Turn CLI/TOML/YAML values into the field's type, with a one-line error when impossible."""
     target = type(default)
     if isinstance(value, target) and not (target is int and isinstance(value, bool)):

@@ -121,7 +121,7 @@ def run_server(grid: Grid, cfg: RunConfig, log: Callable[[str], None] = say) -> 
                     seed=cfg.seed, on_round=on_round, log_fn=log,
                     fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
                     min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=cfg.num_clients)
-    config = ConfigRecord({k: v for k, v in cfg.to_dict().items()})
+    config = ConfigRecord(cfg.to_dict())
     result = strategy.start(grid, ArrayRecord(student.state_dict()), num_rounds=cfg.num_rounds,
                             train_config=config, evaluate_config=ConfigRecord(dict(config)),
                             evaluate_fn=evaluate_global, num_nodes=cfg.num_clients)
