@@ -7,12 +7,13 @@ of a killed or failed run, which is moved aside (nothing is deleted) and run aga
 
 Layout of `OUT/<spec name>/`: `spec.yaml` (the resolved spec, `--set` included), one folder per cell,
 `cells.jsonl` (one line per attempted cell: status, error, wall time), `bench.log` (every log line),
-and the report (`report.md`, `report.csv`, plots).
+`invocations.jsonl` (each call: command line, date, machine), and the report (`report.md`, `report.csv`, plots).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from mekd_fl.errors import ConfigError
-from mekd_fl.report import SPEC_FILE, write_report
+from mekd_fl.report import INVOCATIONS_FILE, SPEC_FILE, write_report
 from mekd_fl.spec import Cell, load_spec
 
 DEFAULT_OUT = "experiments/runs"
@@ -132,17 +133,24 @@ class Progress:
 
 
 def bench(spec_path: str, out: str = DEFAULT_OUT, overrides: Mapping[str, Any] | None = None, *,
-          dry_run: bool = False, echo: Callable[[str], None] = print, **run_kwargs: Any) -> int:
-    """Run the spec's unfinished cells, then write its report. Returns 0, or 1 when a cell failed."""
+          only: Mapping[str, list[str]] | None = None, dry_run: bool = False, echo: Callable[[str], None] = print,
+          command: str | None = None, **run_kwargs: Any) -> int:
+    """Run the spec's unfinished cells (those matching `only`), then write its report.
+
+    Returns 0, or 1 when a cell failed. `command` is the command line recorded in `invocations.jsonl`.
+    """
     spec = load_spec(spec_path, overrides)
     folder = Path(out) / spec.name
     cells = spec.cells(out_dir=str(folder))
+    selected = spec.select(cells, only or {})
     states = {cell.name: cell_state(folder / cell.name) for cell in cells}
     check_finished(cells, folder)
-    todo = [cell for cell in cells if states[cell.name] != "done"]
-    echo(f"{spec.name}: {len(cells)} cells, {len(cells) - len(todo)} done, {len(todo)} to run -> {folder}")
+    todo = [cell for cell in selected if states[cell.name] != "done"]
+    scope = f" ({len(selected)} selected by --only)" if only else ""
+    echo(f"{spec.name}: {len(cells)} cells{scope}, {sum(states[c.name] == 'done' for c in cells)} done, "
+         f"{len(todo)} to run -> {folder}")
     if dry_run:
-        for cell in cells:
+        for cell in selected:
             note = "  (unfinished folder: moved aside, then rerun)" if states[cell.name] == "partial" else ""
             echo(f"  [{states[cell.name]:7}] {cell.name}{note}")
         return 0
@@ -155,6 +163,8 @@ def bench(spec_path: str, out: str = DEFAULT_OUT, overrides: Mapping[str, Any] |
             raise ConfigError(f"cell {cell.name}: {exc}") from None
     folder.mkdir(parents=True, exist_ok=True)
     (folder / SPEC_FILE).write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+    if todo:
+        record_invocation(folder, command or f"mekd-fl bench {spec_path}", only or {}, len(todo), run_kwargs)
     progress = Progress(folder, cells, len(todo), echo)
     for cell in todo:
         if states[cell.name] == "partial":
@@ -173,6 +183,37 @@ def bench(spec_path: str, out: str = DEFAULT_OUT, overrides: Mapping[str, Any] |
     echo(write_report(folder))
     echo(f"report: {folder / 'report.md'}")
     return 1 if failed else 0
+
+
+def machine() -> dict[str, Any]:
+    """What ran the cells, for the report: timings and float results depend on it."""
+    import platform
+
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo")
+                if line.startswith("model name")), platform.processor() or "unknown")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": cores, "gpu": gpu, "os": platform.platform(terse=True),
+            "python": platform.python_version(), "torch": torch.__version__}
+
+
+def _read_lines(path: str) -> list[str]:
+    try:
+        return Path(path).read_text().splitlines()
+    except OSError:
+        return []
+
+
+def record_invocation(folder: Path, command: str, only: Mapping[str, list[str]], cells: int,
+                      run_kwargs: Mapping[str, Any]) -> None:
+    """Append who ran what, where and when to `invocations.jsonl` (the report's provenance section)."""
+    entry = {"started-at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command, "only": dict(only),
+             "cells-to-run": cells, "machine": machine(),
+             "client-resources": {k: v for k, v in run_kwargs.items() if k.startswith("client_")}}
+    with (folder / INVOCATIONS_FILE).open("a") as fh:
+        fh.write(json.dumps(entry) + "\n")
 
 
 def _by_num_clients(cells: list[Cell]) -> list[list[Cell]]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 import warnings
 from typing import Any
@@ -105,8 +106,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from mekd_fl.bench import bench
 
-    return bench(args.spec, args.out, parse_overrides(args.set), dry_run=args.dry_run, client_cpus=args.client_cpus,
-                 client_gpus=args.client_gpus, verbose=args.verbose)
+    only = parse_only(args.only)
+    command = " ".join(["mekd-fl", *(shlex.quote(a) for a in (args.argv or []))])
+    return bench(args.spec, args.out, parse_overrides(args.set), only=only, dry_run=args.dry_run, command=command,
+                 client_cpus=args.client_cpus, client_gpus=args.client_gpus, verbose=args.verbose)
+
+
+def parse_only(items: list[str]) -> dict[str, list[str]]:
+    """`--only seed=1,2 method=kd` -> {"seed": ["1", "2"], "method": ["kd"]}."""
+    only: dict[str, list[str]] = {}
+    for item in items:
+        axis, sep, labels = item.partition("=")
+        values = [v.strip() for v in labels.split(",") if v.strip()]
+        if not sep or not axis.strip() or not values:
+            raise ConfigError(f"--only {item!r}: expected AXIS=LABEL[,LABEL...], e.g. --only seed=1")
+        only.setdefault(axis.strip(), []).extend(values)
+    return only
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -145,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dry-run", action="store_true", help="list the cells and which are done; run nothing")
     bench.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                        help="settings applied over the spec's base for every cell (saved in the spec copy)")
+    bench.add_argument("--only", nargs="+", action="extend", default=[], metavar="AXIS=LABELS",
+                       help="run only the cells whose AXIS label is one of LABELS (comma-separated), "
+                            "e.g. --only seed=1; the others stay as they are")
     bench.add_argument("--client-cpus", type=float, default=1.0)
     bench.add_argument("--client-gpus", type=float, default=None)
     bench.add_argument("--verbose", action="store_true")
@@ -159,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except ConfigError as exc:

@@ -21,6 +21,7 @@ from mekd_fl.errors import ConfigError
 from mekd_fl.spec import METRICS, Cell, Spec, load_spec
 
 SPEC_FILE = "spec.yaml"
+INVOCATIONS_FILE = "invocations.jsonl"
 UPPER_BOUND = " (labels, upper bound)"
 
 
@@ -301,8 +302,9 @@ def write_report(folder: Path) -> str:
                           folder / "accuracy_vs_fid.png"),
              plot_partitions(results, folder / "label_distribution.png")]
     markdown = "\n".join([f"# {spec.name}", "", spec.description.strip(), "", _caption(spec, results), "",
-                          markdown_table(header, body)]
-                         + [f"![{p.stem.replace('_', ' ')}]({p.name})\n" for p in plots if p is not None])
+                          markdown_table(header, body), ""]
+                         + [f"![{p.stem.replace('_', ' ')}]({p.name})\n" for p in plots if p is not None]
+                         + provenance(folder))
     (folder / "report.md").write_text(markdown)
     return markdown
 
@@ -314,10 +316,31 @@ def _caption(spec: Spec, results: list[CellResult]) -> str:
     text = (f"{len(results) - len(missing)}/{len(results)} cells finished. Each entry: mean ± sample std over "
             f"{over}; accuracies in %. Bold: best source-blind entry per column; "
             f"'{UPPER_BOUND.strip()}' marks the supervised reference, which reads true labels.")
+    if spec.overrides:
+        changed = " ".join(f"{k}={v}" for k, v in spec.overrides.items())
+        text += f" Shortened or changed from the spec's base for every cell (`--set`): {changed}."
     if missing:
         text += f" Not finished: {_shorten(missing)}."
     seconds = sum(r.value("wall-seconds") or 0.0 for r in results)
     return text + f" Run time of the finished cells: {seconds / 3600:.2f} h in total."
+
+
+def provenance(folder: Path) -> list[str]:
+    """How the cells were made: every `mekd-fl bench` call into this folder, with its date and machine."""
+    file = folder / INVOCATIONS_FILE
+    lines = file.read_text().splitlines() if file.is_file() else []
+    entries = [json.loads(line) for line in lines if line.strip()]
+    if not entries:
+        return []
+    out = ["## How these results were made", "",
+           "Every `mekd-fl bench` call that ran cells into this folder (from `invocations.jsonl`); "
+           "each cell's own settings are in its `config.json`, and `spec.yaml` holds the grid and `--set`.", ""]
+    for e in entries:
+        m = e.get("machine", {})
+        where = f"{m.get('cores')} CPU cores ({m.get('cpu')})" + (f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU")
+        out.append(f"- {e.get('started-at')}: `{e.get('command')}` -> {e.get('cells-to-run')} cells on {where}, "
+                   f"torch {m.get('torch')}, Python {m.get('python')}")
+    return out + [""]
 
 
 def _shorten(names: Iterable[str], limit: int = 8) -> str:

@@ -110,6 +110,24 @@ class Spec:
             cells.append(Cell(name, labels, config))
         return cells
 
+    def select(self, cells: list[Cell], only: Mapping[str, list[str]]) -> list[Cell]:
+        """The cells whose labels match `only` (axis -> accepted labels), e.g. {"seed": ["1"]}.
+
+        Why: a grid that takes days can be run in slices (one seed today, the others on a GPU later)
+        into the same folder; the report then shows how many seeds each entry holds.
+        """
+        for axis, labels in only.items():
+            known = [a.name for a in self.grid]
+            if axis not in known:
+                raise ConfigError(f"--only {axis}=...: no such grid axis in spec {self.name!r}; accepted: "
+                                  f"{', '.join(known)}")
+            accepted = [level.label for level in self.axis(axis).levels]
+            for label in labels:
+                if label not in accepted:
+                    raise ConfigError(f"--only {axis}={label}: not a level of axis {axis!r}; accepted: "
+                                      f"{', '.join(accepted)}")
+        return [cell for cell in cells if all(cell.labels[a] in labels for a, labels in only.items())]
+
     def to_dict(self) -> dict[str, Any]:
         """The spec as YAML data, `set` included, so the saved copy reproduces the cells exactly."""
         grid: dict[str, Any] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from mekd_fl.bench import Progress, bench, cell_state, move_aside
+from mekd_fl.cli import parse_only
 from mekd_fl.errors import ConfigError
 from mekd_fl.spec import load_spec
 
@@ -39,6 +41,36 @@ def test_dry_run_lists_cells_and_states_and_writes_nothing(tmp_path: Path) -> No
     assert lines[2].split()[:3] == ["[partial]", cells[1].name, "(unfinished"]
     assert lines[3].split() == ["[todo", "]", cells[2].name]
     assert sorted(p.name for p in (tmp_path / "smoke").iterdir()) == sorted([cells[0].name, cells[1].name])
+
+
+def test_only_selects_a_slice_of_the_grid(tmp_path: Path) -> None:
+    cells = load_spec(SMOKE).cells(out_dir=str(tmp_path / "smoke"))
+    fake_finished(tmp_path / "smoke", cells[0].name, cells[0].config.to_dict())
+    lines: list[str] = []
+    assert bench(str(SMOKE), str(tmp_path), only={"method": ["mekd"]}, dry_run=True, echo=lines.append) == 0
+    assert lines[0] == f"smoke: 4 cells (2 selected by --only), 1 done, 2 to run -> {tmp_path / 'smoke'}"
+    assert [line.split()[-1] for line in lines[1:]] == [c.name for c in cells if c.labels["method"] == "mekd"]
+    lines.clear()
+    bench(str(SMOKE), str(tmp_path), only={"method": ["kd"], "partition": ["iid"]}, dry_run=True, echo=lines.append)
+    assert lines[0].startswith("smoke: 4 cells (1 selected by --only), 1 done, 0 to run")
+
+
+@pytest.mark.parametrize(("only", "message"), [
+    ({"clients": ["2"]}, "--only clients=...: no such grid axis in spec 'smoke'; accepted: method, partition, seed"),
+    ({"method": ["kd", "fedavg"]}, "--only method=fedavg: not a level of axis 'method'; accepted: kd, mekd"),
+    ({"partition": ["dirichlet"]}, "accepted: iid, dirichlet-a0.5"),
+])
+def test_only_with_unknown_axis_or_label_is_refused(tmp_path: Path, only: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        bench(str(SMOKE), str(tmp_path), only=only, echo=lambda _: None)
+    assert not (tmp_path / "smoke").exists()
+
+
+def test_only_on_the_command_line() -> None:
+    assert parse_only(["seed=1,2", "method=kd", "seed=3"]) == {"seed": ["1", "2", "3"], "method": ["kd"]}
+    for bad in ("seed", "seed=", "=1", "seed=,"):
+        with pytest.raises(ConfigError, match="expected AXIS=LABEL"):
+            parse_only([bad])
 
 
 def test_finished_cell_with_other_settings_is_refused(tmp_path: Path) -> None:
@@ -137,6 +169,11 @@ def test_smoke_bench_end_to_end_resumes_after_sigkill(tmp_path: Path) -> None:
     for name in ("report.csv", "spec.yaml", "accuracy_per_round.png", "accuracy_vs_queries.png",
                  "label_distribution.png", "bench.log"):
         assert (folder / name).is_file(), name
+    # provenance: both calls that ran cells, with the command line and the machine
+    calls = [json.loads(line) for line in (folder / "invocations.jsonl").read_text().splitlines()]
+    assert [c["cells-to-run"] for c in calls] == [4, 4 - done_before]
+    assert all(c["command"].startswith("mekd-fl bench ") and c["machine"]["cores"] >= 1 for c in calls)
+    assert "## How these results were made" in report and f"`{calls[1]['command']}` -> {4 - done_before} cells" in report
     for cell in cells:
         summary = json.loads((folder / cell / "summary.json").read_text())
         assert summary["num-rounds"] == 1 and summary["dataset"] == "synthetic"
