@@ -27,7 +27,7 @@ from mekd_fl.spec import Cell, load_spec
 
 DEFAULT_OUT = "experiments/runs"
 # Settings that do not change a cell's result: a finished cell stays valid when only these differ.
-NEUTRAL_SETTINGS = ("out-dir", "cache-dir", "data-dir", "download", "device")
+NEUTRAL_SETTINGS = ("out-dir", "cache-dir", "data-dir", "download", "device", "answer-cache")
 _START = re.compile(r"^=== run \d+/\d+: (\S+)$")
 _FAILED = re.compile(r"^=== run (\S+) failed: (.*)$")
 _ROUND = re.compile(r"^\[round (\d+)/(\d+)\]")

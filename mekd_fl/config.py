@@ -54,6 +54,9 @@ class RunConfig:
     oracle_output: str = _opt("probs", "What the oracle answers: probs (softmax) or logits.", ("probs", "logits"))
     query_budget: int = _opt(100000, "Most teacher queries (images) one client may send in a run.")
     oracle_batch_size: int = _opt(1024, "Batch size of the oracle's teacher forward passes.")
+    answer_cache: bool = _opt(True, "Keep the teacher's answers on disk beside its checkpoint, so a run that sends "
+                                    "the same queries to the same teacher (another method of a sweep) skips the "
+                                    "forward passes; budgets are counted all the same.")
     # --- emulator (clients) ---
     emulator_steps: int = _opt(200, "Generator updates of each client's emulator GAN.")
     emulator_batch_size: int = _opt(64, "Emulator GAN batch size.")

@@ -9,9 +9,11 @@ malformed query is refused as a whole, before any forward pass, with a message t
 from __future__ import annotations
 
 import threading
+
 import torch
 from torch import nn
 
+from mekd_fl.answer_cache import AnswerCache
 from mekd_fl.augment import to_unit
 
 OUTPUTS = ("probs", "logits")
@@ -30,12 +32,13 @@ class TeacherOracle:
 
     Accepted queries: a 4-D tensor (B, C, H, W) matching the data set's image shape, either uint8
     (0..255) or float32/float64 in [0, 1] with no NaN or inf. Answers are float32 on the CPU,
-    shape (B, num_classes).
+    shape (B, num_classes). With an `answer_cache`, an exact repeat of an earlier query (another
+    run of a sweep) is answered from disk, after the same validation and budget accounting.
     """
 
     def __init__(self, model: nn.Module, *, num_classes: int, image_shape: tuple[int, int, int],
                  output: str = "probs", budget: int = 100_000, batch_size: int = 1024,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", answer_cache: AnswerCache | None = None) -> None:
         if output not in OUTPUTS:
             raise ValueError(f"oracle-output={output!r} is not accepted; accepted: {', '.join(OUTPUTS)}")
         if budget < 0:
@@ -47,6 +50,7 @@ class TeacherOracle:
         self.output = output
         self.budget = budget
         self.batch_size = batch_size
+        self.answer_cache = answer_cache  # checked only after a query was validated and counted
         self._used: dict[str, int] = {}
         self._lock = threading.Lock()
 
@@ -91,6 +95,8 @@ class TeacherOracle:
                 raise BudgetExceeded(f"client {client} asked for {len(images)} answers but has {max(left, 0)} of its "
                                      f"query-budget={self.budget} left")
             self._used[client] = self.used(client) + len(images)
+        if self.answer_cache is not None:
+            return self.answer_cache.get(images, self._answer)
         return self._answer(images)
 
     __call__ = query

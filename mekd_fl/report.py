@@ -18,7 +18,7 @@ import numpy as np
 
 from mekd_fl.compare import markdown_table, write_csv
 from mekd_fl.errors import ConfigError
-from mekd_fl.spec import METRICS, Cell, Spec, load_spec
+from mekd_fl.spec import METRICS, Cell, Reference, Spec, load_spec
 
 SPEC_FILE = "spec.yaml"
 INVOCATIONS_FILE = "invocations.jsonl"
@@ -151,7 +151,27 @@ def build_table(spec: Spec, results: list[CellResult]) -> tuple[list[str], list[
             if metric == "student-accuracy":
                 csv_rows.append(_csv_row(spec, "teacher", col, "teacher-accuracy", value, False))
         body.append(cells)
+    reference = spec.report.reference
+    if reference is not None and "student-accuracy" in metrics:
+        header, body = _with_reference(header, body, columns, row_labels, reference)
     return header, body, csv_rows
+
+
+def _with_reference(header: list[str], body: list[list[str]], columns: list[tuple[str, str | None]],
+                    row_labels: list[str | None], reference: Reference) -> tuple[list[str], list[list[str]]]:
+    """Insert a published column right after each measured student-accuracy column it has numbers for."""
+    keys = [str(row) for row in row_labels] + ["teacher"]  # body rows, in order (the teacher row last)
+    new_header, new_body = [header[0]], [[line[0]] for line in body]
+    for i, (metric, col) in enumerate(columns, 1):
+        new_header.append(header[i])
+        for line, new_line in zip(body, new_body):
+            new_line.append(line[i])
+        published = reference.values.get(col if col is not None else "all")
+        if metric == "student-accuracy" and published:
+            new_header.append(f"{col or 'all'} ({reference.title})")
+            for key, new_line in zip(keys, new_body):
+                new_line.append(f"{published[key]:.2f}" if key in published else "")
+    return new_header, new_body
 
 
 def _csv_row(spec: Spec, row: str, col: str | None, metric: str, value: Stat, best: bool) -> dict[str, Any]:
@@ -316,6 +336,10 @@ def _caption(spec: Spec, results: list[CellResult]) -> str:
     text = (f"{len(results) - len(missing)}/{len(results)} cells finished. Each entry: mean ± sample std over "
             f"{over}; accuracies in %. Bold: best source-blind entry per column; "
             f"'{UPPER_BOUND.strip()}' marks the supervised reference, which reads true labels.")
+    if spec.report.reference is not None:
+        ref = spec.report.reference
+        text += f" Columns marked ({ref.title}): published numbers, not measured here" + (
+            f"; source: {ref.source}." if ref.source else ".")
     if spec.overrides:
         changed = " ".join(f"{k}={v}" for k, v in spec.overrides.items())
         text += f" Shortened or changed from the spec's base for every cell (`--set`): {changed}."

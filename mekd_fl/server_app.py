@@ -15,6 +15,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from mekd_fl.answer_cache import AnswerCache
 from mekd_fl.config import RunConfig
 from mekd_fl.data import class_names
 from mekd_fl.device import pick_device
@@ -86,10 +87,14 @@ def run_server(grid: Grid, cfg: RunConfig, log: Callable[[str], None] = say) -> 
                            server_share=cfg.server_share, num_train=len(server_labels))
     teacher, teacher_meta = load_or_train_teacher(recipe, cfg.resolved_cache_dir(), server_images, server_labels,
                                                   ds.test_images, ds.test_labels, device, log)
+    cache = (lambda output: AnswerCache(cfg.resolved_cache_dir(), recipe.key(), output)) if cfg.answer_cache else None
     oracle = TeacherOracle(teacher, num_classes=ds.num_classes, image_shape=ds.image_shape,
                            output=cfg.oracle_output, budget=cfg.query_budget,
-                           batch_size=cfg.oracle_batch_size, device=device)
-    teacher_test_pred = predict_logits(teacher, ds.test_images, device).argmax(1)
+                           batch_size=cfg.oracle_batch_size, device=device,
+                           answer_cache=cache(cfg.oracle_output) if cache else None)
+    test_logits = (cache("test-logits").get(ds.test_images, lambda x: predict_logits(teacher, x, device)) if cache
+                   else predict_logits(teacher, ds.test_images, device))
+    teacher_test_pred = test_logits.argmax(1)
 
     torch.manual_seed(cfg.seed)
     student = build_model(cfg.student_arch, ds.num_classes, ds.image_shape, ds.mean, ds.std)

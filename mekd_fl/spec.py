@@ -69,6 +69,24 @@ class ReportLayout:
     rows: str
     columns: str | None
     metrics: tuple[str, ...]
+    reference: Reference | None = None
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Published numbers shown beside the measured ones (e.g. the paper's table), in %.
+
+    `values[column label][row label]` (the row "teacher" for the teacher); a spec without columns uses
+    the single column label "all". Why in the spec: the comparison is then redrawn by `mekd-fl report`
+    with every rerun, instead of being copied into a document by hand.
+    """
+
+    title: str
+    source: str
+    values: dict[str, dict[str, float]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"title": self.title, "source": self.source, "values": self.values}
 
 
 @dataclass(frozen=True)
@@ -140,6 +158,8 @@ class Spec:
         if self.report.columns:
             report["columns"] = self.report.columns
         report["metrics"] = list(self.report.metrics)
+        if self.report.reference is not None:
+            report["reference"] = self.report.reference.to_dict()
         return {"name": self.name, "description": self.description, "base": self.base, "grid": grid,
                 "report": report, "timing": self.timing, "set": self.overrides}
 
@@ -257,9 +277,9 @@ def _safe_label(label: str, where: str) -> str:
 def _report(data: Any, grid: tuple[Axis, ...], where: str) -> ReportLayout:
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: missing; give rows (an axis), optional columns (an axis) and metrics")
-    unknown = set(data) - {"rows", "columns", "metrics"}
+    unknown = set(data) - {"rows", "columns", "metrics", "reference"}
     if unknown:
-        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}; accepted: rows, columns, metrics")
+        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}; accepted: rows, columns, metrics, reference")
     axes = [axis.name for axis in grid]
     rows, columns = data.get("rows"), data.get("columns")
     for role, axis in (("rows", rows), ("columns", columns)):
@@ -273,4 +293,36 @@ def _report(data: Any, grid: tuple[Axis, ...], where: str) -> ReportLayout:
     for metric in metrics:
         if metric not in METRICS:
             raise ConfigError(f"{where}: unknown metric {metric!r}; accepted: {', '.join(METRICS)}")
-    return ReportLayout(rows=rows, columns=columns, metrics=tuple(metrics))
+    reference = None
+    if data.get("reference") is not None:
+        reference = _reference(data["reference"], grid, rows, columns, f"{where}.reference")
+    return ReportLayout(rows=rows, columns=columns, metrics=tuple(metrics), reference=reference)
+
+
+def _reference(data: Any, grid: tuple[Axis, ...], rows: str, columns: str | None, where: str) -> Reference:
+    """Published numbers keyed by the report's own column and row labels (checked against the grid)."""
+    if not isinstance(data, dict) or set(data) - {"title", "source", "values"} or not isinstance(
+            data.get("values"), dict) or not data["values"]:
+        raise ConfigError(f"{where}: give title, source and values (column label -> row label -> number in %)")
+    by_name = {axis.name: [level.label for level in axis.levels] for axis in grid}
+    col_labels = by_name[columns] if columns else ["all"]
+    row_labels = by_name[rows] + ["teacher"]
+    values: dict[str, dict[str, float]] = {}
+    for col, entries in data["values"].items():
+        col = str(col)
+        if col not in col_labels:
+            raise ConfigError(f"{where}.values: column {col!r} is not a label of {columns or 'the table'}; "
+                              f"accepted: {', '.join(col_labels)}")
+        if not isinstance(entries, dict):
+            raise ConfigError(f"{where}.values.{col}: give a mapping of row label -> number")
+        values[col] = {}
+        for row, value in entries.items():
+            row = str(row)
+            if row not in row_labels:
+                raise ConfigError(f"{where}.values.{col}: row {row!r} is not a label of {rows}; accepted: "
+                                  f"{', '.join(row_labels)}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{where}.values.{col}.{row}: {value!r} is not a number")
+            values[col][row] = float(value)
+    return Reference(title=str(data.get("title") or "reference"), source=str(data.get("source") or ""),
+                     values=values)

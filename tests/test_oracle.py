@@ -149,3 +149,51 @@ def test_zero_budget_refuses_everything(model: nn.Module) -> None:
 def test_negative_budget_rejected(model: nn.Module) -> None:
     with pytest.raises(ValueError, match="query-budget=-1"):
         make(model, budget=-1)
+
+
+# ---------------------------------------------------------------------------- answer cache
+class Counting(nn.Module):
+    """The tiny model, counting how many images went through it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = tiny_model()
+        self.seen = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen += len(x)
+        return self.inner(x)
+
+
+def test_repeated_query_is_answered_from_disk_and_still_counted(tmp_path) -> None:
+    from mekd_fl.answer_cache import AnswerCache
+
+    model = Counting()
+    x = images(6)
+    first = make(model, budget=10, answer_cache=AnswerCache(tmp_path, "teacher-a", "probs"))
+    expected = first.query("c", x)
+    assert model.seen == 6
+    # another run (a new oracle and cache object) with the same teacher and the same images
+    cache = AnswerCache(tmp_path, "teacher-a", "probs")
+    second = make(model, budget=10, answer_cache=cache)
+    assert torch.equal(second.query("c", x), expected) and model.seen == 6 and cache.hits == 1
+    assert second.used("c") == 6
+    with pytest.raises(BudgetExceeded):  # a cached answer is no way around the budget
+        second.query("c", x)
+    # other images, or another teacher, are computed
+    second.query("d", images(6, seed=1))
+    make(model, answer_cache=AnswerCache(tmp_path, "teacher-b", "probs")).query("c", x)
+    assert model.seen == 18
+
+
+def test_damaged_cache_file_is_recomputed_and_replaced(tmp_path) -> None:
+    from mekd_fl.answer_cache import AnswerCache
+
+    model, x = Counting(), images(4)
+    cache = AnswerCache(tmp_path, "t", "probs")
+    expected = make(model, answer_cache=cache).query("c", x)
+    cache.path_for(x).write_bytes(b"half a file")
+    again = AnswerCache(tmp_path, "t", "probs")
+    assert torch.equal(make(model, answer_cache=again).query("c", x), expected)
+    assert again.misses == 1 and model.seen == 8
+    assert not list(cache.folder.glob(".*.tmp"))  # written atomically, no leftovers

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -139,3 +140,30 @@ def test_report_command(bench_folder: Path, tmp_path: Path, capsys: pytest.Captu
 def test_missing_spec_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="mekd-fl bench"):
         write_report(tmp_path)
+
+
+def test_published_reference_columns_sit_beside_the_measured_ones(bench_folder: Path) -> None:
+    data = yaml.safe_load((bench_folder / "spec.yaml").read_text())
+    data["report"]["reference"] = {"title": "paper", "source": "Table 1",
+                                   "values": {"iid": {"kd": 99.41, "mekd": 99.53, "teacher": 99.43}}}
+    (bench_folder / "spec.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    markdown = write_report(bench_folder)
+    assert row_of(markdown, "method") == ["method \\ partition", "iid", "iid (paper)", "dir-a0.1", "dir-a1.0"]
+    assert row_of(markdown, "mekd")[1:3] == ["**82.00 ± 2.00**", "99.53"]
+    assert row_of(markdown, "supervised")[2] == ""  # no published number for it
+    assert row_of(markdown, "teacher")[1:3] == ["92.00 ± 1.00", "99.43"]
+    assert "published numbers, not measured here; source: Table 1." in markdown
+
+
+@pytest.mark.parametrize(("reference", "message"), [
+    ({"title": "paper", "values": {"cifar": {"kd": 1.0}}}, "column 'cifar' is not a label of partition; accepted: "
+                                                           "iid, dir-a0.1, dir-a1.0"),
+    ({"title": "paper", "values": {"iid": {"fedavg": 1.0}}}, "row 'fedavg' is not a label of method; accepted: "
+                                                             "kd, mekd, supervised, teacher"),
+    ({"title": "paper", "values": {"iid": {"kd": "high"}}}, "values.iid.kd: 'high' is not a number"),
+    ({"title": "paper"}, "give title, source and values"),
+])
+def test_bad_reference_is_refused(reference: dict, message: str) -> None:
+    spec = dict(SPEC, report=dict(SPEC["report"], reference=reference))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_spec(spec, "hand.yaml", {})
