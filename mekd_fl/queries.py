@@ -58,4 +58,4 @@ def select_queries(source: str, images: torch.Tensor, *, views: int, budget: int
         parts.append(pool if keep is None else pool[keep])
     if want - n_local:
         parts.append(generated(generator, want - n_local, num_classes, gen))
-    return torch.cat(parts)
+    return torch.cat(parts) if parts else images[:0]

@@ -120,7 +120,9 @@ def run_server(grid: Grid, cfg: RunConfig, log: Callable[[str], None] = say) -> 
     emulator_records = {}
     if emulators_needed(cfg) and cfg.emulator_fid:
         emulator_records["fid-net"] = ArrayRecord(fid_feature_net(cfg, data, device, log).state_dict())
-    strategy = MEKD(oracle, query_budget=cfg.query_budget, train_emulators=emulators_needed(cfg),
+    # The supervised reference reads labels, never the teacher: it spends no queries.
+    strategy = MEKD(oracle, query_budget=cfg.query_budget, query_teacher=not get_class(cfg.method).uses_labels,
+                    train_emulators=emulators_needed(cfg),
                     federated_emulator=cfg.federated_emulator, emulator_rounds=cfg.emulator_rounds,
                     emulator_steps=cfg.emulator_steps, emulator_records=emulator_records,
                     seed=cfg.seed, on_round=on_round, log_fn=log,

@@ -46,6 +46,8 @@ class MEKD(FedAvg):
     --------------------------
     oracle : callable (client_key, uint8 images) -> soft outputs; raising ValueError refuses the query.
     query_budget : images each client is asked for (the oracle enforces its own budget as well).
+    query_teacher : False for a reference that trains on labels: the query round trip only registers
+        the clients, with a budget of 0, and the oracle is never called.
     train_emulators : run the emulator phase (False when neither the method nor the queries use G).
     federated_emulator : average generators and discriminators across clients over `emulator_rounds`
         rounds that split `emulator_steps` between them, instead of keeping each emulator local.
@@ -54,14 +56,16 @@ class MEKD(FedAvg):
     on_round : called after each round's evaluation with one flat dict of that round's metrics.
     """
 
-    def __init__(self, oracle: Oracle, *, query_budget: int = 100_000, train_emulators: bool = True,
-                 federated_emulator: bool = False, emulator_rounds: int = 1, emulator_steps: int = 200,
+    def __init__(self, oracle: Oracle, *, query_budget: int = 100_000, query_teacher: bool = True,
+                 train_emulators: bool = True, federated_emulator: bool = False, emulator_rounds: int = 1,
+                 emulator_steps: int = 200,
                  emulator_records: dict[str, ArrayRecord] | None = None,
                  seed: int = 0, on_round: RoundCallback | None = None, log_fn: Callable[[str], None] = print,
                  **fedavg_kwargs) -> None:
         super().__init__(**fedavg_kwargs)
         self.oracle = oracle
         self.query_budget = query_budget
+        self.query_teacher = query_teacher
         self.train_emulators = train_emulators
         self.federated_emulator = federated_emulator
         self.emulator_rounds = max(1, emulator_rounds)
@@ -84,7 +88,8 @@ class MEKD(FedAvg):
     # ------------------------------------------------------------------ helpers
     def summary(self) -> None:
         super().summary()
-        log(INFO, "\t└──> MEKD: emulators=%s, query budget=%d per client", self.train_emulators, self.query_budget)
+        log(INFO, "\t└──> MEKD: emulators=%s, query budget=%d per client%s", self.train_emulators, self.query_budget,
+            "" if self.query_teacher else " (teacher not queried)")
 
     @staticmethod
     def client_key(partition_id: int) -> str:
@@ -172,21 +177,28 @@ class MEKD(FedAvg):
 
     # ------------------------------------------------------------------ phase 2: teacher queries
     def run_queries(self, grid: Grid, node_ids: list[int], config: ConfigRecord, timeout: float) -> None:
-        """Ask every client for its query images, answer them through the oracle, send the answers back."""
+        """Ask every client for its query images, answer them through the oracle, send the answers back.
+
+        With `query_teacher=False` (a reference trained on labels, which never reads the teacher) the same
+        round trip runs with a budget of 0: clients still register, and no query reaches the oracle.
+        """
         t0 = time.time()
         ask = ConfigRecord(dict(config))
-        ask["budget"] = self.query_budget
+        ask["budget"] = self.query_budget if self.query_teacher else 0
         replies = self._send(grid, node_ids, QUERY, RecordDict({self.configrecord_key: ask}), timeout)
         answers: dict[int, RecordDict] = {}
         for reply in replies:
             pid = self._note_partition(reply)
             images = next(iter(reply.content.array_records.values()))["images"].numpy()
             key = self.client_key(pid)
-            try:
-                responses = self.oracle(key, torch.from_numpy(np.ascontiguousarray(images)))
-            except ValueError as exc:
-                self.say(f"[teacher] query of client {pid} refused: {exc}")
-                continue
+            if not self.query_teacher:
+                responses = torch.zeros(0, 0)
+            else:
+                try:
+                    responses = self.oracle(key, torch.from_numpy(np.ascontiguousarray(images)))
+                except ValueError as exc:
+                    self.say(f"[teacher] query of client {pid} refused: {exc}")
+                    continue
             self.queries_used[key] = self.queries_used.get(key, 0) + len(images)
             answers[reply.metadata.src_node_id] = RecordDict({
                 "answers": ArrayRecord({"responses": Array(responses.numpy())}),
@@ -199,7 +211,10 @@ class MEKD(FedAvg):
             else:
                 self.answered.add(reply.metadata.src_node_id)
         total = sum(self.queries_used.values())
-        self.say(f"[teacher] answered {total} queries for {len(self.answered)} clients in {time.time() - t0:.0f}s")
+        if not self.query_teacher:
+            self.say(f"[teacher] not queried (query_teacher=False): {len(self.answered)} clients registered")
+        else:
+            self.say(f"[teacher] answered {total} queries for {len(self.answered)} clients in {time.time() - t0:.0f}s")
 
     # ------------------------------------------------------------------ the run
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
@@ -320,8 +335,8 @@ class MEKD(FedAvg):
     def request_samples(self, grid: Grid, arrays: ArrayRecord, config: ConfigRecord, count: int,
                         timeout: float = 600) -> dict[str, np.ndarray] | None:
         """Ask the first client with answers for x, G(T(x)), G(S(x)) on `count` of its images."""
-        if not self.answered or not self.train_emulators or count <= 0:
-            return None
+        if not self.answered or not self.train_emulators or not self.query_teacher or count <= 0:
+            return None  # no emulator, or no teacher answers to show G(T(x)) for
         node = min(self.answered, key=lambda n: self.partition_of.get(n, n))
         ask = ConfigRecord(dict(config))
         ask["num-samples"] = count

@@ -73,3 +73,10 @@ def test_digits_are_never_mirrored() -> None:
     img[..., 10:18, 3:6] = 255  # a bar on the left
     views = local_views(img.repeat(64, 1, 1, 1), 2, "mnist", gen)[64:]
     assert (views[..., :, 20:] == 0).all()  # shifted by at most 2 px, never flipped to the right side
+
+
+@pytest.mark.parametrize("source", ["local", "generated", "mixed"])
+def test_zero_budget_sends_nothing(source: str) -> None:
+    """A client asked for 0 queries (the supervised reference) replies with an empty uint8 batch."""
+    out = select(source, budget=0, generator=ConstantGenerator())
+    assert out.shape == (0, 1, 28, 28) and out.dtype == torch.uint8
