@@ -127,9 +127,13 @@ def parse_only(items: list[str]) -> dict[str, list[str]]:
 def cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from mekd_fl.report import write_report
+    from mekd_fl.report import copy_results, write_report
 
     print(write_report(Path(args.folder)))
+    if args.copy_to:
+        copied = copy_results(Path(args.folder), Path(args.copy_to))
+        print(f"copied {len(copied)} files (report, plots, spec, provenance, per-cell settings and numbers) "
+              f"to {args.copy_to}")
     return 0
 
 
@@ -169,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=cmd_bench)
     rep = sub.add_parser("report", help="tables and plots of a bench folder (OUT/<spec name>)")
     rep.add_argument("folder")
+    rep.add_argument("--copy-to", metavar="DEST",
+                     help="also copy the report, plots, spec and each finished cell's settings and numbers to DEST "
+                          "(e.g. experiments/results/<name> to commit them)")
     rep.set_defaults(func=cmd_report)
     return parser
 

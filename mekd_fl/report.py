@@ -349,6 +349,38 @@ def _caption(spec: Spec, results: list[CellResult]) -> str:
     return text + f" Run time of the finished cells: {seconds / 3600:.2f} h in total."
 
 
+KEPT_PER_CELL = ("config.json", "summary.json", "metrics.jsonl", "partition.json")
+KEPT_FILES = ("report.md", "report.csv", SPEC_FILE, INVOCATIONS_FILE, "cells.jsonl")
+
+
+def copy_results(folder: Path, dest: Path) -> list[Path]:
+    """Copy what a reader needs to check a report into `dest`: the report, its plots, the spec, the
+    provenance and, per finished cell, its settings and numbers (not its logs, plots or checkpoints).
+
+    Why: `experiments/runs/` is ignored by git; results worth committing go to `experiments/results/`
+    as small text files and PNGs, and the report there still reads the same and can be redrawn from it.
+    """
+    spec, results = load_results(folder)
+    if dest.resolve() == folder.resolve():
+        raise ConfigError(f"--copy-to {dest}: that is the bench folder itself; give another folder")
+    dest.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and (path.name in KEPT_FILES or path.suffix == ".png"):
+            copied.append(dest / path.name)
+            copied[-1].write_bytes(path.read_bytes())
+    for result in results:
+        if result.summary is None:
+            continue
+        (dest / result.cell.name).mkdir(exist_ok=True)
+        for name in KEPT_PER_CELL:
+            source = folder / result.cell.name / name
+            if source.is_file():
+                copied.append(dest / result.cell.name / name)
+                copied[-1].write_bytes(source.read_bytes())
+    return copied
+
+
 def provenance(folder: Path) -> list[str]:
     """How the cells were made: every `mekd-fl bench` call into this folder, with its date and machine."""
     file = folder / INVOCATIONS_FILE

@@ -167,3 +167,17 @@ def test_bad_reference_is_refused(reference: dict, message: str) -> None:
     spec = dict(SPEC, report=dict(SPEC["report"], reference=reference))
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse_spec(spec, "hand.yaml", {})
+
+
+def test_copy_to_keeps_report_and_cell_numbers_only(bench_folder: Path, tmp_path: Path) -> None:
+    (bench_folder / "method=kd__partition=iid__seed=1" / "accuracy.png").write_bytes(b"png")  # a run's own plot
+    assert main(["report", str(bench_folder), "--copy-to", str(tmp_path / "kept")]) == 0
+    kept = tmp_path / "kept"
+    for name in ("report.md", "report.csv", "spec.yaml", "accuracy_per_round.png"):
+        assert (kept / name).is_file(), name
+    assert (kept / "report.md").read_text() == (bench_folder / "report.md").read_text()
+    cell = kept / "method=kd__partition=iid__seed=1"
+    assert sorted(p.name for p in cell.iterdir()) == ["config.json", "metrics.jsonl", "partition.json", "summary.json"]
+    assert not (kept / "method=kd__partition=iid__seed=3").exists()  # unfinished: nothing to keep
+    # the copy is itself a bench folder: its report can be redrawn from it
+    assert "| mekd |" in write_report(kept)
