@@ -230,7 +230,9 @@ def plot_rounds(spec: Spec, results: list[CellResult], path: Path) -> Path | Non
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("server test accuracy (%)")
-    axes[0][-1].legend(fontsize=7, title=spec.report.rows, title_fontsize=7, loc="lower right")
+    drawn = [ax for ax in axes[0] if ax.get_legend_handles_labels()[0]]  # a half-run sweep has empty panels
+    if drawn:
+        drawn[-1].legend(fontsize=7, title=spec.report.rows, title_fontsize=7, loc="lower right")
     return _save(fig, path)
 
 
@@ -344,7 +346,7 @@ def _caption(spec: Spec, results: list[CellResult]) -> str:
         changed = " ".join(f"{k}={v}" for k, v in spec.overrides.items())
         text += f" Shortened or changed from the spec's base for every cell (`--set`): {changed}."
     if missing:
-        text += f" Not finished: {_shorten(missing)}."
+        text += f" Not finished: {_missing_summary(spec, results)}."
     seconds = sum(r.value("wall-seconds") or 0.0 for r in results)
     return text + f" Run time of the finished cells: {seconds / 3600:.2f} h in total."
 
@@ -397,6 +399,23 @@ def provenance(folder: Path) -> list[str]:
         out.append(f"- {e.get('started-at')}: `{e.get('command')}` -> {e.get('cells-to-run')} cells on {where}, "
                    f"torch {m.get('torch')}, Python {m.get('python')}")
     return out + [""]
+
+
+def _missing_summary(spec: Spec, results: list[CellResult]) -> str:
+    """Unfinished cells, whole grid levels first ("seed=2, seed=3: 60 cells", as `--only` leaves them)."""
+    missing = [r for r in results if r.summary is None]
+    parts, covered = [], set()
+    for axis in spec.grid:
+        for level in axis.levels:
+            members = [r for r in results if r.cell.labels[axis.name] == level.label]
+            if len(members) < len(results) and all(r.summary is None for r in members):
+                parts.append(f"{axis.name}={level.label}")
+                covered.update(r.cell.name for r in members)
+    rest = [r.cell.name for r in missing if r.cell.name not in covered]
+    text = f"{', '.join(parts)} ({len(covered)} cells, not run yet)" if parts else ""
+    if rest:
+        text += ("; " if text else "") + _shorten(rest)
+    return text
 
 
 def _shorten(names: Iterable[str], limit: int = 8) -> str:

@@ -181,3 +181,12 @@ def test_copy_to_keeps_report_and_cell_numbers_only(bench_folder: Path, tmp_path
     assert not (kept / "method=kd__partition=iid__seed=3").exists()  # unfinished: nothing to keep
     # the copy is itself a bench folder: its report can be redrawn from it
     assert "| mekd |" in write_report(kept)
+
+
+def test_caption_names_grid_levels_not_run_yet(bench_folder: Path) -> None:
+    for summary in bench_folder.glob("*seed=3/summary.json"):  # as `--only seed=1,2` leaves a folder
+        summary.unlink()
+    markdown = write_report(bench_folder)
+    assert "18/27 cells finished" in markdown
+    assert "Not finished: seed=3 (9 cells, not run yet)." in markdown
+    assert "(n=2/3)" in row_of(markdown, "mekd")[1]
