@@ -324,5 +324,5 @@ def _reference(data: Any, grid: tuple[Axis, ...], rows: str, columns: str | None
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(f"{where}.values.{col}.{row}: {value!r} is not a number")
             values[col][row] = float(value)
-    return Reference(title=str(data.get("title") or "reference"), source=str(data.get("source") or ""),
-                     values=values)
+    source = " ".join(str(data.get("source") or "").split())  # YAML's folded text ends in a newline
+    return Reference(title=str(data.get("title") or "reference").strip(), source=source, values=values)
