@@ -146,7 +146,7 @@ class EdgeDevice:
                 parts["loss"].backward()
                 opt.step()
                 for name, value in parts.items():
-                    sums[name] = sums.get(name, 0.0) + float(value)
+                    sums[name] = sums.get(name, 0.0) + float(value.detach())
                 steps += 1
         metrics = {f"train-{k}": v / max(steps, 1) for k, v in sums.items()}
         metrics.update({"num-examples": len(images), "lr": lr, "steps": steps,
