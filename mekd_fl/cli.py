@@ -107,7 +107,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from mekd_fl.bench import bench
 
     only = parse_only(args.only)
-    command = " ".join(["mekd-fl", *(shlex.quote(a) for a in (args.argv or []))])
+    command = " ".join(["mekd-fl", *(shlex.quote(a) for a in args.argv)])
     return bench(args.spec, args.out, parse_overrides(args.set), only=only, dry_run=args.dry_run, command=command,
                  client_cpus=args.client_cpus, client_gpus=args.client_gpus, verbose=args.verbose)
 

@@ -10,6 +10,7 @@ The supervised reference reads true labels, so it is shown as an upper bound and
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -362,24 +363,17 @@ def copy_results(folder: Path, dest: Path) -> list[Path]:
     Why: `experiments/runs/` is ignored by git; results worth committing go to `experiments/results/`
     as small text files and PNGs, and the report there still reads the same and can be redrawn from it.
     """
-    spec, results = load_results(folder)
+    _, results = load_results(folder)
     if dest.resolve() == folder.resolve():
         raise ConfigError(f"--copy-to {dest}: that is the bench folder itself; give another folder")
-    dest.mkdir(parents=True, exist_ok=True)
+    sources = [p for p in sorted(folder.iterdir()) if p.is_file() and (p.name in KEPT_FILES or p.suffix == ".png")]
+    sources += [folder / r.cell.name / name for r in results if r.summary is not None for name in KEPT_PER_CELL]
     copied = []
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and (path.name in KEPT_FILES or path.suffix == ".png"):
-            copied.append(dest / path.name)
-            copied[-1].write_bytes(path.read_bytes())
-    for result in results:
-        if result.summary is None:
-            continue
-        (dest / result.cell.name).mkdir(exist_ok=True)
-        for name in KEPT_PER_CELL:
-            source = folder / result.cell.name / name
-            if source.is_file():
-                copied.append(dest / result.cell.name / name)
-                copied[-1].write_bytes(source.read_bytes())
+    for source in sources:
+        if source.is_file():
+            target = dest / source.relative_to(folder)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            copied.append(Path(shutil.copyfile(source, target)))
     return copied
 
 

@@ -87,13 +87,19 @@ def run_server(grid: Grid, cfg: RunConfig, log: Callable[[str], None] = say) -> 
                            server_share=cfg.server_share, num_train=len(server_labels))
     teacher, teacher_meta = load_or_train_teacher(recipe, cfg.resolved_cache_dir(), server_images, server_labels,
                                                   ds.test_images, ds.test_labels, device, log)
-    cache = (lambda output: AnswerCache(cfg.resolved_cache_dir(), recipe.key(), output)) if cfg.answer_cache else None
+    def answer_cache(output: str) -> AnswerCache | None:
+        return AnswerCache(cfg.resolved_cache_dir(), recipe.key(), output) if cfg.answer_cache else None
+
     oracle = TeacherOracle(teacher, num_classes=ds.num_classes, image_shape=ds.image_shape,
                            output=cfg.oracle_output, budget=cfg.query_budget,
                            batch_size=cfg.oracle_batch_size, device=device,
-                           answer_cache=cache(cfg.oracle_output) if cache else None)
-    test_logits = (cache("test-logits").get(ds.test_images, lambda x: predict_logits(teacher, x, device)) if cache
-                   else predict_logits(teacher, ds.test_images, device))
+                           answer_cache=answer_cache(cfg.oracle_output))
+    test_cache = answer_cache("test-logits")
+
+    def teacher_logits(images: torch.Tensor) -> torch.Tensor:
+        return predict_logits(teacher, images, device)
+
+    test_logits = test_cache.get(ds.test_images, teacher_logits) if test_cache else teacher_logits(ds.test_images)
     teacher_test_pred = test_logits.argmax(1)
 
     torch.manual_seed(cfg.seed)
