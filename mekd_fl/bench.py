@@ -158,7 +158,7 @@ def bench(spec_path: str, out: str = DEFAULT_OUT, overrides: Mapping[str, Any] |
 
     for cell in todo:  # data files and partitions checked before anything runs
         try:
-            prepare(cell.config)
+            prepare(cell.config, resume=states[cell.name] == "partial")  # a partial folder is moved aside below
         except ConfigError as exc:
             raise ConfigError(f"cell {cell.name}: {exc}") from None
     folder.mkdir(parents=True, exist_ok=True)

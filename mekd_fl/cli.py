@@ -59,11 +59,28 @@ def backend_config(client_cpus: float, client_gpus: float | None) -> dict[str, A
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from mekd_fl.config import RunConfig
-    from mekd_fl.server_app import make_server_app, prepare
+    from pathlib import Path
 
-    cfg = RunConfig.from_mapping(load_settings(args.config, args.settings))
-    prepare(cfg)  # settings, data files and partition checked before any process starts
+    from mekd_fl import saved_run
+    from mekd_fl.config import RunConfig
+    from mekd_fl.results import default_run_name
+    from mekd_fl.server_app import make_server_app, prepare
+    from strategies import RunFailed
+
+    resume = args.resume is not None
+    if resume:
+        if args.settings or args.config:
+            raise ConfigError("--resume takes no settings: a resumed run keeps those in its config.json")
+        folder = Path(args.resume)
+        cfg = saved_run.load_config(folder)
+        state, line = saved_run.status(folder)
+        if state != "unfinished":
+            raise ConfigError(f"--resume: {folder} is {state}, nothing to resume ({line})")
+    else:
+        cfg = RunConfig.from_mapping(load_settings(args.config, args.settings))
+        if not cfg.run_name:  # named now, so that this process knows where the run's status lands
+            cfg = cfg.replace(run_name=default_run_name(cfg))
+    prepare(cfg, resume=resume)  # settings, data, device, folders checked before any process starts
     if args.check:
         print(f"settings and data OK: {cfg.dataset}, {cfg.num_clients} clients, method={cfg.method}")
         return 0
@@ -72,11 +89,45 @@ def cmd_run(args: argparse.Namespace) -> int:
         warnings.filterwarnings("ignore", category=FutureWarning)
     from flwr.simulation import run_simulation
 
-    from mekd_fl.client_app import app as client_app
+    from mekd_fl.client_app import make_client_app
 
-    run_simulation(server_app=make_server_app(cfg), client_app=client_app, num_supernodes=cfg.num_clients,
-                   backend_config=backend_config(args.client_cpus, args.client_gpus),
-                   verbose_logging=args.verbose)
+    folder = Path(cfg.out_dir) / cfg.run_name
+    try:
+        run_simulation(server_app=make_server_app(cfg, resume=resume), client_app=make_client_app(cfg.data_dir),
+                       num_supernodes=cfg.num_clients, backend_config=backend_config(args.client_cpus, args.client_gpus),
+                       verbose_logging=args.verbose)
+    except RunFailed as exc:
+        print(f"mekd-fl: error: run failed: {exc}", file=sys.stderr)
+        return 1
+    state, line = saved_run.status(folder) if (folder / "config.json").is_file() else ("failed", "no run folder")
+    if state != "completed":
+        print(f"mekd-fl: error: run {state}: {line}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mekd_fl import saved_run
+
+    state, line = saved_run.status(Path(args.folder))
+    print(f"{args.folder}: {line}")
+    return saved_run.STATUS_EXIT[state]
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from mekd_fl import saved_run
+
+    out = saved_run.evaluate(Path(args.folder))
+    agreement = "teacher not in the cache" if out["agreement"] is None else f"agreement with the teacher {out['agreement']:.4f}"
+    print(f"{out['folder']}: student ({out['student-arch']}) test accuracy {out['accuracy']:.4f} on "
+          f"{out['test-images']} images, {agreement}")
+    if args.json:
+        print(json.dumps(out))
     return 0
 
 
@@ -148,7 +199,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="GPU share per client (default 0.25 when CUDA is present: 4 clients per GPU)")
     run.add_argument("--check", action="store_true", help="validate settings and data, then stop")
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    run.add_argument("--resume", metavar="RUN_FOLDER",
+                     help="continue a killed run from its last saved round (same settings, same results)")
     run.set_defaults(func=cmd_run)
+    st = sub.add_parser("status", help="a run folder's true status (exit 0 completed, 1 failed, 3 unfinished)")
+    st.add_argument("folder")
+    st.set_defaults(func=cmd_status)
+    ev = sub.add_parser("evaluate", help="test accuracy of a run's saved student.pt (and agreement with the "
+                                         "cached teacher)")
+    ev.add_argument("folder")
+    ev.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
+    ev.set_defaults(func=cmd_evaluate)
     cmp = sub.add_parser("compare", help="run several methods on the same settings and tabulate them")
     cmp.add_argument("settings", nargs="*", help="shared run settings as key=value")
     cmp.add_argument("--config", help="YAML file of settings (key=value pairs override it)")

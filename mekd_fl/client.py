@@ -2,8 +2,10 @@
 
 Plain PyTorch on purpose (no Flower here): state dicts and tensors in, state dicts and metrics out,
 so every step is testable without a runtime. `client_app.py` is the thin Flower shell around it.
-The client never reads a training label: it gets its images from `RunData.client_images`, and its
-labels exist only in the held-out split used to *measure* the global student.
+The client never reads a training label: it gets its images from `LocalData.images`, and its
+labels exist only in the held-out split used to *measure* the global student (and for the
+`supervised` reference, which breaks the source-blind rule on purpose). Its settings are the client
+settings of `RunConfig` (`CLIENT_SETTINGS`); it never sees the teacher's settings or server paths.
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ from mekd_fl.config import RunConfig
 from mekd_fl.distill import DistillContext, get_distiller, teacher_log_probs
 from mekd_fl.distill.mekd import generator_input
 from mekd_fl.emulator import EmulatorConfig, build_emulator, from_gan_range, train_emulator
-from mekd_fl.fid import FeatureNet, domain_fid
-from mekd_fl.queries import generated, select_queries
+from mekd_fl.data.local import LocalData
+from mekd_fl.fid import domain_fid, fixed_feature_net
 from mekd_fl.models.gan import Generator
-from mekd_fl.run_data import RunData, run_data
+from mekd_fl.queries import generated, select_queries
 from mekd_fl.teacher import build_model, predict_logits
 
 StateDict = dict[str, torch.Tensor]
@@ -35,22 +37,19 @@ class EdgeDevice:
     cfg: RunConfig
     partition_id: int
     device: torch.device
-
-    @property
-    def data(self) -> RunData:
-        return run_data(self.cfg)
+    local: LocalData
 
     @property
     def images(self) -> torch.Tensor:
-        return self.data.client_images(self.partition_id)
+        return self.local.images
 
     # ------------------------------------------------------------------ models
     def new_student(self) -> nn.Module:
-        ds = self.data.dataset
+        ds = self.local
         return build_model(self.cfg.student_arch, ds.num_classes, ds.image_shape, ds.mean, ds.std)
 
     def new_generator(self) -> Generator:
-        ds = self.data.dataset
+        ds = self.local
         return build_emulator(ds.num_classes, ds.image_shape, self.cfg.emulator_width, kind=self.cfg.emulator)[0]
 
     def load_generator(self, state: StateDict) -> Generator:
@@ -69,7 +68,7 @@ class EdgeDevice:
     def train_emulator(self, g_state: StateDict | None = None, d_state: StateDict | None = None,
                        steps: int | None = None) -> tuple[StateDict, StateDict, dict[str, float]]:
         """Train (or continue from the given weights) this client's emulator GAN on its own images."""
-        ds = self.data.dataset
+        ds = self.local
         gen = disc = None
         if g_state is not None and d_state is not None:
             gen, disc = build_emulator(ds.num_classes, ds.image_shape, self.cfg.emulator_width, kind=self.cfg.emulator)
@@ -81,11 +80,11 @@ class EdgeDevice:
                    "num-examples": len(self.images)}
         return _cpu(res.generator.state_dict()), _cpu(res.discriminator.state_dict()), metrics
 
-    def emulator_fid(self, g_state: StateDict, fid_net_state: StateDict, max_images: int = 2000) -> float:
-        """Domain FID of G(z), z ~ N(0, I_C), against this client's own images (as many of each)."""
-        ds = self.data.dataset
-        net = FeatureNet(ds.num_classes, ds.image_shape)
-        net.load_state_dict(fid_net_state)
+    def emulator_fid(self, g_state: StateDict, max_images: int = 2000) -> float:
+        """Domain FID of G(z), z ~ N(0, I_C), against this client's own images (as many of each), in the
+        features of a fixed, data-independent network built here: nothing is received for it."""
+        ds = self.local
+        net = fixed_feature_net(ds.image_shape, seed=0)
         real = self.images[:max_images]
         gen = torch.Generator().manual_seed(self.cfg.seed * 1000 + self.partition_id + 1)
         fake = generated(self.load_generator(g_state), len(real), ds.num_classes, gen)
@@ -94,7 +93,7 @@ class EdgeDevice:
     # ------------------------------------------------------------------ teacher queries
     def query_images(self, budget: int, g_state: StateDict | None = None) -> torch.Tensor:
         """What this client sends to the teacher (`query-source`, `query-views`), at most `budget` images."""
-        cfg, ds = self.cfg, self.data.dataset
+        cfg, ds = self.cfg, self.local
         return select_queries(cfg.query_source, self.images, views=cfg.query_views, budget=budget,
                               dataset=ds.name, num_classes=ds.num_classes, seed=cfg.seed * 1000 + self.partition_id,
                               generator=self.load_generator(g_state) if g_state is not None else None)
@@ -109,7 +108,7 @@ class EdgeDevice:
         keep for the next round. Only a method that declares `uses_labels` (the supervised reference)
         gets the client's true labels, and it then trains on the client's own images instead.
         """
-        cfg, ds = self.cfg, self.data.dataset
+        cfg, ds = self.cfg, self.local
         torch.manual_seed(cfg.seed * 100_003 + self.partition_id * 1009 + server_round)
         student = self.new_student()
         student.load_state_dict(student_state)
@@ -121,7 +120,7 @@ class EdgeDevice:
         labels = None
         if distiller.uses_labels:
             images = self.images
-            labels = self.data.client_labels(self.partition_id).to(self.device)
+            labels = self.local.labels.to(self.device)
             responses = torch.zeros(len(images), ds.num_classes)
         lr = round_lr(cfg, server_round)
         opt = torch.optim.SGD(student.parameters(), lr=lr, momentum=cfg.momentum,
@@ -157,7 +156,7 @@ class EdgeDevice:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, student_state: StateDict) -> dict[str, float]:
         """Accuracy of the global student on this client's held-out split (labels used only here)."""
-        images, labels = self.data.client_test(self.partition_id)
+        images, labels = self.local.test_images, self.local.test_labels
         student = self.new_student()
         student.load_state_dict(student_state)
         logits = predict_logits(student.to(self.device), images, self.device)

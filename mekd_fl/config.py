@@ -10,12 +10,30 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from mekd_fl.errors import ConfigError
+
+
+# A run name becomes a folder under out-dir: one path component, no leading dot, no separators. '=' is
+# allowed because the bench names its cells `axis=label__axis=label`.
+RUN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,127}$")
+SEED_MAX = 2**32 - 1  # numpy's seeding limit
+
+# The settings a client needs, in kebab-case (see `RunConfig.client_dict`).
+CLIENT_SETTINGS: tuple[str, ...] = (
+    "seed", "run-name", "device", "dataset", "oracle-output", "emulator-steps", "emulator-batch-size",
+    "emulator-lr", "emulator-width", "emulator", "wgan-n-critic", "wgan-gp-lambda", "infogan-weight",
+    "emulator-fid", "query-source", "query-views", "method", "student-arch", "num-rounds", "local-epochs",
+    "batch-size", "lr", "momentum", "weight-decay", "distance", "temperature", "emulator-input",
+    "weight-emulation", "weight-kl", "dkd-alpha", "dkd-beta", "dkd-warmup", "cdl-weight", "cdl-margin",
+    "can-weight", "can-lr",
+)
 
 
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -52,6 +70,9 @@ class RunConfig:
     teacher_lr: float = _opt(0.1, "Teacher SGD learning rate (x0.1 at 50% and 75% of the epochs).")
     teacher_batch_size: int = _opt(128, "Teacher training batch size.")
     oracle_output: str = _opt("probs", "What the oracle answers: probs (softmax) or logits.", ("probs", "logits"))
+    oracle_top_k: int = _opt(0, "The oracle answers only the k largest probabilities, renormalised to sum to 1 "
+                                "(0: all classes); needs oracle-output=probs.")
+    oracle_decimals: int = _opt(-1, "Round the oracle's answers to this many decimals (-1: off).")
     query_budget: int = _opt(100000, "Most teacher queries (images) one client may send in a run.")
     oracle_batch_size: int = _opt(1024, "Batch size of the oracle's teacher forward passes.")
     answer_cache: bool = _opt(True, "Keep the teacher's answers on disk beside its checkpoint, so a run that sends "
@@ -67,8 +88,8 @@ class RunConfig:
     wgan_n_critic: int = _opt(5, "WGAN-GP critic steps per generator step.")
     wgan_gp_lambda: float = _opt(10.0, "WGAN-GP gradient-penalty weight lambda.")
     infogan_weight: float = _opt(1.0, "InfoGAN weight of the Q head's code-reconstruction loss.")
-    emulator_fid: bool = _opt(True, "Measure each emulator's domain FID against the client's images (features of "
-                                    "a small classifier trained apart from the teacher).")
+    emulator_fid: bool = _opt(True, "Measure each emulator's domain FID against the client's images, on the client, "
+                                    "in the features of a fixed, data-independent network (nothing is sent for it).")
     federated_emulator: bool = _opt(False, "Average generators and discriminators across clients during the "
                                            "emulator phase instead of keeping each local.")
     emulator_rounds: int = _opt(4, "Averaging rounds of the emulator phase when federated-emulator=true "
@@ -103,6 +124,27 @@ class RunConfig:
     cdl_margin: float = _opt(0.5, "CDL margin between class centres of the student's outputs.")
     can_weight: float = _opt(1.0, "CAN weight of the student's adversarial term (added to KD).")
     can_lr: float = _opt(1e-4, "CAN discriminator Adam learning rate.")
+    # --- aggregation and robustness (server) ---
+    aggregation: str = _opt("fedavg", "How the server combines the validated student updates; all but fedavg are "
+                                      "Flower's robust strategies (FedTrimmedAvg, FedMedian, Krum, MultiKrum, "
+                                      "Bulyan).",
+                            ("fedavg", "trimmed-mean", "median", "krum", "multikrum", "bulyan"))
+    trim_beta: float = _opt(0.2, "Fraction of the updates cut from each end, per coordinate, in [0, 0.5); "
+                                 "aggregation=trimmed-mean.")
+    num_malicious: int = _opt(0, "Attacking clients assumed by aggregation=krum, multikrum and bulyan.")
+    dp_clip: float = _opt(0.0, "Central differential privacy: with a value > 0 the aggregation is wrapped in "
+                               "Flower's DifferentialPrivacyServerSideFixedClipping with this clipping norm "
+                               "(0: off).")
+    dp_noise: float = _opt(0.0, "Differential-privacy noise multiplier (needs dp-clip > 0 when > 0).")
+    max_update_norm: float = _opt(0.0, "L2 bound on a client's update (its weights minus the global ones); "
+                                       "longer updates are scaled down to it (0: off).")
+    norm_outlier_factor: float = _opt(2.0, "Updates longer than this factor times the round's median update "
+                                           "length are scaled down to it (0: off).")
+    min_reply_fraction: float = _opt(0.5, "Fewest successful replies a phase or round accepts, as a fraction of "
+                                          "the clients asked (always at least one); fewer ends the run with an "
+                                          "error.")
+    reply_timeout: float = _opt(600.0, "Seconds the server waits for the replies of one phase or round.")
+    # --- plots ---
     num_samples: int = _opt(8, "Images shown in the emulator-samples plot (G(T(x)) beside G(S(x))).")
 
     # ------------------------------------------------------------------ construction
@@ -139,12 +181,27 @@ class RunConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)
 
+    def client_dict(self) -> dict[str, Any]:
+        """Kebab-case mapping of only the settings in `CLIENT_SETTINGS`: what a client is sent.
+
+        Why an allow-list: a client is not trusted with the server's side of a run. It never receives
+        the teacher's settings (teacher-*), the size of the server's labeled share (server-share), server
+        paths (cache-dir, out-dir, data-dir), partition settings (its partition arrives as its own
+        shard), budgets (query-budget: the server counts them) or the robustness and privacy settings
+        of the aggregation. A new setting stays on the server until it is added here on purpose.
+        """
+        values = self.to_dict()
+        return {key: values[key] for key in CLIENT_SETTINGS}
+
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Reject bad settings with one line naming the setting and what is accepted.
 
-        Only cheap checks live here (no data decoding) so a run fails in well under a second.
+        Only cheap checks live here (no data decoding) so a run fails in well under a second; the
+        checks that need the machine (device, writable folders) are in `mekd_fl.preflight`.
         """
+        for f in dataclasses.fields(self):
+            _check_type(f.name.replace("_", "-"), getattr(self, f.name), f.default)
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
@@ -159,21 +216,39 @@ class RunConfig:
         for name in positive_ints:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')}={getattr(self, name)} must be an integer >= 1")
-        for name in ("teacher_epochs", "emulator_steps", "num_samples"):
+        for name in ("teacher_epochs", "emulator_steps", "num_samples", "num_malicious", "oracle_top_k"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name.replace('_', '-')}={getattr(self, name)} must be an integer >= 0")
         if not self.alpha > 0:
             raise ConfigError(f"alpha={self.alpha} must be > 0 (Dirichlet concentration; e.g. 0.1 skewed, 100 ~ iid)")
-        for name in ("lr", "teacher_lr", "emulator_lr", "temperature", "can_lr"):
+        for name in ("lr", "teacher_lr", "emulator_lr", "temperature", "can_lr", "reply_timeout"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name.replace('_', '-')}={getattr(self, name)} must be > 0")
         for name in ("weight_emulation", "weight_kl", "weight_decay", "momentum", "wgan_gp_lambda", "infogan_weight",
-                     "dkd_alpha", "dkd_beta", "dkd_warmup", "cdl_weight", "cdl_margin", "can_weight"):
+                     "dkd_alpha", "dkd_beta", "dkd_warmup", "cdl_weight", "cdl_margin", "can_weight",
+                     "dp_clip", "dp_noise", "max_update_norm", "norm_outlier_factor"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name.replace('_', '-')}={getattr(self, name)} must be >= 0")
         for name in ("fraction_train", "fraction_evaluate"):
             if not 0 < getattr(self, name) <= 1:
                 raise ConfigError(f"{name.replace('_', '-')}={getattr(self, name)} must be in (0, 1]")
+        if not 0 <= self.seed <= SEED_MAX:
+            raise ConfigError(f"seed={self.seed} must be an integer in [0, {SEED_MAX}]")
+        if self.run_name and not RUN_NAME_PATTERN.match(self.run_name):
+            raise ConfigError(f"run-name={self.run_name!r} is not accepted; accepted: empty, or 1 to 128 letters, "
+                              f"digits, '.', '_', '-', '=' starting with a letter or digit (one folder name)")
+        if self.oracle_decimals < -1:
+            raise ConfigError(f"oracle-decimals={self.oracle_decimals} must be an integer >= -1 (-1: off)")
+        if self.oracle_top_k > 0 and self.oracle_output != "probs":
+            raise ConfigError(f"oracle-top-k={self.oracle_top_k} needs oracle-output=probs "
+                              f"(oracle-output={self.oracle_output}); accepted: oracle-top-k=0 with logits")
+        if not 0 <= self.trim_beta < 0.5:
+            raise ConfigError(f"trim-beta={self.trim_beta} must be in [0, 0.5)")
+        if self.dp_noise > 0 and self.dp_clip == 0:
+            raise ConfigError(f"dp-noise={self.dp_noise} needs dp-clip > 0 (the clipping norm the noise is "
+                              f"scaled to); accepted: dp-noise=0 or dp-clip > 0")
+        if not 0 <= self.min_reply_fraction <= 1:
+            raise ConfigError(f"min-reply-fraction={self.min_reply_fraction} must be in [0, 1]")
         if not 0 <= self.server_share < 1:
             raise ConfigError(f"server-share={self.server_share} must be in [0, 1)")
         if not 0 <= self.client_test_fraction < 1:
@@ -198,7 +273,11 @@ class RunConfig:
 def _coerce(key: str, value: Any, default: Any) -> Any:
     """Turn CLI/TOML/YAML values into the field's type, with a one-line error when impossible."""
     target = type(default)
-    if isinstance(value, target) and not (target is int and isinstance(value, bool)):
+    if target in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} is not a valid {target.__name__}; accepted: a number, not true/false")
+    if target in (int, float) and not _finite_or_not_number(value):
+        raise ConfigError(f"{key}={value!r} must be a finite number")
+    if isinstance(value, target):
         return value
     try:
         if target is bool:
@@ -215,9 +294,35 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
             return float(value)
         if target is str:
             return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         pass
     raise ConfigError(f"{key}={value!r} is not a valid {target.__name__}")
+
+
+def _finite_or_not_number(value: Any) -> bool:
+    """False only for a value that reads as an infinite or NaN number (float, or a string like 'inf')."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return True  # not a number at all: the type conversion reports it
+    return math.isfinite(number)
+
+
+def _check_type(key: str, value: Any, default: Any) -> None:
+    """Refuse a value of the wrong type, also when a RunConfig was built directly rather than by from_mapping."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} is not a valid bool; accepted: true, false")
+    elif isinstance(default, (int, float)):
+        integer = isinstance(default, int)
+        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+            kind = "an integer" if integer else "a number"
+            raise ConfigError(f"{key}={value!r} is not a valid {type(default).__name__}; accepted: {kind}, "
+                              f"not true/false")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}={value!r} must be a finite number")
+    elif isinstance(default, str) and not isinstance(value, str):
+        raise ConfigError(f"{key}={value!r} is not a valid str")
 
 
 def default_flower_config() -> dict[str, Any]:

@@ -1,8 +1,13 @@
-"""The result folder of one run: resolved config, per-round metrics, summary and plots.
+"""The result folder of one run: resolved config, per-round metrics, checkpoints, summary and plots.
 
-Why a class: a run writes to its folder at several moments (partition at start, one JSON line per
-round, plots and summary at the end) and must never clobber an earlier run's files; the folder is
-claimed once, atomically, and refused if it already exists.
+Why a class: a run writes to its folder at several moments (partition at start, one JSON line and one
+checkpoint per round, plots and summary at the end) and must never clobber an earlier run's files; the
+folder is claimed once, atomically, and refused if it already exists. Only `reopen` (a resumed run)
+writes into an existing folder, and it keeps every round up to the last checkpoint.
+
+Files that hold weights are written to a temporary name and renamed, and hold only tensors and plain
+containers, so `torch.load(path, weights_only=True)` reads them: `student.pt` (the latest global
+student's state dict) and `checkpoint.pt` (the round, that student and the strategy's state).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from mekd_fl.config import RunConfig
 from mekd_fl.errors import ConfigError
@@ -60,6 +66,62 @@ class RunResults:
         results = cls(folder)
         results.write_json("config.json", cfg.to_dict())
         return results
+
+    @classmethod
+    def reopen(cls, folder: Path) -> tuple["RunResults", dict]:
+        """An unfinished run's folder and its last checkpoint; metrics after that round are dropped."""
+        results = cls(folder)
+        checkpoint = results.load_checkpoint()
+        last = checkpoint["round"]
+        rows = []
+        if results.metrics_path.exists():
+            for line in results.metrics_path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # a line cut by the kill
+                if row.get("round", 0) <= last:
+                    rows.append(row)
+        results.rounds = rows
+        tmp = results.metrics_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, results.metrics_path)
+        return results, checkpoint
+
+    def save_checkpoint(self, server_round: int, student: dict[str, torch.Tensor], strategy_state: dict) -> None:
+        """The global student after `server_round` (student.pt) and what resuming needs (checkpoint.pt)."""
+        student = {k: v.detach().cpu().clone() for k, v in student.items()}
+        self._save_torch("student.pt", student)
+        self._save_torch("checkpoint.pt", {"round": int(server_round), "student": student,
+                                           "strategy": _jsonable(strategy_state)})
+
+    def load_checkpoint(self) -> dict:
+        path = self.folder / "checkpoint.pt"
+        if not path.is_file():
+            raise ConfigError(f"--resume: {self.folder} has no checkpoint.pt (the run never finished a round); "
+                              f"start it again under a new run-name")
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001  (torch raises many kinds for a damaged or unsafe file)
+            raise ConfigError(f"--resume: {path} cannot be read safely ({type(exc).__name__}); "
+                              f"start the run again under a new run-name") from None
+        if not isinstance(checkpoint, dict) or not {"round", "student", "strategy"} <= set(checkpoint):
+            raise ConfigError(f"--resume: {path} is not a mekd-fl checkpoint")
+        return checkpoint
+
+    def _save_torch(self, name: str, payload: Any) -> Path:
+        path = self.folder / name
+        tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+        return path
+
+    def write_jsonl(self, name: str, rows: list[dict]) -> Path:
+        path = self.folder / name
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text("".join(json.dumps(_jsonable(r)) + "\n" for r in rows))
+        os.replace(tmp, path)
+        return path
 
     def write_json(self, name: str, payload: Any) -> Path:
         path = self.folder / name

@@ -3,7 +3,9 @@
 Why a cache: the teacher is the most expensive part of a run on a CPU, and every run of a sweep with
 the same data set, architecture, seed and recipe would train the same network again. The cache key
 holds everything that changes the weights; the file is written atomically, so a run killed while
-saving never leaves a half-written checkpoint that a later run would trust.
+saving never leaves a half-written checkpoint that a later run would trust. It is read with
+`weights_only=True`: a checkpoint holds only tensors and plain containers, so a file planted in the
+cache (a pickle that would run code when loaded) is refused instead of executed.
 """
 
 from __future__ import annotations
@@ -119,14 +121,32 @@ def _atomic_save(obj: dict, path: Path) -> None:
             os.remove(tmp)
 
 
+def load_checkpoint(path: Path) -> dict:
+    """Read a cached checkpoint without running code: `torch.load(weights_only=True)`.
+
+    Anything that does not load that way (a pickle naming functions or classes, a damaged or truncated
+    file, a foreign format) is a ConfigError naming cache-dir and the file, never a traceback.
+    """
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to read means the file is not ours to trust
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ConfigError(f"cache-dir: checkpoint {path} cannot be read safely ({type(exc).__name__}: {reason}); "
+                          f"delete it to retrain") from None
+    if not isinstance(ckpt, dict) or not {"recipe", "state_dict", "meta"} <= set(ckpt):
+        raise ConfigError(f"cache-dir: checkpoint {path} cannot be read safely (not a teacher checkpoint: "
+                          f"expected keys recipe, state_dict, meta); delete it to retrain")
+    return ckpt
+
+
 def load_or_train_teacher(recipe: TeacherRecipe, cache_dir: Path, images: torch.Tensor, labels: torch.Tensor,
                           test_images: torch.Tensor, test_labels: torch.Tensor, device: torch.device,
                           log: Callable[[str], None] = print) -> tuple[nn.Module, dict]:
     """Return the teacher and its metadata (test accuracy, whether it came from the cache)."""
     path = cache_dir / "teachers" / f"{recipe.key()}.pt"
     if path.exists():
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        if ckpt.get("recipe") != recipe.__dict__:
+        ckpt = load_checkpoint(path)
+        if ckpt["recipe"] != recipe.__dict__:
             raise ConfigError(f"cache-dir: checkpoint {path} was made by another recipe; delete it or set cache-dir")
         model = build_model(recipe.arch, recipe.num_classes, recipe.image_shape, recipe.mean, recipe.std)
         try:

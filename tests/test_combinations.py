@@ -61,3 +61,62 @@ def test_federated_emulator_runs_and_measures_fid(grid_outcome: tuple[Path, dict
     summary = json.loads((runs / "fed-emulator" / "summary.json").read_text())
     assert summary["federated-emulator"] is True
     assert all("fid" in m for m in summary["emulator"].values())
+
+
+# ---------------------------------------------------------------------------- the trust invariant
+def _state_shapes(module) -> dict[str, list]:
+    return {k: [str(v.numpy().dtype), list(v.shape)] for k, v in module.state_dict().items()}
+
+
+def test_every_message_to_a_client_fits_the_allow_list(grid_outcome: tuple[Path, dict]) -> None:
+    """Captured from every cell above (every method, emulator and query source, the federated emulator,
+    domain FID): a client receives the student, averaged emulators, its own answers, its shard and the
+    client settings, and never a server-trained network, a teacher setting or a server path."""
+    from mekd_fl.config import CLIENT_SETTINGS
+    from mekd_fl.data import load_dataset
+    from mekd_fl.emulator import build_emulator
+    from mekd_fl.teacher import build_model
+    from strategies import protocol as P
+
+    runs, _ = grid_outcome
+    sent = [json.loads(line) for line in (runs / "messages.jsonl").read_text().splitlines()]
+    assert {m["type"] for m in sent} == set(P.OUTGOING), "some message type was never exercised"
+    ds = load_dataset("synthetic")
+    student = _state_shapes(build_model(TINY["student-arch"] if "student-arch" in TINY else "resnet8",
+                                        ds.num_classes, ds.image_shape, ds.mean, ds.std))
+    gen, disc = build_emulator(ds.num_classes, ds.image_shape, TINY["emulator-width"], kind="dcgan")
+    emulator = {P.GENERATOR: _state_shapes(gen), P.DISCRIMINATOR: _state_shapes(disc)}
+    allowed_config = set(CLIENT_SETTINGS) | set(P.STRATEGY_KEYS)
+    server_paths = (str(runs), str(runs.parent / "cache"))
+    for m in sent:
+        records = m["records"]
+        assert set(records) <= P.OUTGOING[m["type"]], m
+        assert P.CONFIG in records, m
+        config = records[P.CONFIG]["values"]
+        assert set(config) <= allowed_config, sorted(set(config) - allowed_config)
+        for value in config.values():
+            assert not any(path in str(value) for path in server_paths), value
+        for name, record in records.items():
+            if name == P.ARRAYS:
+                assert record["arrays"] == student, "only the global student travels as 'arrays'"
+            elif name in emulator:
+                assert m["type"] == P.EMULATOR and record["arrays"] == emulator[name]
+            elif name == P.ANSWERS_RECORD:
+                (key, (dtype, shape)), = record["arrays"].items()
+                assert key == P.RESPONSES and len(shape) == 2 and shape[1] in (0, ds.num_classes), record
+            elif name == P.SHARD:
+                assert set(record["arrays"]) == {P.TRAIN_INDEX, P.TEST_INDEX, P.PARTITION}
+            else:
+                assert name == P.CONFIG, name
+    assert not any(k.startswith("teacher") or k in ("server-share", "cache-dir", "out-dir", "data-dir")
+                   for m in sent for k in m["records"][P.CONFIG]["values"])
+
+
+def test_the_first_student_a_client_receives_classifies_at_chance(grid_outcome: tuple[Path, dict]) -> None:
+    """Before any teacher answer, nothing a client holds classifies: the initial student is at chance."""
+    runs, _ = grid_outcome
+    for cell in runs.iterdir():
+        metrics = cell / "metrics.jsonl"
+        if metrics.is_file():
+            first = json.loads(metrics.read_text().splitlines()[0])
+            assert first["round"] == 0 and first["server/accuracy"] < 0.25, (cell.name, first)

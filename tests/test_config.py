@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mekd_fl.config import RunConfig, default_flower_config
+from mekd_fl.config import CLIENT_SETTINGS, RunConfig, default_flower_config
 from mekd_fl.errors import ConfigError
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
@@ -103,3 +103,128 @@ def test_validate_false_skips_checks() -> None:
     assert cfg.alpha == 0
     with pytest.raises(ConfigError, match="alpha"):
         cfg.validate()
+
+
+# ---------------------------------------------------------------------------- new settings
+NEW_BAD = [
+    ("aggregation", "fedprox"), ("trim-beta", 0.5), ("trim-beta", -0.1), ("num-malicious", -1),
+    ("dp-clip", -0.1), ("dp-noise", -1.0), ("max-update-norm", -1.0), ("norm-outlier-factor", -0.5),
+    ("min-reply-fraction", 1.5), ("min-reply-fraction", -0.1), ("reply-timeout", 0), ("reply-timeout", -5.0),
+    ("oracle-top-k", -1), ("oracle-decimals", -2),
+]
+
+
+@pytest.mark.parametrize("key, value", NEW_BAD, ids=[f"{k}={v}" for k, v in NEW_BAD])
+def test_new_settings_refuse_bad_values(key: str, value) -> None:
+    test_bad_setting_gives_one_line_error_naming_it(key, value)
+
+
+def test_new_settings_accept_their_edges() -> None:
+    cfg = RunConfig.from_mapping({"aggregation": "bulyan", "trim-beta": 0.0, "num-malicious": 2, "dp-clip": 1.0,
+                                  "dp-noise": 0.5, "max-update-norm": 10.0, "norm-outlier-factor": 0,
+                                  "min-reply-fraction": 1, "reply-timeout": 0.5, "oracle-top-k": 3,
+                                  "oracle-decimals": 0})
+    assert cfg.aggregation == "bulyan" and cfg.min_reply_fraction == 1.0 and type(cfg.min_reply_fraction) is float
+    RunConfig.from_mapping({"min-reply-fraction": 0, "trim-beta": 0.49, "oracle-decimals": -1})
+    for aggregation in ("fedavg", "trimmed-mean", "median", "krum", "multikrum", "bulyan"):
+        RunConfig.from_mapping({"aggregation": aggregation})
+
+
+def test_aggregation_error_lists_the_strategies() -> None:
+    with pytest.raises(ConfigError, match=r"^aggregation='fedprox' is not accepted; accepted: fedavg, trimmed-mean, "
+                                          r"median, krum, multikrum, bulyan$"):
+        RunConfig.from_mapping({"aggregation": "fedprox"})
+
+
+def test_dp_noise_needs_dp_clip() -> None:
+    with pytest.raises(ConfigError, match=r"^dp-noise=1\.0 needs dp-clip > 0") as info:
+        RunConfig.from_mapping({"dp-noise": 1.0})
+    assert "\n" not in str(info.value)
+    RunConfig.from_mapping({"dp-noise": 1.0, "dp-clip": 2.0})
+    RunConfig.from_mapping({"dp-clip": 2.0})  # clipping alone is fine
+
+
+def test_oracle_top_k_needs_probs() -> None:
+    with pytest.raises(ConfigError, match=r"^oracle-top-k=3 needs oracle-output=probs") as info:
+        RunConfig.from_mapping({"oracle-top-k": 3, "oracle-output": "logits"})
+    assert "\n" not in str(info.value)
+    RunConfig.from_mapping({"oracle-top-k": 0, "oracle-output": "logits"})
+    RunConfig.from_mapping({"oracle-top-k": 3, "oracle-output": "probs"})
+
+
+# ---------------------------------------------------------------------------- client allow-list
+def test_client_settings_are_known_and_hold_no_server_secrets() -> None:
+    keys = RunConfig.keys()
+    assert len(set(CLIENT_SETTINGS)) == len(CLIENT_SETTINGS)
+    assert [k for k in CLIENT_SETTINGS if k not in keys] == []
+    for secret in ("teacher-arch", "teacher-epochs", "teacher-lr", "teacher-batch-size", "server-share",
+                   "cache-dir", "out-dir", "data-dir", "query-budget", "answer-cache"):
+        assert secret not in CLIENT_SETTINGS, secret
+
+
+def test_client_dict_holds_only_the_client_settings() -> None:
+    cfg = RunConfig.from_mapping({"teacher-arch": "resnet14", "lr": 0.01, "cache-dir": "/secret"})
+    sent = cfg.client_dict()
+    assert list(sent) == list(CLIENT_SETTINGS)
+    assert sent["lr"] == 0.01
+    assert "teacher-arch" not in sent and "/secret" not in sent.values()
+    # A client rebuilds its RunConfig from what it was sent.
+    assert RunConfig.from_mapping(sent).lr == 0.01
+
+
+# ---------------------------------------------------------------------------- values that used to get through
+@pytest.mark.parametrize("key, value", [("batch-size", True), ("lr", True), ("num-rounds", False),
+                                        ("alpha", False), ("seed", True)])
+def test_bool_for_a_number_is_refused(key: str, value: bool) -> None:
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}={value} is not a valid (int|float)") as info:
+        RunConfig.from_mapping({key: value})
+    assert "\n" not in str(info.value)
+
+
+def test_bool_for_a_number_is_refused_when_built_directly() -> None:
+    with pytest.raises(ConfigError, match=r"^batch-size=True is not a valid int"):
+        RunConfig(batch_size=True).validate()
+    with pytest.raises(ConfigError, match=r"^lr=True is not a valid float"):
+        RunConfig(lr=True).validate()
+    with pytest.raises(ConfigError, match=r"^download=1 is not a valid bool"):
+        RunConfig(download=1).validate()
+    RunConfig(lr=1).validate()  # an int for a float setting is a number all the same
+
+
+NON_FINITE = [("lr", float("inf")), ("alpha", float("nan")), ("query-budget", float("nan")),
+              ("dp-noise", float("inf")), ("reply-timeout", float("-inf")), ("lr", "inf"), ("alpha", "NaN"),
+              ("num-rounds", "inf"), ("temperature", "1e400")]
+
+
+@pytest.mark.parametrize("key, value", NON_FINITE, ids=[f"{k}={v}" for k, v in NON_FINITE])
+def test_non_finite_numbers_are_refused(key: str, value) -> None:
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}=.* must be a finite number$"):
+        RunConfig.from_mapping({key: value})
+
+
+def test_non_finite_numbers_are_refused_when_built_directly() -> None:
+    with pytest.raises(ConfigError, match=r"^trim-beta=nan must be a finite number$"):
+        RunConfig(trim_beta=float("nan")).validate()
+    with pytest.raises(ConfigError, match=r"^max-update-norm=inf must be a finite number$"):
+        RunConfig(max_update_norm=float("inf")).validate()
+
+
+def test_seed_range() -> None:
+    assert RunConfig.from_mapping({"seed": 0}).seed == 0
+    assert RunConfig.from_mapping({"seed": 2**32 - 1}).seed == 2**32 - 1
+    for bad in (-1, 2**32):
+        with pytest.raises(ConfigError, match=rf"^seed={bad} must be an integer in \[0, 4294967295\]$"):
+            RunConfig.from_mapping({"seed": bad})
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", ".hidden", "..", "a\\b", "x y", "-x", "a" * 129, "é"])
+def test_run_name_must_be_one_safe_folder_name(name: str) -> None:
+    with pytest.raises(ConfigError, match=r"^run-name=.* is not accepted; accepted: empty") as info:
+        RunConfig.from_mapping({"run-name": name})
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["", "x", "run-1.a_b", "a" * 128, "method=kd__partition=iid__seed=1",
+                                  "20240101-120000-mekd-fashion-mnist-dirichlet"])
+def test_run_name_accepts_plain_names_and_bench_cells(name: str) -> None:
+    assert RunConfig.from_mapping({"run-name": name}).run_name == name

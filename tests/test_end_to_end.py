@@ -20,9 +20,9 @@ SMALL = ["dataset=synthetic", "num-clients=3", "num-rounds=3", "local-epochs=4",
          "teacher-epochs=8", "server-share=0.5", "emulator-steps=15", "emulator-width=8", "num-samples=4"]
 
 
-def mekd_fl(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def mekd_fl(*args: str, cwd: Path, command: str = "run") -> subprocess.CompletedProcess:
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "mekd_fl.cli", "run", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "mekd_fl.cli", command, *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=900)
 
 
@@ -44,6 +44,7 @@ def test_mekd_run_writes_every_result_file(first_run: tuple[Path, subprocess.Com
     assert [r["round"] for r in rounds] == [0, 1, 2, 3]
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["method"] == "mekd" and summary["teacher-cached"] is False
+    assert summary["status"] == "completed" and summary["failures"] == []
     assert set(summary["queries-used"]) == {"client-0", "client-1", "client-2"}
     assert summary["rejected-updates"] == []
     assert len(summary["emulator"]) == 3
@@ -74,13 +75,50 @@ def test_existing_run_folder_is_refused_and_kept(first_run: tuple[Path, subproce
     assert (summary.read_bytes(), summary.stat().st_mtime_ns) == before
 
 
+def test_the_student_is_saved_and_can_be_evaluated_later(first_run: tuple[Path, subprocess.CompletedProcess]) -> None:
+    import torch
+
+    work, _ = first_run
+    folder = work / "runs" / "first"
+    state = torch.load(folder / "student.pt", weights_only=True)
+    assert "1.fc.weight" in state and all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    checkpoint = torch.load(folder / "checkpoint.pt", weights_only=True)
+    assert checkpoint["round"] == 3 and checkpoint["strategy"]["round"] == 3
+    summary = json.loads((folder / "summary.json").read_text())
+    proc = mekd_fl(str(folder), "--json", cwd=work, command="evaluate")
+    assert proc.returncode == 0, proc.stderr
+    figures = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert figures["accuracy"] == pytest.approx(summary["student-accuracy"])
+    assert figures["agreement"] == pytest.approx(summary["student-agreement"])
+    status = mekd_fl(str(folder), cwd=work, command="status")
+    assert status.returncode == 0 and "completed" in status.stdout
+
+
+def test_a_run_whose_updates_are_all_rejected_exits_non_zero_with_one_line(
+        first_run: tuple[Path, subprocess.CompletedProcess]) -> None:
+    work, _ = first_run
+    proc = mekd_fl(*SMALL, "method=kd", "num-rounds=2", "lr=1e30", "out-dir=runs", "cache-dir=cache",
+                   "run-name=diverges", cwd=work)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("mekd-fl: error: run failed: train round 1: 0 of 3 clients gave a usable reply"), last
+    summary = json.loads((work / "runs" / "diverges" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"] in last
+    assert all("contains NaN or inf" in r["reason"] for r in summary["rejected-updates"])
+    status = mekd_fl(str(work / "runs" / "diverges"), cwd=work, command="status")
+    assert status.returncode == 1 and "failed" in status.stdout
+
+
 @pytest.mark.parametrize("setting, named", [
     ("alpha=0", "alpha"), ("dataset=imagenet", "dataset"), ("num-clients=5000", "num-clients"),
     ("partition=zipf", "partition"), ("method=magic", "method"), ("student-arch=resnet9", "student-arch"),
+    ("batch-size=true", "batch-size"), ("lr=inf", "lr"), ("seed=-1", "seed"), ("run-name=../x", "run-name"),
+    ("query-budget=.nan", "query-budget"), ("out-dir=/dev/null/runs", "out-dir"),
+    ("aggregation=krum num-malicious=2", "aggregation"), ("dp-noise=1.0", "dp-noise"),
 ])
 def test_bad_settings_fail_fast_with_one_line(tmp_path: Path, setting: str, named: str) -> None:
     t0 = time.time()
-    proc = mekd_fl(*SMALL, setting, "out-dir=runs", cwd=tmp_path)
+    proc = mekd_fl(*SMALL, "out-dir=runs", *setting.split(), cwd=tmp_path)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and named in lines[0], lines

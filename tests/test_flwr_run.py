@@ -49,4 +49,7 @@ def test_flwr_run_distills_on_synthetic_data(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "flwr" / "summary.json").read_text())
     assert summary["num-clients"] == 2 and summary["method"] == "mekd"
+    assert summary["status"] == "completed" and (out / "flwr" / "student.pt").is_file()
+    status = subprocess.run([str(bin_dir / "mekd-fl"), "status", str(out / "flwr")], capture_output=True, text=True)
+    assert status.returncode == 0, status.stdout + status.stderr
     assert "[done] mekd on synthetic" in proc.stdout

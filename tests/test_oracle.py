@@ -1,5 +1,8 @@
 """The blind teacher oracle: what it answers, what it refuses, and how it counts each client's budget."""
 
+import threading
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -72,33 +75,140 @@ def test_unknown_output_mode_refused(model: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------------- refusals
+class Counting(nn.Module):
+    """The tiny model, counting how many images went through it (and how many forward calls)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = tiny_model()
+        self.seen = 0
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        self.seen += len(x)
+        return self.inner(x)
+
+
+def _quiet(make_tensor):
+    """Build a tensor whose construction warns (sparse CSR is 'beta') without the warning."""
+    def build():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return make_tensor()
+    return build
+
+
+def _floats(value: float, dtype: torch.dtype = torch.float32, at: int | None = None) -> torch.Tensor:
+    """Two float images in [0, 1]; `value` everywhere, or only in image `at` (the other stays 0.5)."""
+    x = torch.full((2, *SHAPE), 0.5 if at is not None else value, dtype=dtype)
+    if at is not None:
+        x[at, 0, 3, 4] = value
+    return x
+
+
+BUDGET = 100
+ACCEPTED = r"accepted: uint8 \(0\.\.255\), or float32 / float64 in \[0, 1\]"
+# case -> (client key, query, expected exception, pattern its message must match)
 BAD_QUERIES = {
-    "ndim": (lambda: images(2)[:, 0], r"shape \(2, 28, 28\)"),
-    "channels": (lambda: torch.zeros(2, 3, 28, 28, dtype=torch.uint8), r"shape \(2, 3, 28, 28\).*\(B, 1, 28, 28\)"),
-    "size": (lambda: torch.zeros(2, 1, 32, 32, dtype=torch.uint8), r"shape \(2, 1, 32, 32\)"),
-    "int32": (lambda: images(2).to(torch.int32), "dtype torch.int32"),
-    "float16": (lambda: torch.zeros(2, *SHAPE, dtype=torch.float16), "dtype torch.float16"),
-    "above-one": (lambda: torch.full((2, *SHAPE), 255.0), r"values span \[255, 255\]"),
-    "negative": (lambda: torch.full((2, *SHAPE), -0.5), r"values span \[-0.5, -0.5\]"),
-    "nan": (lambda: torch.zeros(2, *SHAPE).index_fill_(0, torch.tensor([1]), float("nan")), "NaN"),
-    "inf": (lambda: torch.zeros(2, *SHAPE).index_fill_(0, torch.tensor([0]), float("inf")), "inf"),
-    "empty-uint8": (lambda: torch.zeros(0, *SHAPE, dtype=torch.uint8), "empty"),
-    "empty-float": (lambda: torch.zeros(0, *SHAPE), "empty"),
-    "numpy": (lambda: np.zeros((2, *SHAPE), dtype=np.uint8), "torch.Tensor, got ndarray"),
-    "list": (lambda: [[0.0] * 784], "torch.Tensor, got list"),
+    # not a tensor at all
+    "numpy": ("a", lambda: np.zeros((2, *SHAPE), dtype=np.uint8), QueryError, "torch.Tensor, got ndarray"),
+    "list": ("a", lambda: [[0.0] * 784], QueryError, "torch.Tensor, got list"),
+    "none": ("a", lambda: None, QueryError, "torch.Tensor, got NoneType"),
+    "int-scalar": ("a", lambda: 7, QueryError, "torch.Tensor, got int"),
+    "tuple-of-tensors": ("a", lambda: tuple(images(2)), QueryError, "torch.Tensor, got tuple"),
+    # layout and device
+    "sparse-coo": ("a", lambda: torch.zeros(2, *SHAPE).to_sparse(), QueryError, r"layout torch\.sparse_coo.*dense"),
+    "sparse-csr": ("a", _quiet(lambda: torch.zeros(2, *SHAPE).to_sparse_csr()), QueryError,
+                   r"layout torch\.sparse_csr.*dense"),
+    "meta": ("a", lambda: torch.zeros(2, *SHAPE, device="meta"), QueryError, "meta device"),
+    "meta-uint8": ("a", lambda: torch.zeros(2, *SHAPE, dtype=torch.uint8, device="meta"), QueryError, "meta device"),
+    # shape
+    "ndim-0": ("a", lambda: torch.tensor(0.5), QueryError, r"shape \(\) is not accepted"),
+    "ndim-2": ("a", lambda: torch.zeros(2, 784, dtype=torch.uint8), QueryError, r"shape \(2, 784\)"),
+    "ndim-3": ("a", lambda: images(2)[:, 0], QueryError, r"shape \(2, 28, 28\)"),
+    "ndim-5": ("a", lambda: images(2)[None], QueryError, r"shape \(1, 2, 1, 28, 28\)"),
+    "channels": ("a", lambda: torch.zeros(2, 3, 28, 28, dtype=torch.uint8), QueryError,
+                 r"shape \(2, 3, 28, 28\).*\(B, 1, 28, 28\)"),
+    "size": ("a", lambda: torch.zeros(2, 1, 32, 32, dtype=torch.uint8), QueryError, r"shape \(2, 1, 32, 32\)"),
+    "height": ("a", lambda: torch.zeros(2, 1, 27, 28, dtype=torch.uint8), QueryError, r"shape \(2, 1, 27, 28\)"),
+    "width": ("a", lambda: torch.zeros(2, 1, 28, 29), QueryError, r"shape \(2, 1, 28, 29\)"),
+    "channels-last-order": ("a", lambda: torch.zeros(2, 28, 28, 1, dtype=torch.uint8), QueryError,
+                            r"shape \(2, 28, 28, 1\)"),
+    "empty-uint8": ("a", lambda: torch.zeros(0, *SHAPE, dtype=torch.uint8), QueryError, "empty"),
+    "empty-float": ("a", lambda: torch.zeros(0, *SHAPE), QueryError, "empty"),
+    # dtype
+    "bool": ("a", lambda: torch.ones(2, *SHAPE, dtype=torch.bool), QueryError, "dtype torch.bool.*" + ACCEPTED),
+    "int8": ("a", lambda: images(2).to(torch.int8), QueryError, "dtype torch.int8.*" + ACCEPTED),
+    "int16": ("a", lambda: images(2).to(torch.int16), QueryError, "dtype torch.int16"),
+    "int32": ("a", lambda: images(2).to(torch.int32), QueryError, "dtype torch.int32"),
+    "int64": ("a", lambda: images(2).long(), QueryError, "dtype torch.int64"),
+    "uint16": ("a", lambda: torch.zeros(2, *SHAPE, dtype=torch.uint16), QueryError, "dtype torch.uint16"),
+    "float16": ("a", lambda: torch.zeros(2, *SHAPE, dtype=torch.float16), QueryError, "dtype torch.float16.*" + ACCEPTED),
+    "bfloat16": ("a", lambda: torch.zeros(2, *SHAPE, dtype=torch.bfloat16), QueryError, "dtype torch.bfloat16"),
+    "complex64": ("a", lambda: torch.zeros(2, *SHAPE, dtype=torch.complex64), QueryError, "dtype torch.complex64"),
+    "complex128": ("a", lambda: torch.zeros(2, *SHAPE, dtype=torch.complex128), QueryError, "dtype torch.complex128"),
+    # values
+    "above-one": ("a", lambda: torch.full((2, *SHAPE), 255.0), QueryError, r"values span \[255, 255\]"),
+    "barely-above-one": ("a", lambda: _floats(1.001, at=1), QueryError, r"values span \[0\.5, 1\]"),
+    "negative": ("a", lambda: torch.full((2, *SHAPE), -0.5), QueryError, r"values span \[-0.5, -0.5\]"),
+    "one-negative-pixel-f64": ("a", lambda: _floats(-1e-3, torch.float64, at=0), QueryError,
+                               r"values span \[-0\.001, 0\.5\].*floats in \[0, 1\]"),
+    "nan": ("a", lambda: torch.zeros(2, *SHAPE).index_fill_(0, torch.tensor([1]), float("nan")), QueryError, "NaN"),
+    "nan-float64": ("a", lambda: _floats(float("nan"), torch.float64, at=0), QueryError, "NaN or inf"),
+    "inf": ("a", lambda: torch.zeros(2, *SHAPE).index_fill_(0, torch.tensor([0]), float("inf")), QueryError, "inf"),
+    "minus-inf": ("a", lambda: _floats(float("-inf"), at=1), QueryError, "NaN or inf"),
+    "nan-with-grad": ("a", lambda: _floats(float("nan"), at=0).requires_grad_(), QueryError, "NaN or inf"),
+    # budget
+    "over-budget": ("a", lambda: images(BUDGET - 1), BudgetExceeded,
+                    rf"client a asked for {BUDGET - 1} answers but has {BUDGET - 2} of its query-budget={BUDGET} left"),
+    "over-budget-float": ("a", lambda: torch.zeros(BUDGET, *SHAPE), BudgetExceeded, f"asked for {BUDGET} answers"),
+    # client key
+    "client-empty": ("", lambda: images(2), QueryError, r"client key must be a non-empty str, got ''"),
+    "client-blank": ("  ", lambda: images(2), QueryError, "client key must be a non-empty str"),
+    "client-none": (None, lambda: images(2), QueryError, "client key must be a non-empty str, got NoneType"),
+    "client-bool": (True, lambda: images(2), QueryError, "client key must be a non-empty str, got bool"),
+    "client-float": (1.5, lambda: images(2), QueryError, "client key must be a non-empty str, got float"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_QUERIES))
-def test_malformed_query_refused_with_reason_and_costs_nothing(model: nn.Module, case: str) -> None:
-    make_query, pattern = BAD_QUERIES[case]
-    oracle = make(model, budget=100)
-    with pytest.raises(QueryError, match=pattern) as info:
-        oracle.query("a", make_query())
-    assert not isinstance(info.value, BudgetExceeded)
+def test_malformed_query_refused_with_reason_never_reaches_teacher_and_costs_nothing(case: str) -> None:
+    client, make_query, kind, pattern = BAD_QUERIES[case]
+    model = Counting()
+    oracle = make(model, budget=BUDGET)
+    oracle.query("a", images(2))  # the client has used some budget already: it must stay as it is
+    calls, seen, usage = model.calls, model.seen, oracle.usage()
+    with pytest.raises(kind, match=pattern) as info:
+        oracle.query(client, make_query())
+    assert isinstance(info.value, ValueError)  # what the strategy catches to refuse one client
+    if kind is not BudgetExceeded:
+        assert not isinstance(info.value, BudgetExceeded)
     assert "\n" not in str(info.value)
-    assert oracle.used("a") == 0
-    assert oracle.remaining("a") == 100
+    assert (model.calls, model.seen) == (calls, seen)  # the teacher never saw the query
+    assert oracle.usage() == usage == {"a": 2}
+    assert oracle.remaining("a") == BUDGET - 2
+
+
+def test_at_least_thirty_malformed_query_cases() -> None:
+    assert len(BAD_QUERIES) >= 30
+
+
+def test_query_with_requires_grad_is_answered_without_grad(model: nn.Module) -> None:
+    oracle = make(model)
+    x = (images(3).float() / 255.0).requires_grad_()
+    out = oracle.query("a", x)
+    assert not out.requires_grad and out.grad_fn is None
+    torch.testing.assert_close(out, oracle.query("a", images(3)))
+
+
+def test_non_contiguous_query_is_answered(model: nn.Module) -> None:
+    oracle = make(model)
+    x = images(4)
+    view = torch.zeros(4, 1, 28, 56, dtype=torch.uint8)[..., ::2]  # every other column: strided
+    view.copy_(x)
+    assert not view.is_contiguous()
+    torch.testing.assert_close(oracle.query("a", view), oracle.query("a", x))
 
 
 def test_query_error_is_a_value_error() -> None:
@@ -152,19 +262,6 @@ def test_negative_budget_rejected(model: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------------- answer cache
-class Counting(nn.Module):
-    """The tiny model, counting how many images went through it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.inner = tiny_model()
-        self.seen = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.seen += len(x)
-        return self.inner(x)
-
-
 def test_repeated_query_is_answered_from_disk_and_still_counted(tmp_path) -> None:
     from mekd_fl.answer_cache import AnswerCache
 
@@ -197,3 +294,197 @@ def test_damaged_cache_file_is_recomputed_and_replaced(tmp_path) -> None:
     assert torch.equal(make(model, answer_cache=again).query("c", x), expected)
     assert again.misses == 1 and model.seen == 8
     assert not list(cache.folder.glob(".*.tmp"))  # written atomically, no leftovers
+
+
+# ---------------------------------------------------------------------------- charge only what is answered
+class Failing(nn.Module):
+    """A teacher whose forward pass breaks (out of memory, a driver error, ...)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+
+def test_failing_teacher_propagates_and_charges_nothing() -> None:
+    model = Failing()
+    oracle = make(model, budget=10)
+    with pytest.raises(RuntimeError, match="simulated") as info:
+        oracle.query("a", images(4))
+    assert not isinstance(info.value, ValueError)  # re-raised as it is, not turned into a refusal
+    assert model.calls == 1
+    assert oracle.used("a") == 0 and oracle.remaining("a") == 10
+    assert oracle.usage() == {}  # as if the client had never asked
+
+
+def test_failing_teacher_gives_back_only_its_own_reservation(model: nn.Module) -> None:
+    oracle = make(model, budget=10)
+    oracle.query("a", images(3))
+    broken = nn.Sequential(nn.Flatten(), nn.Linear(5, C))  # wrong input size: the forward raises
+    oracle._model = broken
+    with pytest.raises(RuntimeError):
+        oracle.query("a", images(6))
+    assert oracle.usage() == {"a": 3}
+    oracle._model = model
+    assert oracle.query("a", images(7)).shape == (7, C)  # the refunded images are usable again
+    assert oracle.remaining("a") == 0
+
+
+def test_failing_answer_cache_propagates_and_charges_nothing(model: nn.Module, tmp_path) -> None:
+    from mekd_fl.answer_cache import AnswerCache
+
+    class BrokenCache(AnswerCache):
+        def get(self, images, compute):
+            raise OSError("disk full (simulated)")
+
+    oracle = make(model, budget=10, answer_cache=BrokenCache(tmp_path, "t", "probs"))
+    with pytest.raises(OSError, match="disk full"):
+        oracle.query("a", images(5))
+    assert oracle.used("a") == 0 and oracle.usage() == {}
+
+
+def test_budget_used_up_exactly_then_one_more_refused() -> None:
+    model = Counting()
+    oracle = make(model, budget=8)
+    assert oracle.query("a", images(8)).shape == (8, C)
+    assert (oracle.used("a"), oracle.remaining("a")) == (8, 0)
+    calls = model.calls
+    with pytest.raises(BudgetExceeded, match="client a asked for 1 answers but has 0 of its query-budget=8 left"):
+        oracle.query("a", images(1))
+    assert model.calls == calls and oracle.used("a") == 8
+
+
+def test_concurrent_queries_never_overspend(model: nn.Module) -> None:
+    oracle = make(model, budget=10)
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def ask() -> None:
+        try:
+            oracle.query("a", images(3))
+            result = "ok"
+        except BudgetExceeded:
+            result = "refused"
+        with lock:
+            outcomes.append(result)
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["ok"] * 3 + ["refused"] * 5
+    assert oracle.used("a") == 9
+
+
+# ---------------------------------------------------------------------------- answer hardening
+def test_top_k_keeps_k_largest_renormalised(model: nn.Module) -> None:
+    x = images(16)
+    raw = make(model).query("a", x)
+    for k in (1, 3, C - 1):
+        out = make(model, top_k=k).query("a", x)
+        assert out.shape == (16, C) and out.dtype == torch.float32
+        assert ((out > 0).sum(1) == k).all()
+        torch.testing.assert_close(out.sum(1), torch.ones(16))
+        assert torch.equal(out.argmax(1), raw.argmax(1))
+        kept = raw.topk(k, dim=1).indices
+        expected = raw.gather(1, kept) / raw.gather(1, kept).sum(1, keepdim=True)
+        torch.testing.assert_close(out.gather(1, kept), expected)
+
+
+def test_top_k_of_all_classes_changes_nothing(model: nn.Module) -> None:
+    x = images(5)
+    torch.testing.assert_close(make(model, top_k=C).query("a", x), make(model).query("a", x))
+
+
+def test_decimals_round_answers_without_renormalising(model: nn.Module) -> None:
+    x = images(20)
+    raw = make(model).query("a", x)
+    out = make(model, decimals=2).query("a", x)
+    torch.testing.assert_close(out, torch.round(raw, decimals=2), rtol=0, atol=0)
+    assert torch.allclose(out * 100, (out * 100).round(), atol=1e-4)  # at most two decimals
+    assert not torch.allclose(out.sum(1), torch.ones(20), atol=1e-7, rtol=0)  # not renormalised
+
+
+def test_decimals_apply_to_logits_too(model: nn.Module) -> None:
+    x = images(4)
+    raw = make(model, output="logits").query("a", x)
+    out = make(model, output="logits", decimals=1).query("a", x)
+    torch.testing.assert_close(out, torch.round(raw, decimals=1), rtol=0, atol=0)
+
+
+def test_top_k_then_decimals(model: nn.Module) -> None:
+    x = images(6)
+    top = make(model, top_k=2).query("a", x)
+    both = make(model, top_k=2, decimals=3).query("a", x)
+    torch.testing.assert_close(both, torch.round(top, decimals=3), rtol=0, atol=0)
+    assert ((both > 0).sum(1) <= 2).all()
+
+
+def test_hardening_off_by_default(model: nn.Module) -> None:
+    oracle = make(model)
+    assert oracle.top_k == 0 and oracle.decimals is None
+
+
+def test_hardening_does_not_change_what_the_cache_stores(tmp_path) -> None:
+    from mekd_fl.answer_cache import AnswerCache
+
+    model, x = Counting(), images(6)
+    hardened = make(model, top_k=2, decimals=2, answer_cache=AnswerCache(tmp_path, "t", "probs")).query("c", x)
+    assert ((hardened > 0).sum(1) <= 2).all()
+    stored = torch.load(AnswerCache(tmp_path, "t", "probs").path_for(x), weights_only=True)
+    assert ((stored > 0).sum(1) == C).all()  # the raw answers, every class
+    with torch.no_grad():
+        torch.testing.assert_close(stored, model.inner(x.float() / 255.0).softmax(1))
+    # the same cache entry serves an oracle without hardening, and one with another setting
+    cache = AnswerCache(tmp_path, "t", "probs")
+    plain = make(model, answer_cache=cache).query("c", x)
+    torch.testing.assert_close(plain, stored)
+    other = make(model, top_k=5, answer_cache=cache).query("c", x)
+    assert ((other > 0).sum(1) == 5).all()
+    assert cache.hits == 2 and model.seen == 6
+
+
+# ---------------------------------------------------------------------------- constructor refusals
+CONSTRUCTOR_REFUSALS = {
+    "budget-true": (dict(budget=True), r"query-budget=True is not accepted; accepted: an int >= 0"),
+    "budget-nan": (dict(budget=float("nan")), r"query-budget=nan is not accepted; accepted: an int >= 0"),
+    "budget-float": (dict(budget=10.0), r"query-budget=10\.0 is not accepted"),
+    "budget-negative": (dict(budget=-1), r"query-budget=-1 is not accepted; accepted: an int >= 0"),
+    "budget-str": (dict(budget="100"), r"query-budget='100' is not accepted"),
+    "batch-size-zero": (dict(batch_size=0), r"oracle-batch-size=0 is not accepted; accepted: an int >= 1"),
+    "batch-size-negative": (dict(batch_size=-8), r"oracle-batch-size=-8"),
+    "batch-size-float": (dict(batch_size=64.0), r"oracle-batch-size=64\.0"),
+    "batch-size-false": (dict(batch_size=False), r"oracle-batch-size=False"),
+    "num-classes-zero": (dict(num_classes=0), r"num-classes=0 is not accepted; accepted: an int >= 1"),
+    "num-classes-float": (dict(num_classes=10.0), r"num-classes=10\.0"),
+    "image-shape-2d": (dict(image_shape=(28, 28)), r"image-shape=\(28, 28\) is not accepted; accepted: a 3-tuple"),
+    "image-shape-zero": (dict(image_shape=(1, 0, 28)), r"image-shape=\(1, 0, 28\)"),
+    "image-shape-float": (dict(image_shape=(1, 28.0, 28)), r"image-shape=\(1, 28\.0, 28\)"),
+    "image-shape-str": (dict(image_shape="1x28x28"), r"image-shape='1x28x28'"),
+    "top-k-with-logits": (dict(output="logits", top_k=3), r"oracle-top-k=3 needs oracle-output='probs'"),
+    "top-k-above-classes": (dict(top_k=C + 1), rf"oracle-top-k={C + 1} is not accepted; accepted: 0\.\.{C}"),
+    "top-k-negative": (dict(top_k=-1), r"oracle-top-k=-1 is not accepted"),
+    "top-k-bool": (dict(top_k=True), r"oracle-top-k=True is not accepted"),
+    "decimals-negative": (dict(decimals=-2), r"oracle-decimals=-2 is not accepted; accepted: None \(off\) or an int >= 0"),
+    "decimals-float": (dict(decimals=2.0), r"oracle-decimals=2\.0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONSTRUCTOR_REFUSALS))
+def test_constructor_refuses_bad_settings(model: nn.Module, case: str) -> None:
+    kw, pattern = CONSTRUCTOR_REFUSALS[case]
+    kw = {"num_classes": C, "image_shape": SHAPE, **kw}
+    with pytest.raises(ValueError, match=pattern):
+        TeacherOracle(model, **kw)
+
+
+def test_constructor_accepts_numpy_ints_and_lists(model: nn.Module) -> None:
+    oracle = TeacherOracle(model, num_classes=np.int64(C), image_shape=[1, np.int32(28), 28],
+                           budget=np.int64(5), batch_size=np.int64(2), top_k=0, decimals=0)
+    assert (oracle.budget, oracle.batch_size, oracle.num_classes, oracle.image_shape) == (5, 2, C, SHAPE)
+    assert all(type(v) is int for v in (oracle.budget, oracle.batch_size, oracle.num_classes, *oracle.image_shape))
+    assert oracle.query("a", images(3)).shape == (3, C)

@@ -1,6 +1,9 @@
 """The teacher checkpoint cache (train once, then load; keyed by recipe; atomic) and batch augmentation."""
 
 import dataclasses
+import os
+import shlex
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,6 +90,75 @@ def test_checkpoint_of_another_recipe_is_a_config_error(tmp_path, data, monkeypa
     with pytest.raises(ConfigError, match="cache-dir: checkpoint .* was made by another recipe") as info:
         load(RECIPE, tmp_path, data)
     assert "\n" not in str(info.value)
+
+
+def test_saved_checkpoint_loads_with_weights_only(tmp_path) -> None:
+    path = tmp_path / "teachers" / "x.pt"
+    state = {"0.mean": torch.tensor([0.5]), "1.conv.weight": torch.randn(2, 1, 3, 3)}
+    meta = {"test_accuracy": float("nan"), "train_seconds": 1.5, "num_train": 64}
+    teacher_mod._atomic_save({"recipe": RECIPE.__dict__, "state_dict": state, "meta": meta}, path)
+    ckpt = teacher_mod.load_checkpoint(path)
+    assert ckpt["recipe"] == RECIPE.__dict__
+    assert ckpt["recipe"]["image_shape"] == (1, 28, 28) and type(ckpt["recipe"]["mean"]) is tuple
+    assert ckpt["state_dict"].keys() == state.keys()
+    for key in state:
+        assert torch.equal(ckpt["state_dict"][key], state[key])
+    assert ckpt["meta"]["num_train"] == 64 and ckpt["meta"]["train_seconds"] == 1.5
+
+
+class _RunsCode:
+    """Unpickling this calls os.system, which would create the marker file."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(self.marker)}",)
+
+
+def _cached_path(cache) -> "Path":
+    path = cache / "teachers" / f"{RECIPE.key()}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def test_checkpoint_that_would_run_code_is_refused_unexecuted(tmp_path, data, monkeypatch) -> None:
+    marker = tmp_path / "pwned"
+    path = _cached_path(tmp_path / "cache")
+    torch.save({"recipe": RECIPE.__dict__, "state_dict": {}, "meta": {"x": _RunsCode(marker)}}, path)
+    monkeypatch.setattr(teacher_mod, "train_teacher", lambda *a, **k: pytest.fail("must not train"))
+    with pytest.raises(ConfigError, match=r"^cache-dir: checkpoint .* cannot be read safely \(.*\); "
+                                          r"delete it to retrain$") as info:
+        load(RECIPE, tmp_path / "cache", data)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    assert not marker.exists()
+    assert path.exists()  # left for the user to look at and delete
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"PK\x03\x04 truncated zip"])
+def test_damaged_checkpoint_is_a_config_error(tmp_path, data, monkeypatch, content: bytes) -> None:
+    path = _cached_path(tmp_path)
+    path.write_bytes(content)
+    monkeypatch.setattr(teacher_mod, "train_teacher", lambda *a, **k: pytest.fail("must not train"))
+    with pytest.raises(ConfigError, match=r"^cache-dir: checkpoint .* cannot be read safely") as info:
+        load(RECIPE, tmp_path, data)
+    assert "\n" not in str(info.value)
+
+
+def test_truncated_real_checkpoint_is_a_config_error(tmp_path) -> None:
+    path = _cached_path(tmp_path)
+    teacher_mod._atomic_save({"recipe": RECIPE.__dict__, "state_dict": {"w": torch.randn(64, 64)},
+                              "meta": {}}, path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ConfigError, match=r"^cache-dir: checkpoint .* cannot be read safely"):
+        teacher_mod.load_checkpoint(path)
+
+
+def test_checkpoint_that_is_not_a_teacher_is_a_config_error(tmp_path) -> None:
+    path = _cached_path(tmp_path)
+    torch.save(torch.zeros(3), path)
+    with pytest.raises(ConfigError, match=r"^cache-dir: checkpoint .* cannot be read safely \(not a teacher"):
+        teacher_mod.load_checkpoint(path)
 
 
 def test_failed_save_leaves_no_partial_file(tmp_path, monkeypatch) -> None:

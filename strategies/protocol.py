@@ -1,0 +1,65 @@
+"""The MEKD message protocol: message types, record names and config keys, in one place.
+
+Why one module: the strategy (server side) and every client handler (ours or a user's) must agree on
+the same names, and the trust rules are stated against them: `OUTGOING` is the allow-list of what a
+server message of each type may carry, and `MEKD` refuses to send anything else. Nothing here imports
+torch or the rest of the project, so a foreign Flower app can import it alone.
+
+What a client ever receives (and nothing more):
+- the global student (`ARRAYS`), in `train`, `evaluate` and `evaluate.samples` messages;
+- with a federated emulator, the averaged emulator weights (`GENERATOR`, `DISCRIMINATOR`);
+- its own teacher answers (`ANSWERS` record, array `RESPONSES`), only in `query.answers`;
+- the settings a client needs (`CONFIG`: the run's client settings plus the keys in `STRATEGY_KEYS`);
+- in a simulation, `SHARD`: which images of the shared data files are its own (its partition).
+"""
+
+from __future__ import annotations
+
+# ---------------------------------------------------------------------------- message types
+EMULATOR = "train.emulator"      # train (or install) the client's emulator GAN
+QUERY = "query.teacher"          # "send me your query images"
+ANSWERS = "query.answers"        # "here are the teacher's answers to them"
+TRAIN = "train"                  # distill the global student locally
+EVALUATE = "evaluate"            # evaluate the global student on the client's held-out split
+SAMPLES = "evaluate.samples"     # x, G(T(x)), G(S(x)) for the emulator-samples plot
+
+# ---------------------------------------------------------------------------- record names
+CONFIG = "config"                          # ConfigRecord: settings (server -> client)
+ARRAYS = "arrays"                          # ArrayRecord: the student (both ways), or samples (reply)
+METRICS = "metrics"                        # MetricRecord: a reply's numbers
+QUERIES = "queries"                        # ArrayRecord (reply to QUERY): array IMAGES, uint8
+IMAGES = "images"
+ANSWERS_RECORD = "answers"                 # ArrayRecord (in ANSWERS): array RESPONSES
+RESPONSES = "responses"
+GENERATOR = "emulator-generator"           # ArrayRecord: emulator weights (federated emulator)
+DISCRIMINATOR = "emulator-discriminator"
+SHARD = "shard"                            # ArrayRecord (simulation only): TRAIN_INDEX, TEST_INDEX, PARTITION
+TRAIN_INDEX = "train-index"
+TEST_INDEX = "test-index"
+PARTITION = "partition"
+
+# ---------------------------------------------------------------------------- config and metric keys
+SERVER_ROUND = "server-round"
+BUDGET = "budget"                # images the client may send in its query reply
+NUM_SAMPLES = "num-samples"
+PHASE_STEPS = "phase-steps"      # emulator steps in this emulator message (federated emulator)
+RETURN_WEIGHTS = "return-weights"
+MEASURE_FID = "measure-fid"
+STRATEGY_KEYS = (SERVER_ROUND, BUDGET, NUM_SAMPLES, PHASE_STEPS, RETURN_WEIGHTS, MEASURE_FID)
+
+NUM_EXAMPLES = "num-examples"
+PARTITION_ID = "partition-id"    # reported by clients: a label for logs only, never an identity
+
+# ---------------------------------------------------------------------------- the allow-list
+#: Record names a server message of each type may carry (SHARD only in simulations).
+OUTGOING: dict[str, frozenset[str]] = {
+    EMULATOR: frozenset({CONFIG, GENERATOR, DISCRIMINATOR, SHARD}),
+    QUERY: frozenset({CONFIG, SHARD}),
+    ANSWERS: frozenset({CONFIG, ANSWERS_RECORD, SHARD}),
+    TRAIN: frozenset({CONFIG, ARRAYS, SHARD}),
+    EVALUATE: frozenset({CONFIG, ARRAYS, SHARD}),
+    SAMPLES: frozenset({CONFIG, ARRAYS, SHARD}),
+}
+
+# ---------------------------------------------------------------------------- limits on replies
+MAX_METRICS = 64                 # numbers in one reply's MetricRecord; more is refused
