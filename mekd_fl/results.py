@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -54,18 +56,26 @@ class RunResults:
 
     @classmethod
     def claim(cls, cfg: RunConfig) -> "RunResults":
-        """Create the run's folder; refuse one that exists so no earlier result is overwritten."""
+        """Create the run's folder; refuse one that exists so no earlier result is overwritten.
+
+        The folder appears whole, with its config.json, by a rename: a run killed while claiming
+        leaves either nothing or a folder that says which settings it was run with.
+        """
         name = cfg.run_name or default_run_name(cfg)
         folder = Path(cfg.out_dir) / name
         folder.parent.mkdir(parents=True, exist_ok=True)
+        refused = ConfigError(f"run-name={name!r}: {folder} already exists; choose another run-name "
+                              f"(results are never overwritten)")
+        if folder.exists():
+            raise refused
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder.parent))
+        (staging / "config.json").write_text(json.dumps(_jsonable(cfg.to_dict()), indent=2) + "\n")
         try:
-            folder.mkdir()
-        except FileExistsError:
-            raise ConfigError(f"run-name={name!r}: {folder} already exists; choose another run-name "
-                              f"(results are never overwritten)") from None
-        results = cls(folder)
-        results.write_json("config.json", cfg.to_dict())
-        return results
+            os.rename(staging, folder)  # fails on a non-empty folder that appeared meanwhile
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise refused from None
+        return cls(folder)
 
     @classmethod
     def reopen(cls, folder: Path) -> tuple["RunResults", dict]:

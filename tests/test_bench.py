@@ -127,6 +127,7 @@ def run_bench(out: Path, cache: Path) -> tuple[int, str]:
     return proc.returncode, proc.stdout
 
 
+@pytest.mark.slow
 def test_smoke_bench_end_to_end_resumes_after_sigkill(tmp_path: Path) -> None:
     folder = tmp_path / "runs" / "smoke"
     cells = [c.name for c in load_spec(SMOKE).cells()]

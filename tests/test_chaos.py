@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # one 10-client simulation (about 40 s); `make test-slow` and CI run it
+
 CELL = {"dataset": "synthetic", "num-clients": 10, "num-rounds": 4, "local-epochs": 8, "batch-size": 16,
         "teacher-epochs": 8, "server-share": 0.5, "emulator-steps": 3,
         "emulator-width": 8, "num-samples": 2, "method": "mekd", "run-name": "chaos", "min-reply-fraction": 0.3}

@@ -24,6 +24,10 @@ TINY = {"dataset": "synthetic", "num-clients": 2, "num-rounds": 1, "local-epochs
         "emulator-width": 8, "wgan-n-critic": 2, "num-samples": 2, "query-views": 2, "emulator-fid": True}
 
 
+# Flower's aggregators inside MEKD, end to end (2 clients: Krum and Bulyan need more, see test_strategy.py).
+AGGREGATIONS = {"median": {}, "trimmed-mean": {"trim-beta": 0.0, "dp-clip": 50.0, "dp-noise": 0.001}}
+
+
 @pytest.fixture(scope="module")
 def grid_outcome(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("grid")
@@ -31,6 +35,9 @@ def grid_outcome(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
              for m, e, q in itertools.product(methods(), EMULATORS, SOURCES)]
     cells.append(dict(TINY, method="mekd", emulator="dcgan", **{"query-source": "local", "run-name": "fed-emulator",
                                                                  "federated-emulator": True, "emulator-rounds": 2}))
+    for aggregation, extra in AGGREGATIONS.items():
+        cells.append(dict(TINY, method="kd", emulator="dcgan", **{"query-source": "local", "aggregation": aggregation,
+                                                               "run-name": f"aggregation-{aggregation}", **extra}))
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", OMP_NUM_THREADS="1")
     runner = Path(__file__).with_name("combination_runner.py")
     proc = subprocess.run([sys.executable, str(runner), str(out / "runs"), str(out / "cache"), json.dumps(cells)],
@@ -53,6 +60,16 @@ def test_combination_runs_end_to_end(grid_outcome: tuple[Path, dict], method: st
     # 2 views of each local image (or as many generated samples), all counted against the budget; the
     # supervised reference trains on labels and never queries the teacher
     assert (summary["queries-total"] > 0) == (method != "supervised"), summary["queries-total"]
+
+
+@pytest.mark.parametrize("aggregation", sorted(AGGREGATIONS))
+def test_flower_aggregation_runs_end_to_end(grid_outcome: tuple[Path, dict], aggregation: str) -> None:
+    runs, outcome = grid_outcome
+    name = f"aggregation-{aggregation}"
+    assert outcome.get(name) == "ok", outcome.get(name)
+    summary = json.loads((runs / name / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["aggregation"] == aggregation
+    assert summary["rejected-updates"] == [] and summary["student-accuracy"] is not None
 
 
 def test_federated_emulator_runs_and_measures_fid(grid_outcome: tuple[Path, dict]) -> None:

@@ -379,7 +379,7 @@ def test_every_attack_at_once_leaves_a_finite_model_and_the_honest_accepted() ->
     attackers = [_refused(k) for k in sorted(REFUSED)] + [make() for make in NEUTRALISED.values()]
     for i, msg in enumerate(attackers):  # every attacker a node of its own
         node = 1000 + i
-        msg.metadata.__dict__  # noqa: B018  (metadata is read-only; rebuild the reply instead)
+        # metadata is read-only: rebuild the reply as if it came from its own node
         attackers[i] = Message(content=msg.content, reply_to=Message(content=RecordDict(), dst_node_id=node,
                                                                      message_type="train"))
         strategy.partition_of[node] = 10 + i
