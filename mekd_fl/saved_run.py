@@ -56,7 +56,7 @@ def evaluate(folder: Path) -> dict:
     when the teacher's checkpoint is in the cache (it is never trained for this)."""
     from mekd_fl.device import pick_device
     from mekd_fl.run_data import run_data
-    from mekd_fl.teacher import TeacherRecipe, build_model, load_or_train_teacher, predict_logits
+    from mekd_fl.teacher import build_model, load_or_train_teacher, predict_logits
 
     cfg = load_config(folder)
     path = folder / "student.pt"
@@ -79,10 +79,7 @@ def evaluate(folder: Path) -> dict:
     out = {"folder": str(folder), "student-arch": cfg.student_arch, "test-images": len(ds.test_labels),
            "accuracy": (pred == ds.test_labels).float().mean().item(), "agreement": None}
     server_images, server_labels = data.server_train()
-    recipe = TeacherRecipe(dataset=ds.name, arch=cfg.teacher_arch, num_classes=ds.num_classes,
-                           image_shape=ds.image_shape, mean=ds.mean, std=ds.std, seed=cfg.seed,
-                           epochs=cfg.teacher_epochs, lr=cfg.teacher_lr, batch_size=cfg.teacher_batch_size,
-                           server_share=cfg.server_share, num_train=len(server_labels))
+    recipe = data.teacher_recipe(cfg)
     if (cfg.resolved_cache_dir() / "teachers" / f"{recipe.key()}.pt").is_file():
         teacher, _ = load_or_train_teacher(recipe, cfg.resolved_cache_dir(), server_images, server_labels,
                                            ds.test_images, ds.test_labels, device, log=lambda line: None)

@@ -29,7 +29,7 @@ from mekd_fl.oracle import TeacherOracle
 from mekd_fl.preflight import check_environment
 from mekd_fl.results import RunResults
 from mekd_fl.run_data import RunData, run_data
-from mekd_fl.teacher import TeacherRecipe, build_model, load_or_train_teacher, predict_logits
+from mekd_fl.teacher import build_model, load_or_train_teacher, predict_logits
 from strategies import MEKD, RunFailed
 from strategies import protocol as P
 
@@ -98,10 +98,7 @@ def run_server(grid: Grid, cfg: RunConfig, log: Callable[[str], None] = say, *, 
 
     device = pick_device(cfg.device)
     server_images, server_labels = data.server_train()
-    recipe = TeacherRecipe(dataset=ds.name, arch=cfg.teacher_arch, num_classes=ds.num_classes,
-                           image_shape=ds.image_shape, mean=ds.mean, std=ds.std, seed=cfg.seed,
-                           epochs=cfg.teacher_epochs, lr=cfg.teacher_lr, batch_size=cfg.teacher_batch_size,
-                           server_share=cfg.server_share, num_train=len(server_labels))
+    recipe = data.teacher_recipe(cfg)
     teacher, teacher_meta = load_or_train_teacher(recipe, cfg.resolved_cache_dir(), server_images, server_labels,
                                                   ds.test_images, ds.test_labels, device, log)
 
@@ -205,7 +202,6 @@ def run_server(grid: Grid, cfg: RunConfig, log: Callable[[str], None] = say, *, 
         results.write_jsonl("queries.jsonl", strategy.query_log)
 
     final_arrays = result.arrays if result.arrays is not None else initial
-    results.save_checkpoint(strategy.last_round, final_arrays.to_torch_state_dict(), strategy.state())
     samples = strategy.request_samples(grid, final_arrays, ConfigRecord(dict(config)), cfg.num_samples)
     if samples is not None:
         results.plot_samples(samples)
