@@ -1,6 +1,6 @@
 # Two entry points, each bootstrapping its own virtual environment (.venv) from pyproject.toml.
 #   make run   - the default federated MEKD run on Fashion-MNIST (extra settings: make run ARGS="alpha=0.1")
-#   make test  - the test suite (fast tests plus one end-to-end simulation on synthetic data)
+#   make test  - lint (ruff check + format check), then the test suite (fast tests and end-to-end simulations)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -30,6 +30,8 @@ run: $(STAMP) data
 	$(VENV)/bin/mekd-fl run $(ARGS)
 
 test: $(STAMP) data
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP) data

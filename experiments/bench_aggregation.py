@@ -30,13 +30,23 @@ def updates(global_state: dict[str, np.ndarray], clients: int) -> list[Message]:
     rng = np.random.default_rng(0)
     out = []
     for node in range(1, clients + 1):
-        sd = {k: (v + 0.01 * rng.normal(size=v.shape)).astype(v.dtype) if v.dtype.kind == "f" else v
-              for k, v in global_state.items()}
+        sd = {
+            k: (v + 0.01 * rng.normal(size=v.shape)).astype(v.dtype) if v.dtype.kind == "f" else v
+            for k, v in global_state.items()
+        }
         sd = {k: np.abs(v) if k.endswith("running_var") else v for k, v in sd.items()}
         instruction = Message(RecordDict(), dst_node_id=node, message_type="train")
-        out.append(Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in sd.items()}),
-                                       "metrics": MetricRecord({"num-examples": 2700, "train-loss": 1.0})}),
-                           reply_to=instruction))
+        out.append(
+            Message(
+                RecordDict(
+                    {
+                        "arrays": ArrayRecord({k: Array(v) for k, v in sd.items()}),
+                        "metrics": MetricRecord({"num-examples": 2700, "train-loss": 1.0}),
+                    }
+                ),
+                reply_to=instruction,
+            )
+        )
     return out
 
 

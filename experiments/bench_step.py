@@ -62,10 +62,13 @@ def time_oracle(cfg: RunConfig, images: torch.Tensor, device: torch.device, repe
     """Images per second: oracle.query (validation, budget, conversion, softmax) vs teacher forward."""
     c, shape = 10, tuple(images.shape[1:])
     teacher = build_model(cfg.teacher_arch, c, shape, (0.5,) * shape[0], (0.5,) * shape[0]).to(device).eval()
-    oracle = TeacherOracle(teacher, num_classes=c, image_shape=shape, budget=10**12,
-                           batch_size=cfg.oracle_batch_size, device=device)
-    ready = [images[s:s + cfg.oracle_batch_size].to(device).float().div(255)
-             for s in range(0, len(images), cfg.oracle_batch_size)]
+    oracle = TeacherOracle(
+        teacher, num_classes=c, image_shape=shape, budget=10**12, batch_size=cfg.oracle_batch_size, device=device
+    )
+    ready = [
+        images[s : s + cfg.oracle_batch_size].to(device).float().div(255)
+        for s in range(0, len(images), cfg.oracle_batch_size)
+    ]
     oracle_t, raw_t = [], []
     for i in range(repeats + 1):
         _sync(device)
@@ -101,17 +104,23 @@ def main() -> None:
     try:
         ds = load_dataset(cfg.dataset)
     except ConfigError as exc:
-        raise SystemExit(f"bench: {exc}")
-    images = ds.train_images[:max(args.batch_size, args.oracle_images)]
-    print(f"device {device} ({torch.cuda.get_device_name(0) if device.type == 'cuda' else 'cpu'}), "
-          f"torch threads {torch.get_num_threads()}, {cfg.dataset} {tuple(images.shape[1:])}")
-    steps = time_steps(cfg, images[:args.batch_size], device, args.repeats)
-    print(f"distillation step, batch {args.batch_size}, {cfg.student_arch} student, emulator width "
-          f"{cfg.emulator_width}: KD {steps['kd'] * 1e3:.2f} ms, MEKD {steps['mekd'] * 1e3:.2f} ms, "
-          f"MEKD/KD = {steps['mekd'] / steps['kd']:.2f}")
-    rates = time_oracle(cfg, images[:args.oracle_images], device, max(3, args.repeats // 5))
-    print(f"teacher {cfg.teacher_arch} on {args.oracle_images} uint8 images: oracle {rates['oracle']:.0f} img/s, "
-          f"raw forward {rates['raw']:.0f} img/s, oracle/raw = {rates['oracle'] / rates['raw']:.2f}")
+        raise SystemExit(f"bench: {exc}") from None
+    images = ds.train_images[: max(args.batch_size, args.oracle_images)]
+    print(
+        f"device {device} ({torch.cuda.get_device_name(0) if device.type == 'cuda' else 'cpu'}), "
+        f"torch threads {torch.get_num_threads()}, {cfg.dataset} {tuple(images.shape[1:])}"
+    )
+    steps = time_steps(cfg, images[: args.batch_size], device, args.repeats)
+    print(
+        f"distillation step, batch {args.batch_size}, {cfg.student_arch} student, emulator width "
+        f"{cfg.emulator_width}: KD {steps['kd'] * 1e3:.2f} ms, MEKD {steps['mekd'] * 1e3:.2f} ms, "
+        f"MEKD/KD = {steps['mekd'] / steps['kd']:.2f}"
+    )
+    rates = time_oracle(cfg, images[: args.oracle_images], device, max(3, args.repeats // 5))
+    print(
+        f"teacher {cfg.teacher_arch} on {args.oracle_images} uint8 images: oracle {rates['oracle']:.0f} img/s, "
+        f"raw forward {rates['raw']:.0f} img/s, oracle/raw = {rates['oracle'] / rates['raw']:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -32,8 +32,9 @@ def cohort_size(cfg: RunConfig) -> int:
 
 def build_aggregation(cfg: RunConfig) -> Strategy:
     """The inner strategy for `cfg.aggregation`, wrapped in server-side DP clipping when dp-clip > 0."""
-    common = dict(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1, min_evaluate_nodes=1,
-                  min_available_nodes=1)
+    common = dict(
+        fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1
+    )
     n, f = cohort_size(cfg), cfg.num_malicious
     kind = cfg.aggregation
     if kind == "fedavg":
@@ -44,20 +45,28 @@ def build_aggregation(cfg: RunConfig) -> Strategy:
         inner = FedMedian(**common)
     elif kind in ("krum", "multikrum"):
         if n < 2 * f + 3:
-            raise ConfigError(f"aggregation={kind} with num-malicious={f} needs at least {2 * f + 3} clients per "
-                              f"round (Krum's n >= 2f + 3) but the cohort has {n}; accepted: num-malicious <= "
-                              f"{max((n - 3) // 2, 0)}, or more clients per round")
-        inner = (Krum(**common, num_malicious_nodes=f) if kind == "krum"
-                 else MultiKrum(**common, num_malicious_nodes=f, num_nodes_to_select=max(1, n - f)))
+            raise ConfigError(
+                f"aggregation={kind} with num-malicious={f} needs at least {2 * f + 3} clients per "
+                f"round (Krum's n >= 2f + 3) but the cohort has {n}; accepted: num-malicious <= "
+                f"{max((n - 3) // 2, 0)}, or more clients per round"
+            )
+        inner = (
+            Krum(**common, num_malicious_nodes=f)
+            if kind == "krum"
+            else MultiKrum(**common, num_malicious_nodes=f, num_nodes_to_select=max(1, n - f))
+        )
     elif kind == "bulyan":
         if n < 4 * f + 3:
-            raise ConfigError(f"aggregation=bulyan with num-malicious={f} needs at least {4 * f + 3} clients per "
-                              f"round (Bulyan's n >= 4f + 3) but the cohort has {n}; accepted: num-malicious <= "
-                              f"{max((n - 3) // 4, 0)}, or more clients per round")
+            raise ConfigError(
+                f"aggregation=bulyan with num-malicious={f} needs at least {4 * f + 3} clients per "
+                f"round (Bulyan's n >= 4f + 3) but the cohort has {n}; accepted: num-malicious <= "
+                f"{max((n - 3) // 4, 0)}, or more clients per round"
+            )
         inner = Bulyan(**common, num_malicious_nodes=f)
     else:
         raise ConfigError(f"aggregation={kind!r} is not accepted; accepted: {', '.join(AGGREGATIONS)}")
     if cfg.dp_clip > 0:
-        inner = DifferentialPrivacyServerSideFixedClipping(inner, noise_multiplier=cfg.dp_noise,
-                                                           clipping_norm=cfg.dp_clip, num_sampled_clients=n)
+        inner = DifferentialPrivacyServerSideFixedClipping(
+            inner, noise_multiplier=cfg.dp_noise, clipping_norm=cfg.dp_clip, num_sampled_clients=n
+        )
     return inner

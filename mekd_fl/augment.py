@@ -21,7 +21,9 @@ def to_unit(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
 
 
-def random_shift_flip(x: torch.Tensor, max_shift: int, flip: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+def random_shift_flip(
+    x: torch.Tensor, max_shift: int, flip: bool, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Translate each image by up to `max_shift` pixels (zero fill) and mirror half of them."""
     b, _, h, w = x.shape
     shifts = torch.randint(-max_shift, max_shift + 1, (b, 2), generator=generator).to(x.device, x.dtype)

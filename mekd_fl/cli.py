@@ -11,11 +11,9 @@ leaves no process behind.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import shlex
 import sys
-import warnings
 from typing import Any
 
 import yaml
@@ -49,15 +47,6 @@ def load_settings(config_file: str | None, pairs: list[str]) -> dict[str, Any]:
     return settings
 
 
-def backend_config(client_cpus: float, client_gpus: float | None) -> dict[str, Any]:
-    """Ray resources per simulated client; GPUs are shared fractionally when CUDA is present."""
-    import torch
-
-    gpus = client_gpus if client_gpus is not None else (0.25 if torch.cuda.is_available() else 0.0)
-    return {"client_resources": {"num_cpus": client_cpus, "num_gpus": gpus},
-            "init_args": {"logging_level": "ERROR", "log_to_driver": True}}
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -84,18 +73,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.check:
         print(f"settings and data OK: {cfg.dataset}, {cfg.num_clients} clients, method={cfg.method}")
         return 0
-    if not args.verbose:  # our own progress lines say what happens; Flower's INFO/deprecation logs are noise
-        logging.getLogger("flwr").setLevel(logging.ERROR)
-        warnings.filterwarnings("ignore", category=FutureWarning)
+    from mekd_fl.simulation import backend_config, quiet_flower
+
+    quiet_flower(args.verbose)  # before Flower's imports: our own progress lines say what happens
     from flwr.simulation import run_simulation
 
     from mekd_fl.client_app import make_client_app
 
     folder = Path(cfg.out_dir) / cfg.run_name
     try:
-        run_simulation(server_app=make_server_app(cfg, resume=resume), client_app=make_client_app(cfg.data_dir),
-                       num_supernodes=cfg.num_clients, backend_config=backend_config(args.client_cpus, args.client_gpus),
-                       verbose_logging=args.verbose)
+        run_simulation(
+            server_app=make_server_app(cfg, resume=resume),
+            client_app=make_client_app(cfg.data_dir),
+            num_supernodes=cfg.num_clients,
+            backend_config=backend_config(args.client_cpus, args.client_gpus),
+            verbose_logging=args.verbose,
+        )
     except RunFailed as exc:
         print(f"mekd-fl: error: run failed: {exc}", file=sys.stderr)
         return 1
@@ -123,9 +116,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from mekd_fl import saved_run
 
     out = saved_run.evaluate(Path(args.folder))
-    agreement = "teacher not in the cache" if out["agreement"] is None else f"agreement with the teacher {out['agreement']:.4f}"
-    print(f"{out['folder']}: student ({out['student-arch']}) test accuracy {out['accuracy']:.4f} on "
-          f"{out['test-images']} images, {agreement}")
+    agreement = (
+        "teacher not in the cache" if out["agreement"] is None else f"agreement with the teacher {out['agreement']:.4f}"
+    )
+    print(
+        f"{out['folder']}: student ({out['student-arch']}) test accuracy {out['accuracy']:.4f} on "
+        f"{out['test-images']} images, {agreement}"
+    )
     if args.json:
         print(json.dumps(out))
     return 0
@@ -134,7 +131,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from mekd_fl.compare import compare
+    from mekd_fl.bench.compare import compare
     from mekd_fl.config import RunConfig
     from mekd_fl.distill import get_class
 
@@ -145,22 +142,34 @@ def cmd_compare(args: argparse.Namespace) -> int:
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
     command = "mekd-fl compare " + " ".join(args.settings) + f" --methods {args.methods} --out {args.out}"
-    caption = (f"{base.dataset}, {base.num_clients} clients, partition={base.partition} (alpha={base.alpha}), "
-               f"{base.teacher_arch} -> {base.student_arch}, {base.num_rounds} rounds x {base.local_epochs} local "
-               f"epochs, seed {base.seed}. Command: `{command.strip()}`")
-    markdown = compare(base, methods, folder, caption, client_cpus=args.client_cpus, client_gpus=args.client_gpus,
-                       verbose=args.verbose)
+    caption = (
+        f"{base.dataset}, {base.num_clients} clients, partition={base.partition} (alpha={base.alpha}), "
+        f"{base.teacher_arch} -> {base.student_arch}, {base.num_rounds} rounds x {base.local_epochs} local "
+        f"epochs, seed {base.seed}. Command: `{command.strip()}`"
+    )
+    markdown = compare(
+        base, methods, folder, caption, client_cpus=args.client_cpus, client_gpus=args.client_gpus, verbose=args.verbose
+    )
     print(markdown)
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from mekd_fl.bench import bench
+    from mekd_fl.bench.sweep import bench
 
     only = parse_only(args.only)
     command = " ".join(["mekd-fl", *(shlex.quote(a) for a in args.argv)])
-    return bench(args.spec, args.out, parse_overrides(args.set), only=only, dry_run=args.dry_run, command=command,
-                 client_cpus=args.client_cpus, client_gpus=args.client_gpus, verbose=args.verbose)
+    return bench(
+        args.spec,
+        args.out,
+        parse_overrides(args.set),
+        only=only,
+        dry_run=args.dry_run,
+        command=command,
+        client_cpus=args.client_cpus,
+        client_gpus=args.client_gpus,
+        verbose=args.verbose,
+    )
 
 
 def parse_only(items: list[str]) -> dict[str, list[str]]:
@@ -178,13 +187,15 @@ def parse_only(items: list[str]) -> dict[str, list[str]]:
 def cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from mekd_fl.report import copy_results, write_report
+    from mekd_fl.bench.report import copy_results, write_report
 
     print(write_report(Path(args.folder)))
     if args.copy_to:
         copied = copy_results(Path(args.folder), Path(args.copy_to))
-        print(f"copied {len(copied)} files (report, plots, spec, provenance, per-cell settings and numbers) "
-              f"to {args.copy_to}")
+        print(
+            f"copied {len(copied)} files (report, plots, spec, provenance, per-cell settings and numbers) "
+            f"to {args.copy_to}"
+        )
     return 0
 
 
@@ -195,18 +206,26 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("settings", nargs="*", help="run settings as key=value (see the README's table)")
     run.add_argument("--config", help="YAML file of settings (key=value pairs override it)")
     run.add_argument("--client-cpus", type=float, default=1.0, help="CPUs per simulated client (Ray)")
-    run.add_argument("--client-gpus", type=float, default=None,
-                     help="GPU share per client (default 0.25 when CUDA is present: 4 clients per GPU)")
+    run.add_argument(
+        "--client-gpus",
+        type=float,
+        default=None,
+        help="GPU share per client (default 0.25 when CUDA is present: 4 clients per GPU)",
+    )
     run.add_argument("--check", action="store_true", help="validate settings and data, then stop")
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
-    run.add_argument("--resume", metavar="RUN_FOLDER",
-                     help="continue a killed run from its last saved round (same settings, same results)")
+    run.add_argument(
+        "--resume",
+        metavar="RUN_FOLDER",
+        help="continue a killed run from its last saved round (same settings, same results)",
+    )
     run.set_defaults(func=cmd_run)
     st = sub.add_parser("status", help="a run folder's true status (exit 0 completed, 1 failed, 3 unfinished)")
     st.add_argument("folder")
     st.set_defaults(func=cmd_status)
-    ev = sub.add_parser("evaluate", help="test accuracy of a run's saved student.pt (and agreement with the "
-                                         "cached teacher)")
+    ev = sub.add_parser(
+        "evaluate", help="test accuracy of a run's saved student.pt (and agreement with the cached teacher)"
+    )
     ev.add_argument("folder")
     ev.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
     ev.set_defaults(func=cmd_evaluate)
@@ -223,20 +242,35 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("spec", help="experiment spec, e.g. experiments/smoke.yaml")
     bench.add_argument("--out", default="experiments/runs", help="results go to OUT/<spec name>/")
     bench.add_argument("--dry-run", action="store_true", help="list the cells and which are done; run nothing")
-    bench.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                       help="settings applied over the spec's base for every cell (saved in the spec copy)")
-    bench.add_argument("--only", nargs="+", action="extend", default=[], metavar="AXIS=LABELS",
-                       help="run only the cells whose AXIS label is one of LABELS (comma-separated), "
-                            "e.g. --only seed=1; the others stay as they are")
+    bench.add_argument(
+        "--set",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="settings applied over the spec's base for every cell (saved in the spec copy)",
+    )
+    bench.add_argument(
+        "--only",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="AXIS=LABELS",
+        help="run only the cells whose AXIS label is one of LABELS (comma-separated), "
+        "e.g. --only seed=1; the others stay as they are",
+    )
     bench.add_argument("--client-cpus", type=float, default=1.0)
     bench.add_argument("--client-gpus", type=float, default=None)
     bench.add_argument("--verbose", action="store_true")
     bench.set_defaults(func=cmd_bench)
     rep = sub.add_parser("report", help="tables and plots of a bench folder (OUT/<spec name>)")
     rep.add_argument("folder")
-    rep.add_argument("--copy-to", metavar="DEST",
-                     help="also copy the report, plots, spec and each finished cell's settings and numbers to DEST "
-                          "(e.g. experiments/results/<name> to commit them)")
+    rep.add_argument(
+        "--copy-to",
+        metavar="DEST",
+        help="also copy the report, plots, spec and each finished cell's settings and numbers to DEST "
+        "(e.g. experiments/results/<name> to commit them)",
+    )
     rep.set_defaults(func=cmd_report)
     return parser
 

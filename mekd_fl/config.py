@@ -13,12 +13,12 @@ import json
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from mekd_fl.errors import ConfigError
-
 
 # A run name becomes a folder under out-dir: one path component, no leading dot, no separators. '=' is
 # allowed because the bench names its cells `axis=label__axis=label`.
@@ -27,13 +27,48 @@ SEED_MAX = 2**32 - 1  # numpy's seeding limit
 
 # The settings a client needs, in kebab-case (see `RunConfig.client_dict`).
 CLIENT_SETTINGS: tuple[str, ...] = (
-    "seed", "run-name", "device", "dataset", "oracle-output", "emulator-steps", "emulator-batch-size",
-    "emulator-lr", "emulator-width", "emulator", "wgan-n-critic", "wgan-gp-lambda", "infogan-weight",
-    "emulator-fid", "query-source", "query-views", "method", "student-arch", "num-rounds", "local-epochs",
-    "batch-size", "lr", "momentum", "weight-decay", "distance", "temperature", "emulator-input",
-    "weight-emulation", "weight-kl", "dkd-alpha", "dkd-beta", "dkd-warmup", "cdl-weight", "cdl-margin",
-    "can-weight", "can-lr",
+    "seed",
+    "run-name",
+    "device",
+    "dataset",
+    "oracle-output",
+    "emulator-steps",
+    "emulator-batch-size",
+    "emulator-lr",
+    "emulator-width",
+    "emulator",
+    "wgan-n-critic",
+    "wgan-gp-lambda",
+    "infogan-weight",
+    "emulator-fid",
+    "query-source",
+    "query-views",
+    "method",
+    "student-arch",
+    "num-rounds",
+    "local-epochs",
+    "batch-size",
+    "lr",
+    "momentum",
+    "weight-decay",
+    "distance",
+    "temperature",
+    "emulator-input",
+    "weight-emulation",
+    "weight-kl",
+    "dkd-alpha",
+    "dkd-beta",
+    "dkd-warmup",
+    "cdl-weight",
+    "cdl-margin",
+    "can-weight",
+    "can-lr",
 )
+
+# The distillation methods: the names `mekd_fl/distill/` registers (tests/test_config.py keeps the two equal).
+# Listed here rather than asked of the registry so that this module imports no method: the methods take
+# their defaults from RunConfig, and RunConfig is the one place defaults live.
+METHODS: tuple[str, ...] = ("can", "cdl", "dkd", "kd", "mekd", "supervised")
 
 
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -50,13 +85,16 @@ class RunConfig:
     run_name: str = _opt("", "Name of the result folder under `out-dir` (empty: timestamp + method).")
     out_dir: str = _opt("runs", "Where result folders are written.")
     cache_dir: str = _opt("", "Teacher checkpoint cache (empty: `$MEKD_FL_CACHE` or `~/.cache/mekd-fl`).")
-    device: str = _opt("auto", "Torch device for server and clients: auto (cuda when present), cpu, cuda.",
-                       ("auto", "cpu", "cuda"))
+    device: str = _opt(
+        "auto", "Torch device for server and clients: auto (cuda when present), cpu, cuda.", ("auto", "cpu", "cuda")
+    )
     # --- data ---
-    dataset: str = _opt("fashion-mnist", "Data set.",
-                        ("fashion-mnist", "mnist", "cifar10", "cifar100", "synthetic"))
-    data_dir: str = _opt("", "Folder with the data set files (empty: Debian location for Fashion-MNIST, "
-                             "else `$MEKD_FL_DATA` or `~/.cache/mekd-fl/data`).")
+    dataset: str = _opt("fashion-mnist", "Data set.", ("fashion-mnist", "mnist", "cifar10", "cifar100", "synthetic"))
+    data_dir: str = _opt(
+        "",
+        "Folder with the data set files (empty: Debian location for Fashion-MNIST, "
+        "else `$MEKD_FL_DATA` or `~/.cache/mekd-fl/data`).",
+    )
     download: bool = _opt(False, "Download the data set with torchvision when the files are missing (needs internet).")
     num_clients: int = _opt(10, "Number of simulated edge clients (SuperNodes).")
     partition: str = _opt("dirichlet", "How the clients' share is split.", ("iid", "dirichlet", "pathological"))
@@ -70,38 +108,63 @@ class RunConfig:
     teacher_lr: float = _opt(0.1, "Teacher SGD learning rate (x0.1 at 50% and 75% of the epochs).")
     teacher_batch_size: int = _opt(128, "Teacher training batch size.")
     oracle_output: str = _opt("probs", "What the oracle answers: probs (softmax) or logits.", ("probs", "logits"))
-    oracle_top_k: int = _opt(0, "The oracle answers only the k largest probabilities, renormalised to sum to 1 "
-                                "(0: all classes); needs oracle-output=probs.")
+    oracle_top_k: int = _opt(
+        0,
+        "The oracle answers only the k largest probabilities, renormalised to sum to 1 "
+        "(0: all classes); needs oracle-output=probs.",
+    )
     oracle_decimals: int = _opt(-1, "Round the oracle's answers to this many decimals (-1: off).")
     query_budget: int = _opt(100000, "Most teacher queries (images) one client may send in a run.")
     oracle_batch_size: int = _opt(1024, "Batch size of the oracle's teacher forward passes.")
-    answer_cache: bool = _opt(True, "Keep the teacher's answers on disk beside its checkpoint, so a run that sends "
-                                    "the same queries to the same teacher (another method of a sweep) skips the "
-                                    "forward passes; budgets are counted all the same.")
+    answer_cache: bool = _opt(
+        True,
+        "Keep the teacher's answers on disk beside its checkpoint, so a run that sends "
+        "the same queries to the same teacher (another method of a sweep) skips the "
+        "forward passes; budgets are counted all the same.",
+    )
     # --- emulator (clients) ---
     emulator_steps: int = _opt(200, "Generator updates of each client's emulator GAN.")
     emulator_batch_size: int = _opt(64, "Emulator GAN batch size.")
-    emulator_lr: float = _opt(2e-4, "Emulator Adam learning rate (betas 0.5, 0.999 for dcgan and infogan; 0.5, 0.9 for wgan-gp).")
+    emulator_lr: float = _opt(
+        2e-4, "Emulator Adam learning rate (betas 0.5, 0.999 for dcgan and infogan; 0.5, 0.9 for wgan-gp)."
+    )
     emulator_width: int = _opt(16, "Emulator channel width (generator and discriminator).")
-    emulator: str = _opt("dcgan", "Emulator GAN: dcgan, wgan-gp (critic without BatchNorm, gradient penalty) "
-                                  "or infogan (Q head recovering the C-dim input).", ("dcgan", "wgan-gp", "infogan"))
+    emulator: str = _opt(
+        "dcgan",
+        "Emulator GAN: dcgan, wgan-gp (critic without BatchNorm, gradient penalty) "
+        "or infogan (Q head recovering the C-dim input).",
+        ("dcgan", "wgan-gp", "infogan"),
+    )
     wgan_n_critic: int = _opt(5, "WGAN-GP critic steps per generator step.")
     wgan_gp_lambda: float = _opt(10.0, "WGAN-GP gradient-penalty weight lambda.")
     infogan_weight: float = _opt(1.0, "InfoGAN weight of the Q head's code-reconstruction loss.")
-    emulator_fid: bool = _opt(True, "Measure each emulator's domain FID against the client's images, on the client, "
-                                    "in the features of a fixed, data-independent network (nothing is sent for it).")
-    federated_emulator: bool = _opt(False, "Average generators and discriminators across clients during the "
-                                           "emulator phase instead of keeping each local.")
-    emulator_rounds: int = _opt(4, "Averaging rounds of the emulator phase when federated-emulator=true "
-                                   "(emulator-steps are split across them).")
-    query_source: str = _opt("local", "What clients send to the teacher: local (their own images, the paper), "
-                                      "generated (emulator samples G(z): data-free) or mixed (half each).",
-                             ("local", "generated", "mixed"))
-    query_views: int = _opt(1, "Augmented views sent per local image (1: the image itself); all count against "
-                               "the query budget.")
+    emulator_fid: bool = _opt(
+        True,
+        "Measure each emulator's domain FID against the client's images, on the client, "
+        "in the features of a fixed, data-independent network (nothing is sent for it).",
+    )
+    federated_emulator: bool = _opt(
+        False,
+        "Average generators and discriminators across clients during the emulator phase instead of keeping each local.",
+    )
+    emulator_rounds: int = _opt(
+        4, "Averaging rounds of the emulator phase when federated-emulator=true (emulator-steps are split across them)."
+    )
+    query_source: str = _opt(
+        "local",
+        "What clients send to the teacher: local (their own images, the paper), "
+        "generated (emulator samples G(z): data-free) or mixed (half each).",
+        ("local", "generated", "mixed"),
+    )
+    query_views: int = _opt(
+        1, "Augmented views sent per local image (1: the image itself); all count against the query budget."
+    )
     # --- distillation (clients) ---
-    method: str = _opt("mekd", "Distillation method, from the registry in `mekd_fl/distill/`: mekd, kd, dkd, cdl, "
-                               "can, or supervised (true labels: an upper bound that breaks the source-blind rule).")
+    method: str = _opt(
+        "mekd",
+        "Distillation method, from the registry in `mekd_fl/distill/`: mekd, kd, dkd, cdl, "
+        "can, or supervised (true labels: an upper bound that breaks the source-blind rule).",
+    )
     student_arch: str = _opt("resnet8", "Student architecture (CIFAR ResNet, depth 6n+2).")
     num_rounds: int = _opt(8, "Federated distillation rounds.")
     local_epochs: int = _opt(2, "Local distillation epochs per round.")
@@ -111,8 +174,9 @@ class RunConfig:
     weight_decay: float = _opt(5e-4, "Student SGD weight decay.")
     distance: str = _opt("l1", "MEKD image distance d(G(S(x)), G(T(x))).", ("l1", "l2"))
     temperature: float = _opt(4.0, "KL temperature T (KL scaled by T^2).")
-    emulator_input: str = _opt("probs", "What G receives: probs (softmax at T=1) or logits (logits / T).",
-                               ("probs", "logits"))
+    emulator_input: str = _opt(
+        "probs", "What G receives: probs (softmax at T=1) or logits (logits / T).", ("probs", "logits")
+    )
     weight_emulation: float = _opt(1.0, "Weight of the emulation term d(G(S(x)), G(T(x))).")
     weight_kl: float = _opt(1.0, "Weight of the KL term.")
     fraction_train: float = _opt(1.0, "Fraction of clients sampled per distillation round.")
@@ -125,24 +189,38 @@ class RunConfig:
     can_weight: float = _opt(1.0, "CAN weight of the student's adversarial term (added to KD).")
     can_lr: float = _opt(1e-4, "CAN discriminator Adam learning rate.")
     # --- aggregation and robustness (server) ---
-    aggregation: str = _opt("fedavg", "How the server combines the validated student updates; all but fedavg are "
-                                      "Flower's robust strategies (FedTrimmedAvg, FedMedian, Krum, MultiKrum, "
-                                      "Bulyan).",
-                            ("fedavg", "trimmed-mean", "median", "krum", "multikrum", "bulyan"))
-    trim_beta: float = _opt(0.2, "Fraction of the updates cut from each end, per coordinate, in [0, 0.5); "
-                                 "aggregation=trimmed-mean.")
+    aggregation: str = _opt(
+        "fedavg",
+        "How the server combines the validated student updates; all but fedavg are "
+        "Flower's robust strategies (FedTrimmedAvg, FedMedian, Krum, MultiKrum, "
+        "Bulyan).",
+        ("fedavg", "trimmed-mean", "median", "krum", "multikrum", "bulyan"),
+    )
+    trim_beta: float = _opt(
+        0.2, "Fraction of the updates cut from each end, per coordinate, in [0, 0.5); aggregation=trimmed-mean."
+    )
     num_malicious: int = _opt(0, "Attacking clients assumed by aggregation=krum, multikrum and bulyan.")
-    dp_clip: float = _opt(0.0, "Central differential privacy: with a value > 0 the aggregation is wrapped in "
-                               "Flower's DifferentialPrivacyServerSideFixedClipping with this clipping norm "
-                               "(0: off).")
+    dp_clip: float = _opt(
+        0.0,
+        "Central differential privacy: with a value > 0 the aggregation is wrapped in "
+        "Flower's DifferentialPrivacyServerSideFixedClipping with this clipping norm "
+        "(0: off).",
+    )
     dp_noise: float = _opt(0.0, "Differential-privacy noise multiplier (needs dp-clip > 0 when > 0).")
-    max_update_norm: float = _opt(0.0, "L2 bound on a client's update (its weights minus the global ones); "
-                                       "longer updates are scaled down to it (0: off).")
-    norm_outlier_factor: float = _opt(2.0, "Updates longer than this factor times the round's median update "
-                                           "length are scaled down to it (0: off).")
-    min_reply_fraction: float = _opt(0.5, "Fewest successful replies a phase or round accepts, as a fraction of "
-                                          "the clients asked (always at least one); fewer ends the run with an "
-                                          "error.")
+    max_update_norm: float = _opt(
+        0.0,
+        "L2 bound on a client's update (its weights minus the global ones); "
+        "longer updates are scaled down to it (0: off).",
+    )
+    norm_outlier_factor: float = _opt(
+        2.0, "Updates longer than this factor times the round's median update length are scaled down to it (0: off)."
+    )
+    min_reply_fraction: float = _opt(
+        0.5,
+        "Fewest successful replies a phase or round accepts, as a fraction of "
+        "the clients asked (always at least one); fewer ends the run with an "
+        "error.",
+    )
     reply_timeout: float = _opt(600.0, "Seconds the server waits for the replies of one phase or round.")
     # --- plots ---
     num_samples: int = _opt(8, "Images shown in the emulator-samples plot (G(T(x)) beside G(S(x))).")
@@ -154,7 +232,7 @@ class RunConfig:
         return [f.name.replace("_", "-") for f in dataclasses.fields(cls)]
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], *, validate: bool = True) -> "RunConfig":
+    def from_mapping(cls, values: Mapping[str, Any], *, validate: bool = True) -> RunConfig:
         """Build from kebab- or snake-case keys (Flower run-config, YAML, CLI) over the defaults.
 
         Unknown keys are an error rather than ignored: a typo must not silently run the default.
@@ -171,7 +249,7 @@ class RunConfig:
             cfg.validate()
         return cfg
 
-    def replace(self, **changes: Any) -> "RunConfig":
+    def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -209,10 +287,21 @@ class RunConfig:
                 raise ConfigError(
                     f"{f.name.replace('_', '-')}={value!r} is not accepted; accepted: {', '.join(choices)}"
                 )
-        positive_ints = ("num_clients", "num_rounds", "local_epochs", "batch_size", "teacher_batch_size",
-                         "emulator_batch_size", "emulator_width", "oracle_batch_size", "query_budget",
-                         "wgan_n_critic", "emulator_rounds", "query_views",
-                         "classes_per_client")
+        positive_ints = (
+            "num_clients",
+            "num_rounds",
+            "local_epochs",
+            "batch_size",
+            "teacher_batch_size",
+            "emulator_batch_size",
+            "emulator_width",
+            "oracle_batch_size",
+            "query_budget",
+            "wgan_n_critic",
+            "emulator_rounds",
+            "query_views",
+            "classes_per_client",
+        )
         for name in positive_ints:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')}={getattr(self, name)} must be an integer >= 1")
@@ -224,9 +313,24 @@ class RunConfig:
         for name in ("lr", "teacher_lr", "emulator_lr", "temperature", "can_lr", "reply_timeout"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name.replace('_', '-')}={getattr(self, name)} must be > 0")
-        for name in ("weight_emulation", "weight_kl", "weight_decay", "momentum", "wgan_gp_lambda", "infogan_weight",
-                     "dkd_alpha", "dkd_beta", "dkd_warmup", "cdl_weight", "cdl_margin", "can_weight",
-                     "dp_clip", "dp_noise", "max_update_norm", "norm_outlier_factor"):
+        for name in (
+            "weight_emulation",
+            "weight_kl",
+            "weight_decay",
+            "momentum",
+            "wgan_gp_lambda",
+            "infogan_weight",
+            "dkd_alpha",
+            "dkd_beta",
+            "dkd_warmup",
+            "cdl_weight",
+            "cdl_margin",
+            "can_weight",
+            "dp_clip",
+            "dp_noise",
+            "max_update_norm",
+            "norm_outlier_factor",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name.replace('_', '-')}={getattr(self, name)} must be >= 0")
         for name in ("fraction_train", "fraction_evaluate"):
@@ -235,18 +339,24 @@ class RunConfig:
         if not 0 <= self.seed <= SEED_MAX:
             raise ConfigError(f"seed={self.seed} must be an integer in [0, {SEED_MAX}]")
         if self.run_name and not RUN_NAME_PATTERN.match(self.run_name):
-            raise ConfigError(f"run-name={self.run_name!r} is not accepted; accepted: empty, or 1 to 128 letters, "
-                              f"digits, '.', '_', '-', '=' starting with a letter or digit (one folder name)")
+            raise ConfigError(
+                f"run-name={self.run_name!r} is not accepted; accepted: empty, or 1 to 128 letters, "
+                f"digits, '.', '_', '-', '=' starting with a letter or digit (one folder name)"
+            )
         if self.oracle_decimals < -1:
             raise ConfigError(f"oracle-decimals={self.oracle_decimals} must be an integer >= -1 (-1: off)")
         if self.oracle_top_k > 0 and self.oracle_output != "probs":
-            raise ConfigError(f"oracle-top-k={self.oracle_top_k} needs oracle-output=probs "
-                              f"(oracle-output={self.oracle_output}); accepted: oracle-top-k=0 with logits")
+            raise ConfigError(
+                f"oracle-top-k={self.oracle_top_k} needs oracle-output=probs "
+                f"(oracle-output={self.oracle_output}); accepted: oracle-top-k=0 with logits"
+            )
         if not 0 <= self.trim_beta < 0.5:
             raise ConfigError(f"trim-beta={self.trim_beta} must be in [0, 0.5)")
         if self.dp_noise > 0 and self.dp_clip == 0:
-            raise ConfigError(f"dp-noise={self.dp_noise} needs dp-clip > 0 (the clipping norm the noise is "
-                              f"scaled to); accepted: dp-noise=0 or dp-clip > 0")
+            raise ConfigError(
+                f"dp-noise={self.dp_noise} needs dp-clip > 0 (the clipping norm the noise is "
+                f"scaled to); accepted: dp-noise=0 or dp-clip > 0"
+            )
         if not 0 <= self.min_reply_fraction <= 1:
             raise ConfigError(f"min-reply-fraction={self.min_reply_fraction} must be in [0, 1]")
         if not 0 <= self.server_share < 1:
@@ -254,13 +364,15 @@ class RunConfig:
         if not 0 <= self.client_test_fraction < 1:
             raise ConfigError(f"client-test-fraction={self.client_test_fraction} must be in [0, 1)")
         if self.server_share == 0 and self.teacher_epochs > 0:
-            raise ConfigError("server-share=0 leaves no labeled data to train the teacher; "
-                              "accepted: server-share in (0, 1) when teacher-epochs > 0")
-        # Methods and architectures are checked by the modules that own their lists.
-        from mekd_fl.distill import get_class
+            raise ConfigError(
+                "server-share=0 leaves no labeled data to train the teacher; "
+                "accepted: server-share in (0, 1) when teacher-epochs > 0"
+            )
+        if self.method not in METHODS:
+            raise ConfigError(f"method={self.method!r} is not accepted; accepted: {', '.join(METHODS)}")
+        # Architectures are checked by the module that owns their list.
         from mekd_fl.models.resnet import parse_depth
 
-        get_class(self.method)
         parse_depth(self.teacher_arch, setting="teacher-arch")
         parse_depth(self.student_arch, setting="student-arch")
 
@@ -317,8 +429,9 @@ def _check_type(key: str, value: Any, default: Any) -> None:
         integer = isinstance(default, int)
         if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
             kind = "an integer" if integer else "a number"
-            raise ConfigError(f"{key}={value!r} is not a valid {type(default).__name__}; accepted: {kind}, "
-                              f"not true/false")
+            raise ConfigError(
+                f"{key}={value!r} is not a valid {type(default).__name__}; accepted: {kind}, not true/false"
+            )
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{key}={value!r} must be a finite number")
     elif isinstance(default, str) and not isinstance(value, str):

@@ -27,24 +27,25 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from mekd_fl.config import RunConfig
 from mekd_fl.errors import ConfigError
 from mekd_fl.models.gan import Critic, Discriminator, Generator, ImageShape, InfoDiscriminator, init_dcgan_weights
 
 
 @dataclass
 class EmulatorConfig:
-    """Hyper-parameters of one emulator training phase."""
+    """Hyper-parameters of one emulator training phase; the defaults are RunConfig's emulator settings."""
 
-    steps: int = 300  # generator updates
-    batch_size: int = 64
-    lr: float = 2e-4
+    steps: int = RunConfig.emulator_steps  # generator updates
+    batch_size: int = RunConfig.emulator_batch_size
+    lr: float = RunConfig.emulator_lr
     betas: tuple[float, float] | None = None  # Adam betas; None: the kind's usual ones (see _KINDS)
-    width: int = 32
-    seed: int = 0
-    kind: str = "dcgan"  # one of EMULATORS
-    n_critic: int = 5  # wgan-gp: critic steps per generator step
-    gp_lambda: float = 10.0  # wgan-gp: gradient-penalty weight
-    info_weight: float = 1.0  # infogan: weight of the code-reconstruction (Q) loss
+    width: int = RunConfig.emulator_width
+    seed: int = 0  # no RunConfig default: a run gives each client its own seed, derived from `seed`
+    kind: str = RunConfig.emulator  # one of EMULATORS
+    n_critic: int = RunConfig.wgan_n_critic  # wgan-gp: critic steps per generator step
+    gp_lambda: float = RunConfig.wgan_gp_lambda  # wgan-gp: gradient-penalty weight
+    info_weight: float = RunConfig.infogan_weight  # infogan: weight of the code-reconstruction (Q) loss
 
 
 @dataclass
@@ -73,8 +74,9 @@ def from_gan_range(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(-1.0, 1.0).add(1.0).mul(127.5).round().to(torch.uint8)
 
 
-def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+def gradient_penalty(
+    critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """WGAN-GP penalty E[(||grad_x critic(x_hat)||_2 - 1)^2] at random interpolates of real and fake.
 
     One uniform weight per sample (drawn from ``generator``, on its device,
@@ -182,8 +184,9 @@ class _Kind:
 _KINDS: dict[str, _Kind] = {
     "dcgan": _Kind(Discriminator, lambda c, shape, w: Discriminator(shape, w), _dcgan_step, (0.5, 0.999)),
     "wgan-gp": _Kind(Critic, lambda c, shape, w: Critic(shape, w), _wgan_gp_step, (0.5, 0.9)),
-    "infogan": _Kind(InfoDiscriminator, lambda c, shape, w: InfoDiscriminator(shape, c, w), _infogan_step,
-                     (0.5, 0.999)),
+    "infogan": _Kind(
+        InfoDiscriminator, lambda c, shape, w: InfoDiscriminator(shape, c, w), _infogan_step, (0.5, 0.999)
+    ),
 }
 EMULATORS: tuple[str, ...] = tuple(_KINDS)
 
@@ -194,8 +197,9 @@ def _kind(name: str) -> _Kind:
     return _KINDS[name]
 
 
-def build_emulator(num_classes: int, image_shape: ImageShape, width: int,
-                   kind: str = "dcgan") -> tuple[Generator, nn.Module]:
+def build_emulator(
+    num_classes: int, image_shape: ImageShape, width: int, kind: str = "dcgan"
+) -> tuple[Generator, nn.Module]:
     """Fresh (generator, discriminator) pair of ``kind`` with DCGAN init; G takes exactly ``num_classes`` inputs.
 
     The construction is deterministic in shape, so every client's networks of
@@ -234,8 +238,9 @@ def train_emulator(
     if generator is not None and generator.latent_dim != num_classes:
         raise ValueError(f"generator input has {generator.latent_dim} dims, expected {num_classes} (one per class)")
     if discriminator is not None and not isinstance(discriminator, spec.discriminator):
-        raise ValueError(f"emulator {cfg.kind!r} needs a {spec.discriminator.__name__}, "
-                         f"got {type(discriminator).__name__}")
+        raise ValueError(
+            f"emulator {cfg.kind!r} needs a {spec.discriminator.__name__}, got {type(discriminator).__name__}"
+        )
 
     fork_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):

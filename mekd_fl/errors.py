@@ -2,4 +2,5 @@
 
 
 class ConfigError(ValueError):
-    """A bad setting or missing file, reported as one line naming the setting and what is accepted, before any work starts."""
+    """A bad setting or missing file, reported as one line naming the setting and what is accepted,
+    before any work starts."""

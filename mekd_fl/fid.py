@@ -94,8 +94,11 @@ class FeatureNet(nn.Module):
         blocks: list[nn.Module] = []
         side = self.image_shape[1:]
         for i, (c_in, c_out) in enumerate(zip(chans, chans[1:])):
-            blocks += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False, device="meta"), nn.ReLU(),
-                       nn.MaxPool2d(2) if i == 0 else nn.AvgPool2d(2)]
+            blocks += [
+                nn.Conv2d(c_in, c_out, 3, padding=1, bias=False, device="meta"),
+                nn.ReLU(),
+                nn.MaxPool2d(2) if i == 0 else nn.AvgPool2d(2),
+            ]
             side = (side[0] // 2, side[1] // 2)
         projection = nn.Linear(chans[-1] * side[0] * side[1], self.num_features, bias=False, device="meta")
         self.body = nn.Sequential(*blocks, nn.Flatten(), projection)
@@ -153,8 +156,13 @@ class _Features(nn.Module):
 
 
 @torch.no_grad()
-def domain_fid(net: FeatureNet, real_uint8: torch.Tensor, fake_uint8: torch.Tensor,
-               device: torch.device = torch.device("cpu"), batch_size: int = 256) -> float:
+def domain_fid(
+    net: FeatureNet,
+    real_uint8: torch.Tensor,
+    fake_uint8: torch.Tensor,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+) -> float:
     """Frechet distance between the FeatureNet features of two uint8 image sets (N, C, H, W).
 
     ``net`` is normally ``fixed_feature_net(image_shape, seed)``; it is moved
@@ -164,13 +172,15 @@ def domain_fid(net: FeatureNet, real_uint8: torch.Tensor, fake_uint8: torch.Tens
     """
     for name, images in (("real", real_uint8), ("fake", fake_uint8)):
         if images.dtype != torch.uint8 or tuple(images.shape[1:]) != net.image_shape or len(images) < 2:
-            raise ValueError(f"domain FID needs >= 2 uint8 {name} images of shape {net.image_shape}, "
-                             f"got {images.dtype} {tuple(images.shape)}")
+            raise ValueError(
+                f"domain FID needs >= 2 uint8 {name} images of shape {net.image_shape}, "
+                f"got {images.dtype} {tuple(images.shape)}"
+            )
     net.eval()
     metric = FrechetInceptionDistance(feature=_Features(net), input_img_size=net.image_shape, normalize=True)
     metric.to(device)
     for images, real in ((real_uint8, True), (fake_uint8, False)):
         for start in range(0, len(images), batch_size):
-            metric.update(images[start:start + batch_size].to(device), real=real)
+            metric.update(images[start : start + batch_size].to(device), real=real)
     # A squared distance: clamp the tiny negative round-off of a set compared with itself.
     return max(0.0, float(metric.compute()))

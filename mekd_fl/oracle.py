@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numbers
 import threading
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -52,7 +53,8 @@ class TeacherOracle:
     half-precision or complex dtypes, sparse or meta tensors) is refused with a `QueryError`, as is an
     empty client key. Answers are float32 on the CPU, shape (B, num_classes). With an `answer_cache`, an
     exact repeat of an earlier query (another run of a sweep) is answered from disk, after the same
-    validation and budget accounting.
+    validation and budget accounting. The teacher is fed the queries as floats in [0, 1], through
+    `preprocess` when given (the teacher's own normalisation, e.g. torchvision's Normalize).
 
     Budget: the images of a query are reserved against the client's `budget` under a lock before the
     forward pass, so concurrent queries can never overspend it, and the reservation is given back if
@@ -72,10 +74,21 @@ class TeacherOracle:
     always stores the raw answers, so a cache filled under one setting stays valid under any other.
     """
 
-    def __init__(self, model: nn.Module, *, num_classes: int, image_shape: tuple[int, int, int],
-                 output: str = "probs", budget: int = 100_000, batch_size: int = 1024,
-                 device: torch.device | str = "cpu", answer_cache: AnswerCache | None = None,
-                 top_k: int = 0, decimals: int | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        num_classes: int,
+        image_shape: tuple[int, int, int],
+        output: str = "probs",
+        budget: int = 100_000,
+        batch_size: int = 1024,
+        device: torch.device | str = "cpu",
+        answer_cache: AnswerCache | None = None,
+        top_k: int = 0,
+        decimals: int | None = None,
+        preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         if output not in OUTPUTS:
             raise ValueError(f"oracle-output={output!r} is not accepted; accepted: {', '.join(OUTPUTS)}")
         budget = _int_setting("query-budget", budget, 0, "an int >= 0 (images per client)")
@@ -86,14 +99,24 @@ class TeacherOracle:
             raise ValueError(f"oracle-top-k={top_k!r} is not accepted; accepted: an int >= 0 (0 = all classes)")
         top_k = int(top_k)
         if top_k > 0 and output != "probs":
-            raise ValueError(f"oracle-top-k={top_k} needs oracle-output='probs' (got {output!r}); "
-                             f"accepted with logits: 0 (all classes)")
+            raise ValueError(
+                f"oracle-top-k={top_k} needs oracle-output='probs' (got {output!r}); "
+                f"accepted with logits: 0 (all classes)"
+            )
         if top_k > num_classes:
-            raise ValueError(f"oracle-top-k={top_k} is not accepted; accepted: 0..{num_classes} "
-                             f"(num-classes={num_classes})")
+            raise ValueError(
+                f"oracle-top-k={top_k} is not accepted; accepted: 0..{num_classes} (num-classes={num_classes})"
+            )
         if decimals is not None and (not _is_int(decimals) or int(decimals) < 0):
             raise ValueError(f"oracle-decimals={decimals!r} is not accepted; accepted: None (off) or an int >= 0")
-        self._model = model.eval().to(device)
+        if preprocess is not None and not callable(preprocess):
+            raise ValueError("preprocess: a callable (images as floats in [0, 1]) -> the teacher's input is accepted")
+        try:
+            model = model.eval()
+        except NotImplementedError:  # a torch.export program: its mode was fixed when it was exported
+            pass
+        self._model = model.to(device)
+        self.preprocess = preprocess
         self._device = torch.device(device)
         self.num_classes = num_classes
         self.image_shape = image_shape
@@ -108,11 +131,16 @@ class TeacherOracle:
 
     @staticmethod
     def _check_image_shape(image_shape: object) -> tuple[int, int, int]:
-        ok = (isinstance(image_shape, (tuple, list, torch.Size)) and len(image_shape) == 3
-              and all(_is_int(v) and int(v) >= 1 for v in image_shape))
+        ok = (
+            isinstance(image_shape, (tuple, list, torch.Size))
+            and len(image_shape) == 3
+            and all(_is_int(v) and int(v) >= 1 for v in image_shape)
+        )
         if not ok:
-            raise ValueError(f"image-shape={image_shape!r} is not accepted; accepted: a 3-tuple of positive ints "
-                             f"(channels, height, width)")
+            raise ValueError(
+                f"image-shape={image_shape!r} is not accepted; accepted: a 3-tuple of positive ints "
+                f"(channels, height, width)"
+            )
         c, h, w = (int(v) for v in image_shape)  # type: ignore[union-attr]
         return c, h, w
 
@@ -132,8 +160,10 @@ class TeacherOracle:
         with self._lock:
             left = self.budget - self._used.get(client, 0)
             if n > left:
-                raise BudgetExceeded(f"client {client} asked for {n} answers but has {max(left, 0)} of its "
-                                     f"query-budget={self.budget} left")
+                raise BudgetExceeded(
+                    f"client {client} asked for {n} answers but has {max(left, 0)} of its "
+                    f"query-budget={self.budget} left"
+                )
             self._used[client] = self._used.get(client, 0) + n
 
     def _release(self, client: str, n: int) -> None:
@@ -160,13 +190,17 @@ class TeacherOracle:
         if not isinstance(images, torch.Tensor):
             raise QueryError(f"query must be a torch.Tensor, got {type(images).__name__}")
         if images.layout != torch.strided:
-            raise QueryError(f"query layout {images.layout} is not accepted; accepted: a dense tensor "
-                             f"(torch.strided), e.g. .to_dense()")
+            raise QueryError(
+                f"query layout {images.layout} is not accepted; accepted: a dense tensor "
+                f"(torch.strided), e.g. .to_dense()"
+            )
         if images.device.type == "meta":
             raise QueryError("query is on the meta device and holds no values; send a tensor with data")
         if images.ndim != 4 or tuple(images.shape[1:]) != self.image_shape:
-            raise QueryError(f"query shape {tuple(images.shape)} is not accepted; accepted: (B, "
-                             f"{', '.join(map(str, self.image_shape))})")
+            raise QueryError(
+                f"query shape {tuple(images.shape)} is not accepted; accepted: (B, "
+                f"{', '.join(map(str, self.image_shape))})"
+            )
         if images.shape[0] == 0:
             raise QueryError("query is empty; send at least one image")
         images = images.detach()
@@ -217,7 +251,7 @@ class TeacherOracle:
     def _answer(self, images: torch.Tensor) -> torch.Tensor:
         out = []
         for start in range(0, len(images), self.batch_size):
-            batch = to_unit(images[start:start + self.batch_size].to(self._device, non_blocking=True))
-            logits = self._model(batch).float()
+            batch = to_unit(images[start : start + self.batch_size].to(self._device, non_blocking=True))
+            logits = self._model(self.preprocess(batch) if self.preprocess is not None else batch).float()
             out.append((logits.softmax(1) if self.output == "probs" else logits).cpu())
         return torch.cat(out)

@@ -46,20 +46,27 @@ def _check_writable(setting: str, folder: Path) -> None:
         os.remove(probe)
     except OSError as exc:
         reason = exc.strerror or str(exc) or type(exc).__name__
-        raise ConfigError(f"{setting}={str(folder)!r} is not writable: {reason}; "
-                          f"accepted: a folder this user can write") from None
+        raise ConfigError(
+            f"{setting}={str(folder)!r} is not writable: {reason}; accepted: a folder this user can write"
+        ) from None
 
 
 def _check_run_folder(cfg: RunConfig, out_dir: Path, resume: bool) -> None:
     if not cfg.run_name:
         if resume:
-            raise ConfigError("run-name='' cannot be resumed; accepted: the run-name of an existing run folder "
-                              f"under out-dir={str(out_dir)!r}")
+            raise ConfigError(
+                "run-name='' cannot be resumed; accepted: the run-name of an existing run folder "
+                f"under out-dir={str(out_dir)!r}"
+            )
         return  # a fresh timestamped name is chosen when the folder is claimed
     folder = out_dir / cfg.run_name
     if not resume and (folder.exists() or folder.is_symlink()):
-        raise ConfigError(f"run-name={cfg.run_name!r}: {folder} already exists; choose another run-name "
-                          f"(results are never overwritten)")
+        raise ConfigError(
+            f"run-name={cfg.run_name!r}: {folder} already exists; choose another run-name "
+            f"(results are never overwritten)"
+        )
     if resume and not folder.is_dir():
-        raise ConfigError(f"run-name={cfg.run_name!r}: {folder} does not exist, nothing to resume; "
-                          f"accepted: the run-name of an existing run folder under out-dir={str(out_dir)!r}")
+        raise ConfigError(
+            f"run-name={cfg.run_name!r}: {folder} does not exist, nothing to resume; "
+            f"accepted: the run-name of an existing run folder under out-dir={str(out_dir)!r}"
+        )

@@ -55,7 +55,7 @@ class RunResults:
         self.rounds: list[dict] = []
 
     @classmethod
-    def claim(cls, cfg: RunConfig) -> "RunResults":
+    def claim(cls, cfg: RunConfig) -> RunResults:
         """Create the run's folder; refuse one that exists so no earlier result is overwritten.
 
         The folder appears whole, with its config.json, by a rename: a run killed while claiming
@@ -64,8 +64,9 @@ class RunResults:
         name = cfg.run_name or default_run_name(cfg)
         folder = Path(cfg.out_dir) / name
         folder.parent.mkdir(parents=True, exist_ok=True)
-        refused = ConfigError(f"run-name={name!r}: {folder} already exists; choose another run-name "
-                              f"(results are never overwritten)")
+        refused = ConfigError(
+            f"run-name={name!r}: {folder} already exists; choose another run-name (results are never overwritten)"
+        )
         if folder.exists():
             raise refused
         staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder.parent))
@@ -78,7 +79,7 @@ class RunResults:
         return cls(folder)
 
     @classmethod
-    def reopen(cls, folder: Path) -> tuple["RunResults", dict]:
+    def reopen(cls, folder: Path) -> tuple[RunResults, dict]:
         """An unfinished run's folder and its last checkpoint; metrics after that round are dropped."""
         results = cls(folder)
         checkpoint = results.load_checkpoint()
@@ -102,19 +103,24 @@ class RunResults:
         """The global student after `server_round` (student.pt) and what resuming needs (checkpoint.pt)."""
         student = {k: v.detach().cpu().clone() for k, v in student.items()}
         self._save_torch("student.pt", student)
-        self._save_torch("checkpoint.pt", {"round": int(server_round), "student": student,
-                                           "strategy": _jsonable(strategy_state)})
+        self._save_torch(
+            "checkpoint.pt", {"round": int(server_round), "student": student, "strategy": _jsonable(strategy_state)}
+        )
 
     def load_checkpoint(self) -> dict:
         path = self.folder / "checkpoint.pt"
         if not path.is_file():
-            raise ConfigError(f"--resume: {self.folder} has no checkpoint.pt (the run never finished a round); "
-                              f"start it again under a new run-name")
+            raise ConfigError(
+                f"--resume: {self.folder} has no checkpoint.pt (the run never finished a round); "
+                f"start it again under a new run-name"
+            )
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001  (torch raises many kinds for a damaged or unsafe file)
-            raise ConfigError(f"--resume: {path} cannot be read safely ({type(exc).__name__}); "
-                              f"start the run again under a new run-name") from None
+            raise ConfigError(
+                f"--resume: {path} cannot be read safely ({type(exc).__name__}); "
+                f"start the run again under a new run-name"
+            ) from None
         if not isinstance(checkpoint, dict) or not {"round", "student", "strategy"} <= set(checkpoint):
             raise ConfigError(f"--resume: {path} is not a mekd-fl checkpoint")
         return checkpoint
@@ -154,9 +160,11 @@ class RunResults:
 
         fig, ax = plt.subplots(figsize=(6, 4))
         rounds = [r["round"] for r in self.rounds]
-        for key, label in (("server/accuracy", "global student, server test set"),
-                           ("fed/accuracy", "global student, client test splits"),
-                           ("server/agreement", "agreement with teacher")):
+        for key, label in (
+            ("server/accuracy", "global student, server test set"),
+            ("fed/accuracy", "global student, client test splits"),
+            ("server/agreement", "agreement with teacher"),
+        ):
             pts = [(r["round"], r[key]) for r in self.rounds if r.get(key) is not None]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=label)
@@ -182,8 +190,13 @@ class RunResults:
         bottom = np.zeros(len(counts))
         cmap = plt.get_cmap("tab10" if counts.shape[1] <= 10 else "tab20")
         for c in range(counts.shape[1]):
-            ax.bar(range(len(counts)), counts[:, c], bottom=bottom,
-                   color=cmap(c % cmap.N), label=class_names[c] if c < 20 else None)
+            ax.bar(
+                range(len(counts)),
+                counts[:, c],
+                bottom=bottom,
+                color=cmap(c % cmap.N),
+                label=class_names[c] if c < 20 else None,
+            )
             bottom += counts[:, c]
         ax.set_xlabel("client")
         ax.set_ylabel("images")

@@ -44,24 +44,51 @@ class RunData:
     def teacher_recipe(self, cfg: RunConfig) -> TeacherRecipe:
         """The recipe (and so the cache key) of this run's teacher: the run and `mekd-fl evaluate` agree."""
         ds = self.dataset
-        return TeacherRecipe(dataset=ds.name, arch=cfg.teacher_arch, num_classes=ds.num_classes,
-                             image_shape=ds.image_shape, mean=ds.mean, std=ds.std, seed=cfg.seed,
-                             epochs=cfg.teacher_epochs, lr=cfg.teacher_lr, batch_size=cfg.teacher_batch_size,
-                             server_share=cfg.server_share, num_train=len(self.split.server_indices))
+        return TeacherRecipe(
+            dataset=ds.name,
+            arch=cfg.teacher_arch,
+            num_classes=ds.num_classes,
+            image_shape=ds.image_shape,
+            mean=ds.mean,
+            std=ds.std,
+            seed=cfg.seed,
+            epochs=cfg.teacher_epochs,
+            lr=cfg.teacher_lr,
+            batch_size=cfg.teacher_batch_size,
+            server_share=cfg.server_share,
+            num_train=len(self.split.server_indices),
+        )
 
 
 def _data_key(cfg: RunConfig) -> tuple:
-    return (cfg.dataset, cfg.data_dir, cfg.download, cfg.num_clients, cfg.partition, cfg.alpha,
-            cfg.classes_per_client, cfg.server_share, cfg.client_test_fraction, cfg.seed)
+    return (
+        cfg.dataset,
+        cfg.data_dir,
+        cfg.download,
+        cfg.num_clients,
+        cfg.partition,
+        cfg.alpha,
+        cfg.classes_per_client,
+        cfg.server_share,
+        cfg.client_test_fraction,
+        cfg.seed,
+    )
 
 
 @functools.lru_cache(maxsize=4)
 def _run_data(key: tuple) -> RunData:
     dataset_name, data_dir, download, num_clients, partition, alpha, k, share, test_frac, seed = key
     dataset = load_dataset(dataset_name, data_dir, download)
-    split = split_federated(np.asarray(dataset.train_labels), num_clients=num_clients, scheme=partition,
-                            alpha=alpha, classes_per_partition=k, server_share=share,
-                            client_test_fraction=test_frac, seed=seed)
+    split = split_federated(
+        np.asarray(dataset.train_labels),
+        num_clients=num_clients,
+        scheme=partition,
+        alpha=alpha,
+        classes_per_partition=k,
+        server_share=share,
+        client_test_fraction=test_frac,
+        seed=seed,
+    )
     return RunData(dataset, split)
 
 

@@ -39,16 +39,25 @@ def status(folder: Path) -> tuple[str, str]:
         summary = json.loads(summary_path.read_text())
         state = summary.get("status", "completed")
         if state == "failed":
-            return "failed", f"failed after round {summary.get('rounds-done', 0)} of {cfg.num_rounds}: {summary.get('error')}"
+            return (
+                "failed",
+                f"failed after round {summary.get('rounds-done', 0)} of {cfg.num_rounds}: {summary.get('error')}",
+            )
         acc = summary.get("student-accuracy")
         failures = len(summary.get("failures", []))
-        return "completed", (f"completed {cfg.num_rounds} rounds: student accuracy {acc:.4f}, "
-                             f"{failures} recorded failure{'s' * (failures != 1)}" if acc is not None else "completed")
+        return "completed", (
+            f"completed {cfg.num_rounds} rounds: student accuracy {acc:.4f}, "
+            f"{failures} recorded failure{'s' * (failures != 1)}"
+            if acc is not None
+            else "completed"
+        )
     done = 0
     if (folder / "checkpoint.pt").is_file():
         done = int(torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True)["round"])
-    return "unfinished", (f"unfinished: last saved round {done} of {cfg.num_rounds} (still running, or killed: "
-                          f"continue with `mekd-fl run --resume {folder}`)")
+    return "unfinished", (
+        f"unfinished: last saved round {done} of {cfg.num_rounds} (still running, or killed: "
+        f"continue with `mekd-fl run --resume {folder}`)"
+    )
 
 
 def evaluate(folder: Path) -> dict:
@@ -73,16 +82,28 @@ def evaluate(folder: Path) -> dict:
     try:
         student.load_state_dict(state)
     except (RuntimeError, TypeError) as exc:
-        raise ConfigError(f"{path} does not fit student-arch={cfg.student_arch} "
-                          f"({str(exc).splitlines()[0]})") from None
+        raise ConfigError(f"{path} does not fit student-arch={cfg.student_arch} ({str(exc).splitlines()[0]})") from None
     pred = predict_logits(student.to(device), ds.test_images, device).argmax(1)
-    out = {"folder": str(folder), "student-arch": cfg.student_arch, "test-images": len(ds.test_labels),
-           "accuracy": (pred == ds.test_labels).float().mean().item(), "agreement": None}
+    out = {
+        "folder": str(folder),
+        "student-arch": cfg.student_arch,
+        "test-images": len(ds.test_labels),
+        "accuracy": (pred == ds.test_labels).float().mean().item(),
+        "agreement": None,
+    }
     server_images, server_labels = data.server_train()
     recipe = data.teacher_recipe(cfg)
     if (cfg.resolved_cache_dir() / "teachers" / f"{recipe.key()}.pt").is_file():
-        teacher, _ = load_or_train_teacher(recipe, cfg.resolved_cache_dir(), server_images, server_labels,
-                                           ds.test_images, ds.test_labels, device, log=lambda line: None)
+        teacher, _ = load_or_train_teacher(
+            recipe,
+            cfg.resolved_cache_dir(),
+            server_images,
+            server_labels,
+            ds.test_images,
+            ds.test_labels,
+            device,
+            log=lambda line: None,
+        )
         teacher_pred = predict_logits(teacher, ds.test_images, device).argmax(1)
         out["agreement"] = (pred == teacher_pred).float().mean().item()
     return out

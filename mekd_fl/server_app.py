@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,8 +44,10 @@ def prepare(cfg: RunConfig, *, resume: bool = False) -> None:
     folders, the aggregation's minimum cohort (no training, no Ray, no run folder claimed)."""
     cfg.validate()
     if emulators_needed(cfg) and cfg.emulator_steps == 0:
-        raise ConfigError(f"emulator-steps=0, but method={cfg.method} with query-source={cfg.query_source} needs "
-                          f"an emulator; accepted: emulator-steps >= 1")
+        raise ConfigError(
+            f"emulator-steps=0, but method={cfg.method} with query-source={cfg.query_source} needs "
+            f"an emulator; accepted: emulator-steps >= 1"
+        )
     build_aggregation(cfg)
     run_data(cfg)
     check_environment(cfg, resume=resume)
@@ -57,10 +60,16 @@ def emulators_needed(cfg: RunConfig) -> bool:
 
 def shard_records(data: RunData) -> Callable[[int, int], dict[str, ArrayRecord]]:
     """Per partition, the `shard` record that tells a simulated node which images are its own."""
-    shards = [ArrayRecord({P.TRAIN_INDEX: Array(np.asarray(train, dtype=np.int64)),
-                           P.TEST_INDEX: Array(np.asarray(test, dtype=np.int64)),
-                           P.PARTITION: Array(np.asarray(i, dtype=np.int64))})
-              for i, (train, test) in enumerate(zip(data.split.client_train, data.split.client_test))]
+    shards = [
+        ArrayRecord(
+            {
+                P.TRAIN_INDEX: Array(np.asarray(train, dtype=np.int64)),
+                P.TEST_INDEX: Array(np.asarray(test, dtype=np.int64)),
+                P.PARTITION: Array(np.asarray(i, dtype=np.int64)),
+            }
+        )
+        for i, (train, test) in enumerate(zip(data.split.client_train, data.split.client_test))
+    ]
 
     def records(node: int, partition: int) -> dict[str, ArrayRecord]:
         return {P.SHARD: shards[partition]}
@@ -85,31 +94,47 @@ def run_server(grid: Grid, cfg: RunConfig, log: Callable[[str], None] = say, *, 
         results = RunResults.claim(cfg)
         cfg = cfg.replace(run_name=results.folder.name)  # clients key their state by it
         log(f"[setup] run folder {results.folder}")
-    log(f"[setup] {ds.name}: {len(ds.train_labels)} train / {len(ds.test_labels)} test, {ds.num_classes} classes, "
+    log(
+        f"[setup] {ds.name}: {len(ds.train_labels)} train / {len(ds.test_labels)} test, {ds.num_classes} classes, "
         f"{cfg.num_clients} clients, partition={cfg.partition}"
         + (f" alpha={cfg.alpha}" if cfg.partition == "dirichlet" else "")
-        + (f" classes-per-client={cfg.classes_per_client}" if cfg.partition == "pathological" else ""))
+        + (f" classes-per-client={cfg.classes_per_client}" if cfg.partition == "pathological" else "")
+    )
     log(split.summary_table(names))
-    results.write_json("partition.json", {
-        "label_counts": split.label_counts, "class_names": names,
-        "client_train_sizes": [len(p) for p in split.client_train],
-        "client_test_sizes": [len(p) for p in split.client_test], "server_size": len(split.server_indices)})
+    results.write_json(
+        "partition.json",
+        {
+            "label_counts": split.label_counts,
+            "class_names": names,
+            "client_train_sizes": [len(p) for p in split.client_train],
+            "client_test_sizes": [len(p) for p in split.client_test],
+            "server_size": len(split.server_indices),
+        },
+    )
     results.plot_label_distribution(split.label_counts, names, f"{ds.name}: {cfg.partition} partition")
 
     device = pick_device(cfg.device)
     server_images, server_labels = data.server_train()
     recipe = data.teacher_recipe(cfg)
-    teacher, teacher_meta = load_or_train_teacher(recipe, cfg.resolved_cache_dir(), server_images, server_labels,
-                                                  ds.test_images, ds.test_labels, device, log)
+    teacher, teacher_meta = load_or_train_teacher(
+        recipe, cfg.resolved_cache_dir(), server_images, server_labels, ds.test_images, ds.test_labels, device, log
+    )
 
     def answer_cache(output: str) -> AnswerCache | None:
         return AnswerCache(cfg.resolved_cache_dir(), recipe.key(), output) if cfg.answer_cache else None
 
-    oracle = TeacherOracle(teacher, num_classes=ds.num_classes, image_shape=ds.image_shape,
-                           output=cfg.oracle_output, budget=cfg.query_budget,
-                           batch_size=cfg.oracle_batch_size, device=device,
-                           answer_cache=answer_cache(cfg.oracle_output), top_k=cfg.oracle_top_k,
-                           decimals=None if cfg.oracle_decimals < 0 else cfg.oracle_decimals)
+    oracle = TeacherOracle(
+        teacher,
+        num_classes=ds.num_classes,
+        image_shape=ds.image_shape,
+        output=cfg.oracle_output,
+        budget=cfg.query_budget,
+        batch_size=cfg.oracle_batch_size,
+        device=device,
+        answer_cache=answer_cache(cfg.oracle_output),
+        top_k=cfg.oracle_top_k,
+        decimals=None if cfg.oracle_decimals < 0 else cfg.oracle_decimals,
+    )
     test_cache = answer_cache("test-logits")
 
     def teacher_logits(images: torch.Tensor) -> torch.Tensor:
@@ -125,8 +150,12 @@ def run_server(grid: Grid, cfg: RunConfig, log: Callable[[str], None] = say, *, 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         student.load_state_dict(arrays.to_torch_state_dict())
         pred = predict_logits(student.to(device), ds.test_images, device).argmax(1)
-        return MetricRecord({"accuracy": (pred == ds.test_labels).float().mean().item(),
-                             "agreement": (pred == teacher_test_pred).float().mean().item()})
+        return MetricRecord(
+            {
+                "accuracy": (pred == ds.test_labels).float().mean().item(),
+                "agreement": (pred == teacher_test_pred).float().mean().item(),
+            }
+        )
 
     def on_round(record: dict, arrays: ArrayRecord) -> None:
         results.append_round(record)
@@ -135,29 +164,47 @@ def run_server(grid: Grid, cfg: RunConfig, log: Callable[[str], None] = say, *, 
             log(f"[round 0/{cfg.num_rounds}] initial student: acc {record['server/accuracy']:.4f}")
             return
         fed = record.get("fed/accuracy")
-        log(f"[round {record['round']}/{cfg.num_rounds}] distill ({cfg.method}): "
+        log(
+            f"[round {record['round']}/{cfg.num_rounds}] distill ({cfg.method}): "
             f"loss {record.get('train/train-loss', float('nan')):.4f}, "
             f"test acc {record['server/accuracy']:.4f}, agreement {record['server/agreement']:.4f}, "
             f"client-test acc {fed if fed is None else round(fed, 4)}, rejected {record.get('rejected', 0)}, "
-            f"failures {len(record.get('failures', []))}, {record['elapsed-s']:.0f}s")
+            f"failures {len(record.get('failures', []))}, {record['elapsed-s']:.0f}s"
+        )
 
     emulator_reference = {}
     if cfg.federated_emulator:
         gen, disc = build_emulator(ds.num_classes, ds.image_shape, cfg.emulator_width, kind=cfg.emulator)
-        emulator_reference = {P.GENERATOR: ArrayRecord(gen.state_dict()),
-                              P.DISCRIMINATOR: ArrayRecord(disc.state_dict())}
+        emulator_reference = {
+            P.GENERATOR: ArrayRecord(gen.state_dict()),
+            P.DISCRIMINATOR: ArrayRecord(disc.state_dict()),
+        }
     # The supervised reference reads labels, never the teacher: it spends no queries.
-    strategy = MEKD(oracle, strategy=build_aggregation(cfg), query_budget=cfg.query_budget,
-                    query_teacher=not get_class(cfg.method).uses_labels,
-                    train_emulators=emulators_needed(cfg), federated_emulator=cfg.federated_emulator,
-                    emulator_rounds=cfg.emulator_rounds, emulator_steps=cfg.emulator_steps,
-                    emulator_reference=emulator_reference, measure_fid=emulators_needed(cfg) and cfg.emulator_fid,
-                    client_config_keys=CLIENT_SETTINGS, node_records=shard_records(data),
-                    max_update_norm=cfg.max_update_norm, norm_outlier_factor=cfg.norm_outlier_factor,
-                    min_reply_fraction=cfg.min_reply_fraction,
-                    seed=cfg.seed, on_round=on_round, log_fn=log,
-                    fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
-                    min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=cfg.num_clients)
+    strategy = MEKD(
+        oracle,
+        strategy=build_aggregation(cfg),
+        query_budget=cfg.query_budget,
+        query_teacher=not get_class(cfg.method).uses_labels,
+        train_emulators=emulators_needed(cfg),
+        federated_emulator=cfg.federated_emulator,
+        emulator_rounds=cfg.emulator_rounds,
+        emulator_steps=cfg.emulator_steps,
+        emulator_reference=emulator_reference,
+        measure_fid=emulators_needed(cfg) and cfg.emulator_fid,
+        client_config_keys=CLIENT_SETTINGS,
+        node_records=shard_records(data),
+        max_update_norm=cfg.max_update_norm,
+        norm_outlier_factor=cfg.norm_outlier_factor,
+        min_reply_fraction=cfg.min_reply_fraction,
+        seed=cfg.seed,
+        on_round=on_round,
+        log_fn=log,
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=cfg.fraction_evaluate,
+        min_train_nodes=1,
+        min_evaluate_nodes=1,
+        min_available_nodes=cfg.num_clients,
+    )
     start_round = 1
     if checkpoint is not None:
         strategy.load_state(checkpoint["strategy"])
@@ -168,31 +215,56 @@ def run_server(grid: Grid, cfg: RunConfig, log: Callable[[str], None] = say, *, 
     def summary_of(status: str, **extra: Any) -> dict[str, Any]:
         last = results.rounds[-1] if results.rounds else {}
         return {
-            "status": status, **extra,
-            "method": cfg.method, "dataset": ds.name, "partition": cfg.partition, "alpha": cfg.alpha,
-            "num-clients": cfg.num_clients, "num-rounds": cfg.num_rounds, "rounds-done": strategy.last_round,
-            "seed": cfg.seed, "teacher-arch": cfg.teacher_arch, "student-arch": cfg.student_arch,
+            "status": status,
+            **extra,
+            "method": cfg.method,
+            "dataset": ds.name,
+            "partition": cfg.partition,
+            "alpha": cfg.alpha,
+            "num-clients": cfg.num_clients,
+            "num-rounds": cfg.num_rounds,
+            "rounds-done": strategy.last_round,
+            "seed": cfg.seed,
+            "teacher-arch": cfg.teacher_arch,
+            "student-arch": cfg.student_arch,
             "aggregation": cfg.aggregation,
-            "teacher-accuracy": teacher_meta["test_accuracy"], "teacher-cached": teacher_meta["cached"],
+            "teacher-accuracy": teacher_meta["test_accuracy"],
+            "teacher-cached": teacher_meta["cached"],
             "student-accuracy": last.get("server/accuracy"),
             "student-best-accuracy": max((r["server/accuracy"] for r in results.rounds), default=None),
-            "student-agreement": last.get("server/agreement"), "client-test-accuracy": last.get("fed/accuracy"),
+            "student-agreement": last.get("server/agreement"),
+            "client-test-accuracy": last.get("fed/accuracy"),
             "student": "student.pt" if (results.folder / "student.pt").exists() else None,
-            "queries-used": strategy.queries_used, "queries-total": sum(strategy.queries_used.values()),
-            "rejected-updates": strategy.rejected, "clipped-updates": strategy.clipped,
-            "failures": strategy.failures, "emulator": strategy.emulator_metrics,
-            "emulator-kind": cfg.emulator, "federated-emulator": cfg.federated_emulator,
+            "queries-used": strategy.queries_used,
+            "queries-total": sum(strategy.queries_used.values()),
+            "rejected-updates": strategy.rejected,
+            "clipped-updates": strategy.clipped,
+            "failures": strategy.failures,
+            "emulator": strategy.emulator_metrics,
+            "emulator-kind": cfg.emulator,
+            "federated-emulator": cfg.federated_emulator,
             "emulator-fid-mean": _mean([m.get("fid") for m in strategy.emulator_metrics.values()]),
-            "query-source": cfg.query_source, "query-views": cfg.query_views,
+            "query-source": cfg.query_source,
+            "query-views": cfg.query_views,
             # The supervised reference reads the clients' true labels: it breaks the source-blind rule.
             "source-blind": not get_class(cfg.method).uses_labels,
-            "resumed": resume, "wall-seconds": round(time.time() - t_start, 1), "folder": str(results.folder),
+            "resumed": resume,
+            "wall-seconds": round(time.time() - t_start, 1),
+            "folder": str(results.folder),
         }
 
     try:
-        result = strategy.start(grid, initial, num_rounds=cfg.num_rounds, timeout=cfg.reply_timeout,
-                                train_config=config, evaluate_config=ConfigRecord(dict(config)),
-                                evaluate_fn=evaluate_global, num_nodes=cfg.num_clients, start_round=start_round)
+        result = strategy.start(
+            grid,
+            initial,
+            num_rounds=cfg.num_rounds,
+            timeout=cfg.reply_timeout,
+            train_config=config,
+            evaluate_config=ConfigRecord(dict(config)),
+            evaluate_fn=evaluate_global,
+            num_nodes=cfg.num_clients,
+            start_round=start_round,
+        )
     except Exception as exc:  # recorded as the run's status, then re-raised: no failure is silent
         reason = str(exc) if isinstance(exc, RunFailed) else f"{type(exc).__name__}: {exc}"
         results.write_json("summary.json", summary_of("failed", error=reason))
@@ -207,13 +279,16 @@ def run_server(grid: Grid, cfg: RunConfig, log: Callable[[str], None] = say, *, 
         results.plot_samples(samples)
     summary = summary_of("completed")
     results.write_json("summary.json", summary)
-    results.plot_accuracy(teacher_meta["test_accuracy"], f"{cfg.method}: {ds.name}, {cfg.partition}, "
-                                                         f"{cfg.num_clients} clients")
+    results.plot_accuracy(
+        teacher_meta["test_accuracy"], f"{cfg.method}: {ds.name}, {cfg.partition}, {cfg.num_clients} clients"
+    )
     failed = len(strategy.failures)
-    log(f"[done] {cfg.method} on {ds.name} ({cfg.partition}, {cfg.num_clients} clients, {cfg.num_rounds} rounds): "
+    log(
+        f"[done] {cfg.method} on {ds.name} ({cfg.partition}, {cfg.num_clients} clients, {cfg.num_rounds} rounds): "
         f"student {summary['student-accuracy']:.4f} vs teacher {summary['teacher-accuracy']:.4f} test acc, "
         f"{summary['queries-total']} teacher queries, {failed} failure{'s' * (failed != 1)}, "
-        f"{summary['wall-seconds']:.0f}s -> {results.folder}")
+        f"{summary['wall-seconds']:.0f}s -> {results.folder}"
+    )
     return summary
 
 

@@ -15,9 +15,9 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -51,19 +51,22 @@ class TeacherRecipe:
         return f"{self.dataset}-{self.arch}-seed{self.seed}-ep{self.epochs}-{digest}"
 
 
-def build_model(arch: str, num_classes: int, image_shape: tuple[int, int, int],
-                mean: tuple[float, ...], std: tuple[float, ...]) -> nn.Module:
+def build_model(
+    arch: str, num_classes: int, image_shape: tuple[int, int, int], mean: tuple[float, ...], std: tuple[float, ...]
+) -> nn.Module:
     """A CIFAR ResNet that takes images in [0, 1] (normalisation is its first layer)."""
     return nn.Sequential(Normalize(mean, std), resnet(arch, num_classes, image_shape[0]))
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 1024) -> torch.Tensor:
+def predict_logits(
+    model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 1024
+) -> torch.Tensor:
     """Logits for uint8 (or [0, 1] float) images, computed in batches on `device`, returned on the CPU."""
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
-        batch = to_unit(images[start:start + batch_size].to(device, non_blocking=True))
+        batch = to_unit(images[start : start + batch_size].to(device, non_blocking=True))
         out.append(model(batch).float().cpu())
     return torch.cat(out) if out else torch.empty(0, 0)
 
@@ -74,8 +77,13 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, devic
     return (predict_logits(model, images, device).argmax(1) == labels).float().mean().item()
 
 
-def train_teacher(recipe: TeacherRecipe, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
-                  log: Callable[[str], None] = print) -> nn.Module:
+def train_teacher(
+    recipe: TeacherRecipe,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    device: torch.device,
+    log: Callable[[str], None] = print,
+) -> nn.Module:
     """SGD with momentum, multi-step LR (x0.1 at 50% and 75%), random shift (+ flip where it fits)."""
     torch.manual_seed(recipe.seed)
     model = build_model(recipe.arch, recipe.num_classes, recipe.image_shape, recipe.mean, recipe.std).to(device)
@@ -92,7 +100,7 @@ def train_teacher(recipe: TeacherRecipe, images: torch.Tensor, labels: torch.Ten
         t0, loss_sum, correct = time.time(), 0.0, 0
         order = torch.randperm(len(images), generator=gen).to(device)
         for start in range(0, len(images), recipe.batch_size):
-            idx = order[start:start + recipe.batch_size]
+            idx = order[start : start + recipe.batch_size]
             x = random_shift_flip(to_unit(images_dev[idx]), shift, flip, gen)
             y = labels_dev[idx]
             logits = model(x)
@@ -103,8 +111,10 @@ def train_teacher(recipe: TeacherRecipe, images: torch.Tensor, labels: torch.Ten
             sched.step()
             loss_sum += loss.item() * len(idx)
             correct += (logits.argmax(1) == y).sum().item()
-        log(f"[teacher] epoch {epoch + 1}/{recipe.epochs}: loss {loss_sum / len(images):.4f}, "
-            f"train acc {correct / len(images):.4f} ({time.time() - t0:.0f}s)")
+        log(
+            f"[teacher] epoch {epoch + 1}/{recipe.epochs}: loss {loss_sum / len(images):.4f}, "
+            f"train acc {correct / len(images):.4f} ({time.time() - t0:.0f}s)"
+        )
     model.eval()
     return model
 
@@ -131,17 +141,27 @@ def load_checkpoint(path: Path) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure to read means the file is not ours to trust
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise ConfigError(f"cache-dir: checkpoint {path} cannot be read safely ({type(exc).__name__}: {reason}); "
-                          f"delete it to retrain") from None
+        raise ConfigError(
+            f"cache-dir: checkpoint {path} cannot be read safely ({type(exc).__name__}: {reason}); delete it to retrain"
+        ) from None
     if not isinstance(ckpt, dict) or not {"recipe", "state_dict", "meta"} <= set(ckpt):
-        raise ConfigError(f"cache-dir: checkpoint {path} cannot be read safely (not a teacher checkpoint: "
-                          f"expected keys recipe, state_dict, meta); delete it to retrain")
+        raise ConfigError(
+            f"cache-dir: checkpoint {path} cannot be read safely (not a teacher checkpoint: "
+            f"expected keys recipe, state_dict, meta); delete it to retrain"
+        )
     return ckpt
 
 
-def load_or_train_teacher(recipe: TeacherRecipe, cache_dir: Path, images: torch.Tensor, labels: torch.Tensor,
-                          test_images: torch.Tensor, test_labels: torch.Tensor, device: torch.device,
-                          log: Callable[[str], None] = print) -> tuple[nn.Module, dict]:
+def load_or_train_teacher(
+    recipe: TeacherRecipe,
+    cache_dir: Path,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    test_images: torch.Tensor,
+    test_labels: torch.Tensor,
+    device: torch.device,
+    log: Callable[[str], None] = print,
+) -> tuple[nn.Module, dict]:
     """Return the teacher and its metadata (test accuracy, whether it came from the cache)."""
     path = cache_dir / "teachers" / f"{recipe.key()}.pt"
     if path.exists():
@@ -152,8 +172,10 @@ def load_or_train_teacher(recipe: TeacherRecipe, cache_dir: Path, images: torch.
         try:
             model.load_state_dict(ckpt["state_dict"])
         except RuntimeError as exc:
-            raise ConfigError(f"teacher-arch={recipe.arch}: checkpoint {path} does not fit this architecture "
-                              f"({str(exc).splitlines()[0]}); delete it to retrain") from exc
+            raise ConfigError(
+                f"teacher-arch={recipe.arch}: checkpoint {path} does not fit this architecture "
+                f"({str(exc).splitlines()[0]}); delete it to retrain"
+            ) from exc
         meta = dict(ckpt["meta"], cached=True, path=str(path))
         log(f"[teacher] loaded from cache {path} (test acc {meta['test_accuracy']:.4f})")
         return model.to(device).eval(), meta
@@ -162,7 +184,9 @@ def load_or_train_teacher(recipe: TeacherRecipe, cache_dir: Path, images: torch.
     model = train_teacher(recipe, images, labels, device, log)
     acc = accuracy(model, test_images, test_labels, device)
     meta = {"test_accuracy": acc, "train_seconds": time.time() - t0, "num_train": len(images)}
-    _atomic_save({"recipe": recipe.__dict__, "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
-                  "meta": meta}, path)
+    _atomic_save(
+        {"recipe": recipe.__dict__, "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "meta": meta},
+        path,
+    )
     log(f"[teacher] test acc {acc:.4f}, trained in {meta['train_seconds']:.0f}s, cached at {path}")
     return model, dict(meta, cached=False, path=str(path))

@@ -85,7 +85,7 @@ def _short(reason: str, limit: int = 300) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip() and line.strip() not in ("'>", "'")]
     text = lines[0] if len(lines) == 1 else (lines[-1] if lines else "")
     text = text.rstrip("'>").strip()
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _digest(images: np.ndarray) -> str:
@@ -127,14 +127,29 @@ class MEKD(FedAvg):
         the global student (to save it).
     """
 
-    def __init__(self, oracle: Oracle, *, strategy: Strategy | None = None, query_budget: int = 100_000,
-                 query_teacher: bool = True, train_emulators: bool = True, federated_emulator: bool = False,
-                 emulator_rounds: int = 1, emulator_steps: int = 200,
-                 emulator_reference: Mapping[str, ArrayRecord] | None = None, measure_fid: bool = False,
-                 client_config_keys: Iterable[str] | None = None, node_records: NodeRecords | None = None,
-                 max_update_norm: float = 0.0, norm_outlier_factor: float = 2.0, min_reply_fraction: float = 0.5,
-                 seed: int = 0, on_round: RoundCallback | None = None, log_fn: Callable[[str], None] = print,
-                 **fedavg_kwargs) -> None:
+    def __init__(
+        self,
+        oracle: Oracle,
+        *,
+        strategy: Strategy | None = None,
+        query_budget: int = 100_000,
+        query_teacher: bool = True,
+        train_emulators: bool = True,
+        federated_emulator: bool = False,
+        emulator_rounds: int = 1,
+        emulator_steps: int = 200,
+        emulator_reference: Mapping[str, ArrayRecord] | None = None,
+        measure_fid: bool = False,
+        client_config_keys: Iterable[str] | None = None,
+        node_records: NodeRecords | None = None,
+        max_update_norm: float = 0.0,
+        norm_outlier_factor: float = 2.0,
+        min_reply_fraction: float = 0.5,
+        seed: int = 0,
+        on_round: RoundCallback | None = None,
+        log_fn: Callable[[str], None] = print,
+        **fedavg_kwargs,
+    ) -> None:
         super().__init__(**fedavg_kwargs)
         if isinstance(query_budget, bool) or not isinstance(query_budget, int) or query_budget < 0:
             raise ValueError(f"query_budget={query_budget!r}: accepted: an integer >= 0")
@@ -144,9 +159,19 @@ class MEKD(FedAvg):
         if not (isinstance(min_reply_fraction, (int, float)) and 0 <= min_reply_fraction <= 1):
             raise ValueError(f"min_reply_fraction={min_reply_fraction!r}: accepted: a number in [0, 1]")
         self.oracle = oracle
-        self.inner: Strategy = strategy if strategy is not None else FedAvg(
-            fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1, min_evaluate_nodes=1,
-            min_available_nodes=1, weighted_by_key=self.weighted_by_key)
+        self.inner: Strategy = (
+            strategy
+            if strategy is not None
+            else FedAvg(
+                fraction_train=1.0,
+                fraction_evaluate=1.0,
+                min_train_nodes=1,
+                min_evaluate_nodes=1,
+                min_available_nodes=1,
+                weighted_by_key=self.weighted_by_key,
+            )
+        )
+        self._check_inner()
         self.query_budget = query_budget
         self.query_teacher = query_teacher
         self.train_emulators = train_emulators
@@ -165,16 +190,17 @@ class MEKD(FedAvg):
         self.say = log_fn
         self.timeout = 3600.0
         # Everything below is keyed by the authenticated node id; the partition label is the server's own.
-        self.partition_of: dict[int, int] = {}        # node id -> partition label (assigned here)
-        self.answered: set[int] = set()                # nodes holding teacher answers
-        self.example_cap: dict[int, int] = {}          # node id -> answers it holds (weight cap)
-        self.queries_used: dict[str, int] = {}         # client key -> images charged
-        self.query_digests: dict[str, str] = {}        # client key -> digest of the images it paid for
+        self.partition_of: dict[int, int] = {}  # node id -> partition label (assigned here)
+        self.teacher_node: int | None = None  # the teacher's own node (TeacherNode oracle), never a client
+        self.answered: set[int] = set()  # nodes holding teacher answers
+        self.example_cap: dict[int, int] = {}  # node id -> answers it holds (weight cap)
+        self.queries_used: dict[str, int] = {}  # client key -> images charged
+        self.query_digests: dict[str, str] = {}  # client key -> digest of the images it paid for
         self.query_log: list[dict] = []
         self.emulator_metrics: dict[int, dict] = {}
-        self.rejected: list[dict] = []                 # updates refused (kept for reports)
-        self.clipped: list[dict] = []                  # updates scaled down to the norm bound
-        self.failures: list[dict] = []                 # every failure of every phase
+        self.rejected: list[dict] = []  # updates refused (kept for reports)
+        self.clipped: list[dict] = []  # updates scaled down to the norm bound
+        self.failures: list[dict] = []  # every failure of every phase
         self.last_round = 0
         self._global: ArrayRecord | None = None
         self._last_train: MetricRecord | None = None
@@ -183,11 +209,41 @@ class MEKD(FedAvg):
         self._round_failures: list[dict] = []
         self._usable = 0
 
+    def _layers(self) -> list[Strategy]:
+        """The wrapped strategy and those it wraps in turn (a DP wrapper keeps its own in `.strategy`)."""
+        layer, layers = self.inner, []
+        while isinstance(layer, Strategy) and len(layers) < 8:
+            layers.append(layer)
+            layer = getattr(layer, "strategy", None)
+        return layers
+
+    def _check_inner(self) -> None:
+        """Refuse, before any phase runs, a wrapped strategy whose record names or weight key differ from
+        MEKD's: its messages could not be checked, and a weight key of its own would escape the cap
+        on what a client may claim (MEKD caps `weighted_by_key` by the answers the client received)."""
+        for layer in self._layers():
+            for name, own in (
+                ("weighted_by_key", self.weighted_by_key),
+                ("arrayrecord_key", P.ARRAYS),
+                ("configrecord_key", P.CONFIG),
+            ):
+                value = getattr(layer, name, own)
+                if value != own:
+                    raise ValueError(
+                        f"strategy={type(layer).__name__}({name}={value!r}) is not accepted; "
+                        f"accepted: {name}={own!r} (MEKD checks and caps what it names)"
+                    )
+
     # ------------------------------------------------------------------ identity, failures, state
     def summary(self) -> None:
-        log(INFO, "\t└──> MEKD: emulators=%s, query budget=%d per client%s, aggregation by %s",
-            self.train_emulators, self.query_budget, "" if self.query_teacher else " (teacher not queried)",
-            type(self.inner).__name__)
+        log(
+            INFO,
+            "\t└──> MEKD: emulators=%s, query budget=%d per client%s, aggregation by %s",
+            self.train_emulators,
+            self.query_budget,
+            "" if self.query_teacher else " (teacher not queried)",
+            type(self.inner).__name__,
+        )
 
     @staticmethod
     def client_key(partition: int) -> str:
@@ -199,8 +255,13 @@ class MEKD(FedAvg):
 
     def fail(self, phase: str, node: int | None, reason: str, server_round: int = 0) -> dict:
         """Record a failure (it never stops the run by itself) and say it."""
-        entry = {"phase": phase, "round": server_round, "node": node,
-                 "partition": self.partition_of.get(node) if node is not None else None, "reason": _short(reason)}
+        entry = {
+            "phase": phase,
+            "round": server_round,
+            "node": node,
+            "partition": self.partition_of.get(node) if node is not None else None,
+            "reason": _short(reason),
+        }
         self.failures.append(entry)
         self._round_failures.append(entry)
         where = f"client {entry['partition']}" if entry["partition"] is not None else f"node {node}"
@@ -214,15 +275,22 @@ class MEKD(FedAvg):
     def _require(self, phase: str, usable: int, asked: int, server_round: int = 0) -> None:
         if asked and usable < self.need(asked):
             where = f"{phase} round {server_round}" if server_round else f"{phase} phase"
-            raise RunFailed(f"{where}: {usable} of {asked} clients gave a usable reply, fewer than "
-                            f"min-reply-fraction={self.min_reply_fraction:g} allows ({self.need(asked)}); "
-                            f"the failures are listed in summary.json")
+            raise RunFailed(
+                f"{where}: {usable} of {asked} clients gave a usable reply, fewer than "
+                f"min-reply-fraction={self.min_reply_fraction:g} allows ({self.need(asked)}); "
+                f"the failures are listed in summary.json"
+            )
 
     def state(self) -> dict:
         """What a resumed run needs from this strategy (JSON-able; saved beside the student)."""
-        return {"round": self.last_round, "queries-used": dict(self.queries_used),
-                "query-digests": dict(self.query_digests), "rejected": list(self.rejected),
-                "clipped": list(self.clipped), "failures": list(self.failures)}
+        return {
+            "round": self.last_round,
+            "queries-used": dict(self.queries_used),
+            "query-digests": dict(self.query_digests),
+            "rejected": list(self.rejected),
+            "clipped": list(self.clipped),
+            "failures": list(self.failures),
+        }
 
     def load_state(self, state: Mapping) -> None:
         self.last_round = int(state.get("round", 0))
@@ -244,17 +312,19 @@ class MEKD(FedAvg):
 
     def _message(self, node: int, message_type: str, records: Mapping) -> Message:
         """One message to one node, checked against the protocol's allow-list."""
+        if node == self.teacher_node:
+            raise RuntimeError(f"refusing to send {message_type} to the teacher node {node}")
         content = dict(records)
         if self.node_records is not None and node in self.partition_of:
             content.update(self.node_records(node, self.partition_of[node]))
         allowed = P.OUTGOING.get(message_type)
         if allowed is None or not set(content) <= allowed:
-            raise RuntimeError(f"refusing to send {message_type} with records {sorted(content)}: "
-                               f"allowed {sorted(allowed or [])}")
+            raise RuntimeError(
+                f"refusing to send {message_type} with records {sorted(content)}: allowed {sorted(allowed or [])}"
+            )
         return Message(content=RecordDict(content), message_type=message_type, dst_node_id=node)
 
-    def _exchange(self, grid: Grid, messages: list[Message], phase: str,
-                  server_round: int = 0) -> list[Message]:
+    def _exchange(self, grid: Grid, messages: list[Message], phase: str, server_round: int = 0) -> list[Message]:
         """Send, wait at most `timeout`, and return the replies without error; failures are recorded."""
         if not messages:
             return []
@@ -287,16 +357,25 @@ class MEKD(FedAvg):
         return clean_metrics(dict(records[0]), P.MAX_METRICS) if len(records) == 1 else {}
 
     # ------------------------------------------------------------------ nodes
-    def wait_for_nodes(self, grid: Grid, minimum: int, timeout: float = 120.0) -> list[int]:
-        """The first `minimum` connected nodes (by id), each given a partition label 0..minimum-1."""
-        deadline = time.time() + timeout
-        while len(nodes := sorted(grid.get_node_ids())) < minimum:
-            if time.time() > deadline:
-                raise RunFailed(f"only {len(nodes)} of the {minimum} SuperNodes connected; with `flwr run`, "
-                                f"set the federation's num-supernodes to num-clients={minimum}")
-            time.sleep(0.5)
-        nodes = nodes[:minimum]
+    def wait_for_nodes(self, grid: Grid, minimum: int, timeout: float = 120.0, exact: bool = True) -> list[int]:
+        """Wait for `minimum` connected nodes; take the first `minimum` (by id) when `exact`, else all that
+        are connected then. Each gets a partition label 0, 1, ... in node-id order."""
+        nodes = self._wait(grid, minimum, timeout)
+        nodes = nodes[:minimum] if exact else nodes
         self.partition_of = {node: i for i, node in enumerate(nodes)}
+        return nodes
+
+    def _wait(self, grid: Grid, minimum: int, timeout: float = 120.0) -> list[int]:
+        """The connected nodes, other than a teacher node, once there are `minimum` of them."""
+        deadline = time.time() + timeout
+        while len(nodes := sorted(n for n in grid.get_node_ids() if n != self.teacher_node)) < minimum:
+            if time.time() > deadline:
+                extra = " (plus the teacher's)" if self.teacher_node is not None else ""
+                raise RunFailed(
+                    f"only {len(nodes)} of the {minimum} SuperNodes{extra} connected; with `flwr run`, "
+                    f"set the federation's num-supernodes to num-clients={minimum}"
+                )
+            time.sleep(0.5)
         return nodes
 
     # ------------------------------------------------------------------ phase 1: emulation
@@ -308,40 +387,57 @@ class MEKD(FedAvg):
         self.say(f"[emulator] training {kind} emulators on {len(node_ids)} clients")
         asked = list(node_ids)
         if not self.federated_emulator:
-            replies = self._emulator_round(grid, node_ids, config, {P.MEASURE_FID: self.measure_fid}, {})
+            replies = self._emulator_round(
+                grid, node_ids, config, {P.PHASE_STEPS: self.emulator_steps, P.MEASURE_FID: self.measure_fid}, {}
+            )
         else:
             weights: dict[str, ArrayRecord] = {}
             splits = [len(part) for part in np.array_split(np.arange(self.emulator_steps), self.emulator_rounds)]
             for r, steps in enumerate(splits):
-                replies = self._emulator_round(grid, node_ids, config, {P.PHASE_STEPS: steps, P.RETURN_WEIGHTS: True},
-                                               weights)
+                replies = self._emulator_round(
+                    grid, node_ids, config, {P.PHASE_STEPS: steps, P.RETURN_WEIGHTS: True}, weights
+                )
                 weights, contributors = self._average_emulators(replies, weights)
                 self._require("emulator", len(contributors), len(node_ids))
                 self.say(f"[emulator] federated round {r + 1}/{len(splits)}: averaged {len(contributors)} emulators")
                 node_ids = contributors
-            replies = self._emulator_round(grid, node_ids, config, {P.PHASE_STEPS: 0, P.MEASURE_FID: self.measure_fid},
-                                           weights)
+            replies = self._emulator_round(
+                grid, node_ids, config, {P.PHASE_STEPS: 0, P.MEASURE_FID: self.measure_fid}, weights
+            )
         self._require("emulator", len(replies), len(asked))
         for reply in replies:
             pid = self.partition_of[reply.metadata.src_node_id]
             self.emulator_metrics[pid] = {**self.emulator_metrics.get(pid, {}), **self._metrics(reply)}
             self.emulator_metrics[pid].pop(P.PARTITION_ID, None)
-            self.say(f"[emulator] client {pid}: " + ", ".join(
-                f"{k} {self.emulator_metrics[pid][k]:.3f}" for k in ("d-loss", "g-loss", "fid")
-                if k in self.emulator_metrics[pid]))
+            self.say(
+                f"[emulator] client {pid}: "
+                + ", ".join(
+                    f"{k} {self.emulator_metrics[pid][k]:.3f}"
+                    for k in ("d-loss", "g-loss", "fid")
+                    if k in self.emulator_metrics[pid]
+                )
+            )
         fids = [m["fid"] for m in self.emulator_metrics.values() if "fid" in m]
-        self.say(f"[emulator] {len(replies)}/{len(asked)} clients done in {time.time() - t0:.0f}s"
-                 + (f", mean domain FID {np.mean(fids):.2f}" if fids else ""))
+        self.say(
+            f"[emulator] {len(replies)}/{len(asked)} clients done in {time.time() - t0:.0f}s"
+            + (f", mean domain FID {np.mean(fids):.2f}" if fids else "")
+        )
         return [r.metadata.src_node_id for r in replies]
 
-    def _emulator_round(self, grid: Grid, node_ids: list[int], config: ConfigRecord, extra_config: dict,
-                        weights: dict[str, ArrayRecord]) -> list[Message]:
-        messages = [self._message(n, P.EMULATOR, {P.CONFIG: self._config_for_client(config, **extra_config),
-                                                  **weights}) for n in node_ids]
+    def _emulator_round(
+        self, grid: Grid, node_ids: list[int], config: ConfigRecord, extra_config: dict, weights: dict[str, ArrayRecord]
+    ) -> list[Message]:
+        messages = [
+            self._message(n, P.EMULATOR, {P.CONFIG: self._config_for_client(config, **extra_config), **weights})
+            for n in node_ids
+        ]
         return self._exchange(grid, messages, "emulator")
 
-    def _average_emulators(self, replies: list[Message], previous: dict[str, ArrayRecord],
-                           ) -> tuple[dict[str, ArrayRecord], list[int]]:
+    def _average_emulators(
+        self,
+        replies: list[Message],
+        previous: dict[str, ArrayRecord],
+    ) -> tuple[dict[str, ArrayRecord], list[int]]:
         """Uniform average of the checked emulator weights (clients' own sizes are not trusted here)."""
         keys = (P.GENERATOR, P.DISCRIMINATOR)
         cleaned: dict[int, dict[str, Arrays]] = {}
@@ -372,21 +468,35 @@ class MEKD(FedAvg):
             return previous, []
         for key in keys:
             center = {k: v.numpy() for k, v in previous[key].items()} if key in previous else None
-            updates, scaled = bound_norms([cleaned[n][key] for n in nodes], center,
-                                          outlier_factor=self.norm_outlier_factor)
+            updates, scaled = bound_norms(
+                [cleaned[n][key] for n in nodes], center, outlier_factor=self.norm_outlier_factor
+            )
             for i, norm, bound in scaled:
-                self.clipped.append({"phase": "emulator", "round": 0, "node": nodes[i],
-                                     "partition": self.partition_of.get(nodes[i]), "norm": norm, "bound": bound})
+                self.clipped.append(
+                    {
+                        "phase": "emulator",
+                        "round": 0,
+                        "node": nodes[i],
+                        "partition": self.partition_of.get(nodes[i]),
+                        "norm": norm,
+                        "bound": bound,
+                    }
+                )
             mean = {k: np.mean(np.stack([u[k].astype(np.float64) for u in updates]), axis=0) for k in updates[0]}
-            averaged[key] = ArrayRecord({k: Array(np.asarray(v)) for k, v in like_reference(
-                {k: np.asarray(v) for k, v in mean.items()}, updates[0]).items()})
+            averaged[key] = ArrayRecord(
+                {
+                    k: Array(np.asarray(v))
+                    for k, v in like_reference({k: np.asarray(v) for k, v in mean.items()}, updates[0]).items()
+                }
+            )
             for k, v in updates[0].items():  # floats back to their own width (like_reference rounds integers)
                 if v.dtype.kind == "f":
                     averaged[key][k] = Array(np.asarray(mean[k], dtype=v.dtype))
         return averaged, nodes
 
-    def _emulator_reference(self, key: str, previous: dict[str, ArrayRecord],
-                            replies: list[Message]) -> dict[str, np.ndarray]:
+    def _emulator_reference(
+        self, key: str, previous: dict[str, ArrayRecord], replies: list[Message]
+    ) -> dict[str, np.ndarray]:
         source = self.emulator_reference.get(key) or previous.get(key)
         if source is None:  # no reference given: the structure most replies share
             shapes: dict[str, int] = {}
@@ -427,8 +537,10 @@ class MEKD(FedAvg):
             else:
                 entry.pop("responses", None)
         self._require("query", len(answers), len(node_ids))
-        messages = [self._message(n, P.ANSWERS, {P.ANSWERS_RECORD: rec, P.CONFIG: self._config_for_client(config)})
-                    for n, rec in answers.items()]
+        messages = [
+            self._message(n, P.ANSWERS, {P.ANSWERS_RECORD: rec, P.CONFIG: self._config_for_client(config)})
+            for n, rec in answers.items()
+        ]
         for reply in self._exchange(grid, messages, "answers"):
             node = reply.metadata.src_node_id
             self.answered.add(node)
@@ -443,8 +555,17 @@ class MEKD(FedAvg):
         """Check one client's query reply, ask the oracle, and return a query-log entry (with the answers
         under "responses" when they may be sent)."""
         key = self.key_of(node)
-        entry: dict = {"phase": "query", "node": node, "partition": self.partition_of[node], "asked": budget,
-                       "sent": 0, "answered": 0, "charged": 0, "redelivered": False, "responses": None}
+        entry: dict = {
+            "phase": "query",
+            "node": node,
+            "partition": self.partition_of[node],
+            "asked": budget,
+            "sent": 0,
+            "answered": 0,
+            "charged": 0,
+            "redelivered": False,
+            "responses": None,
+        }
         images = _as_numpy(reply.content.array_records.get(P.QUERIES), P.IMAGES)
         if images is None:
             entry["reason"] = f"no '{P.QUERIES}/{P.IMAGES}' array in the reply"
@@ -463,16 +584,20 @@ class MEKD(FedAvg):
         redelivery = self.query_digests.get(key) == digest
         left = self.query_budget - self.queries_used.get(key, 0)
         if not redelivery and entry["sent"] > left:
-            entry["reason"] = f"query refused: {entry['sent']} images but {max(left, 0)} of query-budget={self.query_budget} left"
+            entry["reason"] = (
+                f"query refused: {entry['sent']} images but {max(left, 0)} of query-budget={self.query_budget} left"
+            )
             self.fail("query", node, entry["reason"])
             return entry
         try:
             responses = self.oracle(key, torch.from_numpy(np.ascontiguousarray(images)))
-            responses = np.asarray(responses.detach().cpu().numpy() if isinstance(responses, torch.Tensor)
-                                   else responses, dtype=np.float32)
+            responses = np.asarray(
+                responses.detach().cpu().numpy() if isinstance(responses, torch.Tensor) else responses, dtype=np.float32
+            )
             if responses.ndim != 2 or responses.shape[0] != images.shape[0] or not np.isfinite(responses).all():
-                raise ValueError(f"oracle answered shape {responses.shape} for {images.shape[0]} images "
-                                 "(or non-finite values)")
+                raise ValueError(
+                    f"oracle answered shape {responses.shape} for {images.shape[0]} images (or non-finite values)"
+                )
         except Exception as exc:  # noqa: BLE001  (any oracle failure refuses this query, not the run)
             entry["reason"] = f"teacher refused the query: {type(exc).__name__}: {exc}"
             self.fail("query", node, entry["reason"])
@@ -489,10 +614,18 @@ class MEKD(FedAvg):
         return entry
 
     # ------------------------------------------------------------------ the run
-    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
-              train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
-              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
-              num_nodes: int | None = None, start_round: int = 1) -> Result:
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        num_nodes: int | None = None,
+        start_round: int = 1,
+    ) -> Result:
         """Run the emulator and query phases, then rounds `start_round`..`num_rounds`.
 
         Parameters
@@ -503,7 +636,8 @@ class MEKD(FedAvg):
         timeout : seconds to wait for the replies of one phase or round (`reply-timeout`).
         train_config, evaluate_config : run settings for the clients (filtered by `client_config_keys`).
         evaluate_fn : server-side evaluation `(round, arrays) -> MetricRecord`, before round 1 and after each.
-        num_nodes : clients to wait for (default `min_available_nodes`).
+        num_nodes : the number of clients: the first `num_nodes` nodes to connect (by node id) take part.
+            Default: every node connected once `min_available_nodes` are.
         start_round : first round to run; > 1 resumes (after `load_state`), and round 0 is not evaluated again.
 
         Raises RunFailed when a phase or round falls below `min_reply_fraction`, or nothing is aggregated.
@@ -511,7 +645,20 @@ class MEKD(FedAvg):
         self.timeout = float(timeout)
         train_config = ConfigRecord() if train_config is None else train_config
         evaluate_config = ConfigRecord(dict(train_config)) if evaluate_config is None else evaluate_config
-        node_ids = self.wait_for_nodes(grid, num_nodes or self.min_available_nodes)
+        bind = getattr(self.oracle, "bind", None)
+        if callable(bind):  # a teacher on its own node (strategies.teacher_node): find it, never sample it
+            want = (num_nodes or self.min_available_nodes) + 1
+            self._wait(grid, want)
+            try:
+                self.teacher_node = bind(grid, sorted(grid.get_node_ids()))
+            except Exception as exc:  # noqa: BLE001  (one line, before any client is asked anything)
+                raise RunFailed(f"teacher node: {exc}") from None
+            self.say(f"[teacher] answering from node {self.teacher_node}")
+        node_ids = (
+            self.wait_for_nodes(grid, num_nodes)
+            if num_nodes
+            else self.wait_for_nodes(grid, self.min_available_nodes, exact=False)
+        )
         if self.train_emulators:
             node_ids = self.run_emulation(grid, node_ids, train_config)
         self.run_queries(grid, node_ids, train_config)
@@ -571,32 +718,65 @@ class MEKD(FedAvg):
         chosen = rng.sample(eligible, size)
         return sorted(chosen, key=lambda n: self.partition_of.get(n, n))
 
-    def _configure(self, hook: Callable, message_type: str, server_round: int, arrays: ArrayRecord,
-                   config: ConfigRecord, nodes: list[int]) -> list[Message]:
+    def _configure(
+        self,
+        hook: Callable,
+        message_type: str,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        nodes: list[int],
+    ) -> list[Message]:
         """Let the inner strategy build the round's messages for the sampled cohort, then make each one a
         checked message of our own (allowed config only, the node's own records)."""
         if not nodes:
             return []
-        config[P.SERVER_ROUND] = server_round
-        built = list(hook(server_round, arrays, config, _Cohort(nodes)))
+        self._check_cohort(message_type, len(nodes))
+        # The wrapped strategy sees only the settings a client may receive, so whatever it adds or
+        # overwrites (FedProx's proximal-mu) is its own protocol with its clients and passes as it is.
+        config = self._config_for_client(config, **{P.SERVER_ROUND: server_round})
+        # Flower's strategies sample with the global `random`: seed it for this call only, so the same seed
+        # gives the same rounds whatever the wrapped strategy is, and restore the caller's state after.
+        saved = random.getstate()
+        random.seed(self.seed * 7_919 + server_round * 104_729 + len(message_type))
+        try:
+            built = list(hook(server_round, arrays, config, _Cohort(nodes)))
+        finally:
+            random.setstate(saved)
         out = []
         for msg in built:
             node = msg.metadata.dst_node_id
+            if node not in nodes:
+                raise RuntimeError(f"{type(self.inner).__name__} addressed node {node}, outside the cohort")
             content = msg.content
             records = {name: content[name] for name in content.keys()}
-            if P.CONFIG in records:
-                records[P.CONFIG] = self._config_for_client(records[P.CONFIG])
             out.append(self._message(node, message_type, records))
         return out
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def _check_cohort(self, message_type: str, size: int) -> None:
+        """Refuse, with one line, a cohort smaller than the wrapped strategy waits for: Flower's sampling
+        would otherwise wait forever for nodes that a fixed cohort never gains."""
+        train = message_type == P.TRAIN
+        for layer in self._layers():
+            for name in ("min_available_nodes", "min_train_nodes" if train else "min_evaluate_nodes"):
+                want = getattr(layer, name, 0)
+                if isinstance(want, int) and want > size:
+                    raise RunFailed(
+                        f"{type(layer).__name__}({name}={want}) needs more clients than the "
+                        f"{size} eligible for this {'train' if train else 'evaluate'} round; "
+                        f"lower it (MEKD samples the cohort itself: fraction_train, min_train_nodes)"
+                    )
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         self._global = arrays
         nodes = self._sample(server_round, self.fraction_train, self.min_train_nodes, 0)
         return self._configure(self.inner.configure_train, P.TRAIN, server_round, arrays, config, nodes)
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         nodes = self._sample(server_round, self.fraction_evaluate, self.min_evaluate_nodes, 1)
         return self._configure(self.inner.configure_evaluate, P.EVALUATE, server_round, arrays, config, nodes)
 
@@ -608,7 +788,9 @@ class MEKD(FedAvg):
         if len(content.metric_records) != 1:
             return None, None, f"expected 1 MetricRecord, got {len(content.metric_records)}"
         metrics = next(iter(content.metric_records.values()))
-        weight, why = example_weight(metrics.get(self.weighted_by_key), self.example_cap.get(reply.metadata.src_node_id))
+        weight, why = example_weight(
+            metrics.get(self.weighted_by_key), self.example_cap.get(reply.metadata.src_node_id)
+        )
         if why:
             return None, None, f"'{self.weighted_by_key}' {why}"
         record = next(iter(content.array_records.values()))
@@ -622,13 +804,19 @@ class MEKD(FedAvg):
         return clean, weight, why
 
     def _reject(self, server_round: int, node: int, reason: str) -> None:
-        entry = {"round": server_round, "node": node, "partition": self.partition_of.get(node), "reason": _short(reason)}
+        entry = {
+            "round": server_round,
+            "node": node,
+            "partition": self.partition_of.get(node),
+            "reason": _short(reason),
+        }
         self.rejected.append(entry)
         self._round_rejections.append(entry)
         self.fail("train", node, f"update rejected: {reason}", server_round)
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Check, bound and weigh each update, then let the inner strategy aggregate the survivors."""
         accepted: list[tuple[Message, Arrays, float]] = []
         for msg in replies:
@@ -644,23 +832,40 @@ class MEKD(FedAvg):
         self._usable = len(accepted)
         if not accepted:
             return None, None
-        accepted.sort(key=lambda item: self.partition_of.get(item[0].metadata.src_node_id, item[0].metadata.src_node_id))
+        accepted.sort(
+            key=lambda item: self.partition_of.get(item[0].metadata.src_node_id, item[0].metadata.src_node_id)
+        )
         center = {k: v.numpy() for k, v in self._global.items()} if self._global is not None else None
-        bounded, scaled = bound_norms([a for _, a, _ in accepted], center, max_norm=self.max_update_norm,
-                                      outlier_factor=self.norm_outlier_factor)
+        bounded, scaled = bound_norms(
+            [a for _, a, _ in accepted], center, max_norm=self.max_update_norm, outlier_factor=self.norm_outlier_factor
+        )
         for i, norm, bound in scaled:
             node = accepted[i][0].metadata.src_node_id
-            self.clipped.append({"phase": "train", "round": server_round, "node": node,
-                                 "partition": self.partition_of.get(node), "norm": norm, "bound": bound})
-            self.say(f"[train {server_round}] client {self.partition_of.get(node)}: update of length {norm:.3g} "
-                     f"scaled down to {bound:.3g}")
+            self.clipped.append(
+                {
+                    "phase": "train",
+                    "round": server_round,
+                    "node": node,
+                    "partition": self.partition_of.get(node),
+                    "norm": norm,
+                    "bound": bound,
+                }
+            )
+            self.say(
+                f"[train {server_round}] client {self.partition_of.get(node)}: update of length {norm:.3g} "
+                f"scaled down to {bound:.3g}"
+            )
         metric_sets = [self._metrics(m) for m, _, _ in accepted]
         shared = set.intersection(*(set(m) for m in metric_sets)) - {P.PARTITION_ID}
         for (msg, _, weight), arrays, metrics in zip(accepted, bounded, metric_sets):
             kept = {k: metrics[k] for k in sorted(shared)}
             kept[self.weighted_by_key] = weight
-            msg.content = RecordDict({self.arrayrecord_key: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-                                      "metrics": MetricRecord(kept)})
+            msg.content = RecordDict(
+                {
+                    self.arrayrecord_key: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                    "metrics": MetricRecord(kept),
+                }
+            )
         aggregated, metrics = self.inner.aggregate_train(server_round, [m for m, _, _ in accepted])
         if aggregated is None:
             return None, None
@@ -696,14 +901,16 @@ class MEKD(FedAvg):
         return metrics
 
     # ------------------------------------------------------------------ after the run
-    def request_samples(self, grid: Grid, arrays: ArrayRecord, config: ConfigRecord, count: int,
-                        timeout: float = 600) -> dict[str, np.ndarray] | None:
+    def request_samples(
+        self, grid: Grid, arrays: ArrayRecord, config: ConfigRecord, count: int, timeout: float = 600
+    ) -> dict[str, np.ndarray] | None:
         """Ask the first client with answers for x, G(T(x)), G(S(x)) on `count` of its images."""
         if not self.answered or not self.train_emulators or not self.query_teacher or count <= 0:
             return None  # no emulator, or no teacher answers to show G(T(x)) for
         node = min(self.answered, key=lambda n: self.partition_of.get(n, n))
-        message = self._message(node, P.SAMPLES, {P.ARRAYS: arrays,
-                                                  P.CONFIG: self._config_for_client(config, **{P.NUM_SAMPLES: count})})
+        message = self._message(
+            node, P.SAMPLES, {P.ARRAYS: arrays, P.CONFIG: self._config_for_client(config, **{P.NUM_SAMPLES: count})}
+        )
         saved, self.timeout = self.timeout, min(self.timeout, timeout)
         try:
             replies = self._exchange(grid, [message], "samples")

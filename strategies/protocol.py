@@ -11,44 +11,53 @@ What a client ever receives (and nothing more):
 - its own teacher answers (`ANSWERS` record, array `RESPONSES`), only in `query.answers`;
 - the settings a client needs (`CONFIG`: the run's client settings plus the keys in `STRATEGY_KEYS`);
 - in a simulation, `SHARD`: which images of the shared data files are its own (its partition).
+A teacher node (`strategies.teacher_node`) receives only `ROLE` challenges and `TEACH` messages: query
+images and the key of the client they are charged to, never a student or another setting.
 """
 
 from __future__ import annotations
 
 # ---------------------------------------------------------------------------- message types
-EMULATOR = "train.emulator"      # train (or install) the client's emulator GAN
-QUERY = "query.teacher"          # "send me your query images"
-ANSWERS = "query.answers"        # "here are the teacher's answers to them"
-TRAIN = "train"                  # distill the global student locally
-EVALUATE = "evaluate"            # evaluate the global student on the client's held-out split
-SAMPLES = "evaluate.samples"     # x, G(T(x)), G(S(x)) for the emulator-samples plot
+EMULATOR = "train.emulator"  # train (or install) the client's emulator GAN
+QUERY = "query.teacher"  # "send me your query images"
+ANSWERS = "query.answers"  # "here are the teacher's answers to them"
+TRAIN = "train.distill"  # distill the global student locally (a named handler: a user's own
+# `@app.train()` stays theirs and is never called by MEKD)
+EVALUATE = "evaluate"  # evaluate the global student on the client's held-out split
+SAMPLES = "evaluate.samples"  # x, G(T(x)), G(S(x)) for the emulator-samples plot
+ROLE = "query.role"  # teacher node only: "prove you hold the teacher's token" (a nonce)
+TEACH = "query.teach"  # teacher node only: "answer these query images, charged to CLIENT"
 
 # ---------------------------------------------------------------------------- record names
-CONFIG = "config"                          # ConfigRecord: settings (server -> client)
-ARRAYS = "arrays"                          # ArrayRecord: the student (both ways), or samples (reply)
-METRICS = "metrics"                        # MetricRecord: a reply's numbers
-QUERIES = "queries"                        # ArrayRecord (reply to QUERY): array IMAGES, uint8
+CONFIG = "config"  # ConfigRecord: settings (server -> client)
+ARRAYS = "arrays"  # ArrayRecord: the student (both ways), or samples (reply)
+METRICS = "metrics"  # MetricRecord: a reply's numbers
+QUERIES = "queries"  # ArrayRecord (reply to QUERY): array IMAGES, uint8
 IMAGES = "images"
-ANSWERS_RECORD = "answers"                 # ArrayRecord (in ANSWERS): array RESPONSES
+ANSWERS_RECORD = "answers"  # ArrayRecord (in ANSWERS): array RESPONSES
 RESPONSES = "responses"
-GENERATOR = "emulator-generator"           # ArrayRecord: emulator weights (federated emulator)
+GENERATOR = "emulator-generator"  # ArrayRecord: emulator weights (federated emulator)
 DISCRIMINATOR = "emulator-discriminator"
-SHARD = "shard"                            # ArrayRecord (simulation only): TRAIN_INDEX, TEST_INDEX, PARTITION
+SHARD = "shard"  # ArrayRecord (simulation only): TRAIN_INDEX, TEST_INDEX, PARTITION
 TRAIN_INDEX = "train-index"
 TEST_INDEX = "test-index"
 PARTITION = "partition"
 
 # ---------------------------------------------------------------------------- config and metric keys
 SERVER_ROUND = "server-round"
-BUDGET = "budget"                # images the client may send in its query reply
+BUDGET = "budget"  # images the client may send in its query reply
 NUM_SAMPLES = "num-samples"
-PHASE_STEPS = "phase-steps"      # emulator steps in this emulator message (federated emulator)
+PHASE_STEPS = "phase-steps"  # emulator steps in this emulator message (federated emulator)
 RETURN_WEIGHTS = "return-weights"
 MEASURE_FID = "measure-fid"
 STRATEGY_KEYS = (SERVER_ROUND, BUDGET, NUM_SAMPLES, PHASE_STEPS, RETURN_WEIGHTS, MEASURE_FID)
 
+NONCE = "nonce"  # ROLE: the challenge
+PROOF = "proof"  # ROLE reply: HMAC-SHA256(token, "nonce:node_id")
+CLIENT = "client"  # TEACH: the client key the queries are charged to
+
 NUM_EXAMPLES = "num-examples"
-PARTITION_ID = "partition-id"    # reported by clients: a label for logs only, never an identity
+PARTITION_ID = "partition-id"  # reported by clients: a label for logs only, never an identity
 
 # ---------------------------------------------------------------------------- the allow-list
 #: Record names a server message of each type may carry (SHARD only in simulations).
@@ -59,7 +68,12 @@ OUTGOING: dict[str, frozenset[str]] = {
     TRAIN: frozenset({CONFIG, ARRAYS, SHARD}),
     EVALUATE: frozenset({CONFIG, ARRAYS, SHARD}),
     SAMPLES: frozenset({CONFIG, ARRAYS, SHARD}),
+    ROLE: frozenset({CONFIG}),
+    TEACH: frozenset({CONFIG, QUERIES}),
 }
 
+#: Message types that go only to a teacher node (strategies.teacher_node), never to a student client.
+TEACHER_MESSAGES = frozenset({ROLE, TEACH})
+
 # ---------------------------------------------------------------------------- limits on replies
-MAX_METRICS = 64                 # numbers in one reply's MetricRecord; more is refused
+MAX_METRICS = 64  # numbers in one reply's MetricRecord; more is refused

@@ -14,7 +14,7 @@ Weights (`num-examples`) are capped by what the server knows about the client.
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -92,12 +92,19 @@ def scale_towards(update: Arrays, center: Mapping[str, np.ndarray], factor: floa
 
 def median_center(updates: list[Arrays]) -> Arrays:
     """Coordinate-wise median of the updates (the center when there is no global model yet)."""
-    return {k: np.asarray(np.median(np.stack([u[k] for u in updates]), axis=0)).astype(updates[0][k].dtype)
-            for k in updates[0]}
+    return {
+        k: np.asarray(np.median(np.stack([u[k] for u in updates]), axis=0)).astype(updates[0][k].dtype)
+        for k in updates[0]
+    }
 
 
-def bound_norms(updates: list[Arrays], center: Mapping[str, np.ndarray] | None, *, max_norm: float = 0.0,
-                outlier_factor: float = 0.0) -> tuple[list[Arrays], list[tuple[int, float, float]]]:
+def bound_norms(
+    updates: list[Arrays],
+    center: Mapping[str, np.ndarray] | None,
+    *,
+    max_norm: float = 0.0,
+    outlier_factor: float = 0.0,
+) -> tuple[list[Arrays], list[tuple[int, float, float]]]:
     """Scale updates whose distance from `center` exceeds the bound down onto it.
 
     The bound is `max_norm` (absolute, 0 = off) and/or `outlier_factor` times the lower median of the

@@ -1,4 +1,4 @@
-"""Runs many small configurations in one Flower simulation (see `mekd_fl.multirun`) for the tests.
+"""Runs many small configurations in one Flower simulation (see `mekd_fl.bench.multirun`) for the tests.
 
 Usage: python tests/combination_runner.py OUT_DIR CACHE_DIR JSON_LIST_OF_SETTINGS [CHAOS]
 Writes OUT_DIR/outcome.json ({run-name: "ok" | traceback}) and OUT_DIR/messages.jsonl: one line per
@@ -47,11 +47,17 @@ def describe(message) -> dict:
         record = content[name]
         kind = type(record).__name__
         if kind == "ArrayRecord":
-            records[name] = {"kind": kind, "arrays": {k: [str(record[k].numpy().dtype), list(record[k].shape)]
-                                                      for k in record.keys()}}
+            records[name] = {
+                "kind": kind,
+                "arrays": {k: [str(record[k].numpy().dtype), list(record[k].shape)] for k in record.keys()},
+            }
         elif kind == "ConfigRecord":
-            records[name] = {"kind": kind, "values": {k: (v if isinstance(v, (int, float, str, bool)) else repr(v))
-                                                      for k, v in dict(record).items()}}
+            records[name] = {
+                "kind": kind,
+                "values": {
+                    k: (v if isinstance(v, (int, float, str, bool)) else repr(v)) for k, v in dict(record).items()
+                },
+            }
         else:
             records[name] = {"kind": kind, "keys": sorted(dict(record))}
     return {"type": message.metadata.message_type, "dst": message.metadata.dst_node_id, "records": records}
@@ -59,9 +65,12 @@ def describe(message) -> dict:
 
 def chaos_wrapper(crash: float, poison: int):
     """Wraps each ClientApp handler: crash some messages, poison one client's updates."""
+
     def wrap(handler):
         def chaotic(message, context):
             from flwr.app import Array, ArrayRecord
+
+            from strategies import protocol as P
 
             shard = message.content.array_records.get("shard")
             partition = int(shard["partition"].numpy()) if shard is not None else -1
@@ -71,10 +80,10 @@ def chaos_wrapper(crash: float, poison: int):
             if zlib.crc32(key) % 1000 < crash * 1000:
                 raise RuntimeError(f"chaos: client {partition} crashes on {message.metadata.message_type}")
             reply = handler(message, context)
-            if partition == poison and message.metadata.message_type == "train":
+            if partition == poison and message.metadata.message_type == P.TRAIN:
                 arrays = reply.content["arrays"]
                 bad = {}
-                for i, k in enumerate(arrays.keys()):
+                for k in arrays.keys():
                     v = arrays[k].numpy()
                     if v.dtype.kind == "f":
                         v = v.astype(np.float64) * (1e40 if rnd % 2 else 1e3)  # inf in float32, or just huge
@@ -82,14 +91,16 @@ def chaos_wrapper(crash: float, poison: int):
                 reply.content["arrays"] = ArrayRecord(bad)
                 reply.content["metrics"]["num-examples"] = 1e12
             return reply
+
         return chaotic
+
     return wrap
 
 
 def main() -> None:
+    from mekd_fl.bench.multirun import run_configs
     from mekd_fl.client_app import make_client_app
     from mekd_fl.config import RunConfig
-    from mekd_fl.multirun import run_configs
 
     out_dir, cache_dir, cells = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     chaos = dict(item.split("=") for item in sys.argv[4].split(",")) if len(sys.argv) > 4 else {}
@@ -98,10 +109,16 @@ def main() -> None:
     messages = os.path.join(out_dir, "messages.jsonl")
     client_app = None
     if chaos:
-        client_app = make_client_app(configs[0].data_dir,
-                                     wrap=chaos_wrapper(float(chaos.get("crash", 0)), int(chaos.get("poison", -1))))
-    outcome = run_configs(configs, client_gpus=0.0, log=lambda line: None,
-                          wrap_grid=lambda grid: RecordingGrid(grid, messages), client_app=client_app)
+        client_app = make_client_app(
+            configs[0].data_dir, wrap=chaos_wrapper(float(chaos.get("crash", 0)), int(chaos.get("poison", -1)))
+        )
+    outcome = run_configs(
+        configs,
+        client_gpus=0.0,
+        log=lambda line: None,
+        wrap_grid=lambda grid: RecordingGrid(grid, messages),
+        client_app=client_app,
+    )
     with open(os.path.join(out_dir, "outcome.json"), "w") as fh:
         json.dump({name: "ok" if "summary" in res else res["error"] for name, res in outcome.items()}, fh)
 

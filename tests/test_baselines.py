@@ -14,7 +14,7 @@ from mekd_fl.distill.supervised import Supervised
 torch.set_num_threads(1)
 
 C = 3
-TEACHER = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 3.0]])   # argmax: 0, 2
+TEACHER = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 3.0]])  # argmax: 0, 2
 STUDENT = torch.tensor([[1.0, 1.0, 0.0], [-0.5, 2.0, 0.5]])
 IMAGES = torch.zeros(2, 1, 4, 4)  # unused by the losses, but part of the interface
 
@@ -45,8 +45,7 @@ def make_dkd(**kw) -> DKD:
 @pytest.mark.parametrize("oracle_output", ["probs", "logits"])
 @pytest.mark.parametrize("temperature", [1.0, 4.0])
 def test_dkd_parts_equal_hand_computation(oracle_output: str, temperature: float) -> None:
-    dkd = make_dkd(temperature=temperature, oracle_output=oracle_output, dkd_alpha=1.0, dkd_beta=8.0,
-                   dkd_warmup=20.0)
+    dkd = make_dkd(temperature=temperature, oracle_output=oracle_output, dkd_alpha=1.0, dkd_beta=8.0, dkd_warmup=20.0)
     response = TEACHER.softmax(1) if oracle_output == "probs" else TEACHER
     parts = dkd.losses(STUDENT, response, IMAGES, 40.0)
     tckd, nckd = hand_dkd(TEACHER, STUDENT, temperature)
@@ -109,8 +108,8 @@ def test_dkd_alpha_beta_combine_linearly() -> None:
 
 # ============================================================================ CDL
 # Teacher log-probs for 4 samples over 3 classes; argmax (the pseudo-labels) given per case.
-CDL_TEACHER_ALL = torch.tensor([[2.0, 0.0, 0.5], [1.5, 1.0, 0.0], [0.0, 2.5, 1.0], [0.5, 0.0, 1.8]])    # 0,0,1,2
-CDL_TEACHER_GAP = torch.tensor([[2.0, 0.0, 0.5], [1.5, 1.0, 0.0], [0.0, 1.0, 2.5], [0.5, 0.0, 1.8]])    # 0,0,2,2
+CDL_TEACHER_ALL = torch.tensor([[2.0, 0.0, 0.5], [1.5, 1.0, 0.0], [0.0, 2.5, 1.0], [0.5, 0.0, 1.8]])  # 0,0,1,2
+CDL_TEACHER_GAP = torch.tensor([[2.0, 0.0, 0.5], [1.5, 1.0, 0.0], [0.0, 1.0, 2.5], [0.5, 0.0, 1.8]])  # 0,0,2,2
 CDL_STUDENT = torch.tensor([[0.5, 0.2, -0.3], [1.0, -1.0, 0.4], [-0.2, 0.8, 0.1], [0.3, 0.3, 0.9]])
 
 
@@ -120,8 +119,9 @@ def make_cdl(**kw) -> CDL:
     return distiller
 
 
-@pytest.mark.parametrize("teacher, groups", [(CDL_TEACHER_ALL, [[0, 1], [2], [3]]),
-                                             (CDL_TEACHER_GAP, [[0, 1], [2, 3]])])
+@pytest.mark.parametrize(
+    "teacher, groups", [(CDL_TEACHER_ALL, [[0, 1], [2], [3]]), (CDL_TEACHER_GAP, [[0, 1], [2, 3]])]
+)
 def test_cdl_parts_equal_hand_computation(teacher: torch.Tensor, groups: list[list[int]]) -> None:
     t, margin = 2.0, 1.0
     parts = make_cdl(temperature=t, cdl_margin=margin, cdl_weight=0.5).losses(CDL_STUDENT, teacher, IMAGES, 1.0)
@@ -129,7 +129,7 @@ def test_cdl_parts_equal_hand_computation(teacher: torch.Tensor, groups: list[li
     q_t = torch.softmax(teacher / t, 1)
     q_s = torch.softmax(CDL_STUDENT / t, 1)
     intra = 0.0
-    for rows in groups:                       # each sample against its teacher class centre
+    for rows in groups:  # each sample against its teacher class centre
         centre = q_t[rows].mean(0)
         intra += sum(((q_s[i] - centre) ** 2).sum().item() for i in rows)
     intra /= 4
@@ -145,7 +145,7 @@ def test_cdl_parts_equal_hand_computation(teacher: torch.Tensor, groups: list[li
 
 def test_cdl_inter_zero_when_centres_beyond_margin() -> None:
     y = CDL_TEACHER_ALL.argmax(1)
-    peaked = 20.0 * F.one_hot(y, C).float()   # student centres ~ one-hot: sqrt(2) apart > 0.5
+    peaked = 20.0 * F.one_hot(y, C).float()  # student centres ~ one-hot: sqrt(2) apart > 0.5
     parts = make_cdl(temperature=1.0, cdl_margin=0.5).losses(peaked, CDL_TEACHER_ALL, IMAGES, 1.0)
     assert parts["inter"].item() == 0.0
     # ...but a margin beyond sqrt(2) makes it positive for the same outputs.
@@ -165,7 +165,7 @@ def test_cdl_intra_zero_at_teacher_class_centres() -> None:
     t = 2.0
     q_t = torch.softmax(CDL_TEACHER_ALL / t, 1)
     centres = torch.stack([q_t[[0, 1]].mean(0), q_t[[0, 1]].mean(0), q_t[2], q_t[3]])
-    at_centres = centres.log() * t             # softmax(z / T) == the centres
+    at_centres = centres.log() * t  # softmax(z / T) == the centres
     cdl = make_cdl(temperature=t)
     assert cdl.losses(at_centres, CDL_TEACHER_ALL, IMAGES, 1.0)["intra"].item() == pytest.approx(0.0, abs=1e-7)
     assert cdl.losses(CDL_STUDENT, CDL_TEACHER_ALL, IMAGES, 1.0)["intra"].item() > 1e-4
@@ -202,7 +202,7 @@ def test_can_student_gets_gradient_discriminator_does_not() -> None:
 
 
 def test_can_discriminator_update_changes_its_weights() -> None:
-    initial = make_discriminator(C).state_dict()         # the seeded initial D
+    initial = make_discriminator(C).state_dict()  # the seeded initial D
     can = make_can(can_lr=1e-3)
     assert can.extra_state() is None
     can.losses(STUDENT, TEACHER.softmax(1), IMAGES, 1.0)
@@ -223,8 +223,9 @@ def test_can_loss_values() -> None:
     real, fake = TEACHER.softmax(1), STUDENT.softmax(1)
     initial = make_discriminator(C)
     with torch.no_grad():
-        expected_d = (F.binary_cross_entropy_with_logits(initial(real), torch.ones(2, 1))
-                      + F.binary_cross_entropy_with_logits(initial(fake), torch.zeros(2, 1)))
+        expected_d = F.binary_cross_entropy_with_logits(
+            initial(real), torch.ones(2, 1)
+        ) + F.binary_cross_entropy_with_logits(initial(fake), torch.zeros(2, 1))
     can = make_can(can_lr=1e-3)
     parts = can.losses(STUDENT, real, IMAGES, 1.0)
     assert parts["d_loss"].item() == pytest.approx(expected_d.item(), rel=1e-6)
@@ -237,8 +238,8 @@ def test_can_loss_values() -> None:
 def test_can_adversarial_gradient_moves_student_toward_teacher_side() -> None:
     gen = torch.Generator().manual_seed(1)
     labels = torch.arange(8) % C
-    teacher = 6.0 * F.one_hot(labels, C).float()                 # peaked: "real"
-    student = 0.1 * torch.randn(8, C, generator=gen)             # near uniform: "fake"
+    teacher = 6.0 * F.one_hot(labels, C).float()  # peaked: "real"
+    student = 0.1 * torch.randn(8, C, generator=gen)  # near uniform: "fake"
     can = make_can(can_lr=1e-2)
     for epoch in range(20):
         can.losses(student, teacher.softmax(1), IMAGES, float(epoch))
@@ -277,8 +278,10 @@ def test_supervised_is_cross_entropy_on_labels() -> None:
     parts = sup.losses(STUDENT, TEACHER.softmax(1), IMAGES, 1.0, labels=labels)
     assert parts["loss"].item() == pytest.approx(F.cross_entropy(STUDENT, labels).item(), rel=1e-6)
     # The teacher plays no part.
-    assert sup.losses(STUDENT, TEACHER.flip(0).softmax(1), IMAGES, 1.0, labels=labels)["loss"].item() == \
-        parts["loss"].item()
+    assert (
+        sup.losses(STUDENT, TEACHER.flip(0).softmax(1), IMAGES, 1.0, labels=labels)["loss"].item()
+        == parts["loss"].item()
+    )
     with pytest.raises(ValueError, match="labels"):
         sup.losses(STUDENT, TEACHER.softmax(1), IMAGES, 1.0)
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from mekd_fl.bench import Progress, bench, cell_state, move_aside
+from mekd_fl.bench.spec import load_spec
+from mekd_fl.bench.sweep import Progress, bench, cell_state, move_aside
 from mekd_fl.cli import parse_only
 from mekd_fl.errors import ConfigError
-from mekd_fl.spec import load_spec
 
 SMOKE = Path(__file__).resolve().parents[1] / "experiments" / "smoke.yaml"
 
@@ -55,11 +55,17 @@ def test_only_selects_a_slice_of_the_grid(tmp_path: Path) -> None:
     assert lines[0].startswith("smoke: 4 cells (1 selected by --only), 1 done, 0 to run")
 
 
-@pytest.mark.parametrize(("only", "message"), [
-    ({"clients": ["2"]}, "--only clients=...: no such grid axis in spec 'smoke'; accepted: method, partition, seed"),
-    ({"method": ["kd", "fedavg"]}, "--only method=fedavg: not a level of axis 'method'; accepted: kd, mekd"),
-    ({"partition": ["dirichlet"]}, "accepted: iid, dirichlet-a0.5"),
-])
+@pytest.mark.parametrize(
+    ("only", "message"),
+    [
+        (
+            {"clients": ["2"]},
+            "--only clients=...: no such grid axis in spec 'smoke'; accepted: method, partition, seed",
+        ),
+        ({"method": ["kd", "fedavg"]}, "--only method=fedavg: not a level of axis 'method'; accepted: kd, mekd"),
+        ({"partition": ["dirichlet"]}, "accepted: iid, dirichlet-a0.5"),
+    ],
+)
 def test_only_with_unknown_axis_or_label_is_refused(tmp_path: Path, only: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         bench(str(SMOKE), str(tmp_path), only=only, echo=lambda _: None)
@@ -79,8 +85,9 @@ def test_finished_cell_with_other_settings_is_refused(tmp_path: Path) -> None:
     # settings that do not change results may differ (another cache or device) ...
     bench(str(SMOKE), str(tmp_path), {"cache-dir": "elsewhere", "device": "cpu"}, dry_run=True, echo=lambda _: None)
     # ... but a finished cell is never silently mixed with cells run on other settings
-    with pytest.raises(ConfigError, match=f"cell {cell.name} was finished with num-rounds=1 but the spec now gives "
-                                          "num-rounds=2"):
+    with pytest.raises(
+        ConfigError, match=f"cell {cell.name} was finished with num-rounds=1 but the spec now gives num-rounds=2"
+    ):
         bench(str(SMOKE), str(tmp_path), {"num-rounds": 2}, dry_run=True, echo=lambda _: None)
 
 
@@ -100,9 +107,16 @@ def test_progress_follows_the_run_log(tmp_path: Path) -> None:
     shown: list[str] = []
     progress = Progress(tmp_path, cells, to_run=2, echo=shown.append)
     first, second = cells[0].name, cells[1].name
-    for line in (f"=== run 1/2: {first}", "[teacher] training resnet8", "[round 0/2] initial student: acc 0.1",
-                 "[round 1/2] distill (kd): loss 1.0", "[round 2/2] distill (kd): loss 0.5", "[done] kd on synthetic",
-                 f"=== run 2/2: {second}", f"=== run {second} failed: RuntimeError: out of memory"):
+    for line in (
+        f"=== run 1/2: {first}",
+        "[teacher] training resnet8",
+        "[round 0/2] initial student: acc 0.1",
+        "[round 1/2] distill (kd): loss 1.0",
+        "[round 2/2] distill (kd): loss 0.5",
+        "[done] kd on synthetic",
+        f"=== run 2/2: {second}",
+        f"=== run {second} failed: RuntimeError: out of memory",
+    ):
         progress(line)
     progress.close()
     assert shown[0] == f"cell 1/4 {first} ... started"
@@ -111,15 +125,22 @@ def test_progress_follows_the_run_log(tmp_path: Path) -> None:
     assert shown[-1] == f"cell 2/4 {second} ... failed: RuntimeError: out of memory"
     entries = [json.loads(line) for line in (tmp_path / "cells.jsonl").read_text().splitlines()]
     assert [(e["cell"], e["status"], e["error"]) for e in entries] == [
-        (first, "ok", None), (second, "failed", "RuntimeError: out of memory")]
+        (first, "ok", None),
+        (second, "failed", "RuntimeError: out of memory"),
+    ]
     assert all(isinstance(e["wall-s"], float) for e in entries)
     assert "[round 2/2]" in (tmp_path / "bench.log").read_text()
 
 
 def bench_command(out: Path, cache: Path) -> dict:
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", OMP_NUM_THREADS="1", MEKD_FL_CACHE=str(cache))
-    return {"args": [sys.executable, "-m", "mekd_fl.cli", "bench", str(SMOKE), "--out", str(out), "--client-gpus", "0"],
-            "env": env, "stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+    return {
+        "args": [sys.executable, "-m", "mekd_fl.cli", "bench", str(SMOKE), "--out", str(out), "--client-gpus", "0"],
+        "env": env,
+        "stdout": subprocess.PIPE,
+        "stderr": subprocess.STDOUT,
+        "text": True,
+    }
 
 
 def run_bench(out: Path, cache: Path) -> tuple[int, str]:
@@ -167,14 +188,22 @@ def test_smoke_bench_end_to_end_resumes_after_sigkill(tmp_path: Path) -> None:
     # the report: table and plots beside the cells, the spec copy with it
     report = (folder / "report.md").read_text()
     assert "| kd |" in report and "| mekd |" in report and "4/4 cells finished" in report
-    for name in ("report.csv", "spec.yaml", "accuracy_per_round.png", "accuracy_vs_queries.png",
-                 "label_distribution.png", "bench.log"):
+    for name in (
+        "report.csv",
+        "spec.yaml",
+        "accuracy_per_round.png",
+        "accuracy_vs_queries.png",
+        "label_distribution.png",
+        "bench.log",
+    ):
         assert (folder / name).is_file(), name
     # provenance: both calls that ran cells, with the command line and the machine
     calls = [json.loads(line) for line in (folder / "invocations.jsonl").read_text().splitlines()]
     assert [c["cells-to-run"] for c in calls] == [4, 4 - done_before]
     assert all(c["command"].startswith("mekd-fl bench ") and c["machine"]["cores"] >= 1 for c in calls)
-    assert "## How these results were made" in report and f"`{calls[1]['command']}` -> {4 - done_before} cells" in report
+    assert (
+        "## How these results were made" in report and f"`{calls[1]['command']}` -> {4 - done_before} cells" in report
+    )
     for cell in cells:
         summary = json.loads((folder / cell / "summary.json").read_text())
         assert summary["num-rounds"] == 1 and summary["dataset"] == "synthetic"

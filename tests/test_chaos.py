@@ -3,8 +3,9 @@ completes, lists every failure, and the global student stays finite and useful.
 
 One Flower simulation (synthetic data, 10 clients) through `tests/combination_runner.py` with its chaos
 wrapper around every ClientApp handler: crashes are decided by a hash of (partition, message type,
-round), so the same clients fail on every run; partition 7 (one that survives the set-up phases) multiplies its float weights by 1e40 (odd
-rounds: inf in float32) or 1e3 (even rounds) and claims 1e12 examples.
+round), so the same clients fail on every run; partition 7 (one that survives the set-up phases)
+multiplies its float weights by 1e40 (odd rounds: inf in float32) or 1e3 (even rounds) and claims 1e12
+examples.
 """
 
 from __future__ import annotations
@@ -19,9 +20,21 @@ import pytest
 
 pytestmark = pytest.mark.slow  # one 10-client simulation (about 40 s); `make test-slow` and CI run it
 
-CELL = {"dataset": "synthetic", "num-clients": 10, "num-rounds": 4, "local-epochs": 8, "batch-size": 16,
-        "teacher-epochs": 8, "server-share": 0.5, "emulator-steps": 3,
-        "emulator-width": 8, "num-samples": 2, "method": "mekd", "run-name": "chaos", "min-reply-fraction": 0.3}
+CELL = {
+    "dataset": "synthetic",
+    "num-clients": 10,
+    "num-rounds": 4,
+    "local-epochs": 8,
+    "batch-size": 16,
+    "teacher-epochs": 8,
+    "server-share": 0.5,
+    "emulator-steps": 3,
+    "emulator-width": 8,
+    "num-samples": 2,
+    "method": "mekd",
+    "run-name": "chaos",
+    "min-reply-fraction": 0.3,
+}
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +42,13 @@ def chaos_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("chaos")
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", OMP_NUM_THREADS="1")
     runner = Path(__file__).with_name("combination_runner.py")
-    proc = subprocess.run([sys.executable, str(runner), str(out / "runs"), str(out / "cache"), json.dumps([CELL]),
-                           "crash=0.3,poison=7"], env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(runner), str(out / "runs"), str(out / "cache"), json.dumps([CELL]), "crash=0.3,poison=7"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     outcome = out / "runs" / "outcome.json"
     assert outcome.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     return out / "runs" / "chaos", json.loads(outcome.read_text())
@@ -60,9 +78,11 @@ def test_the_poisoner_is_refused_or_bounded_and_the_student_learns(chaos_run: tu
     poisoned = [e for e in summary["rejected-updates"] + summary["clipped-updates"] if e["partition"] == 7]
     assert poisoned, "partition 7 trained but its poison was neither refused nor bounded"
     assert {e["round"] for e in summary["rejected-updates"] if e["partition"] == 7} >= {1, 3} - {
-        f["round"] for f in summary["failures"] if f["partition"] == 7 and "chaos" in f["reason"]}
-    honest_rejections = [e for e in summary["rejected-updates"] if e["partition"] != 7
-                         and "client error" not in e["reason"]]
+        f["round"] for f in summary["failures"] if f["partition"] == 7 and "chaos" in f["reason"]
+    }
+    honest_rejections = [
+        e for e in summary["rejected-updates"] if e["partition"] != 7 and "client error" not in e["reason"]
+    ]
     assert honest_rejections == []
     assert summary["student-accuracy"] > 0.3, summary["student-accuracy"]
     assert all(r["round"] == 0 or r["failures"] is not None for r in rounds)

@@ -19,9 +19,22 @@ from mekd_fl.distill import methods
 
 EMULATORS = ("dcgan", "wgan-gp", "infogan")
 SOURCES = ("local", "generated", "mixed")
-TINY = {"dataset": "synthetic", "num-clients": 2, "num-rounds": 1, "local-epochs": 1, "batch-size": 32,
-        "teacher-epochs": 1, "teacher-arch": "resnet8", "server-share": 0.3, "emulator-steps": 3,
-        "emulator-width": 8, "wgan-n-critic": 2, "num-samples": 2, "query-views": 2, "emulator-fid": True}
+TINY = {
+    "dataset": "synthetic",
+    "num-clients": 2,
+    "num-rounds": 1,
+    "local-epochs": 1,
+    "batch-size": 32,
+    "teacher-epochs": 1,
+    "teacher-arch": "resnet8",
+    "server-share": 0.3,
+    "emulator-steps": 3,
+    "emulator-width": 8,
+    "wgan-n-critic": 2,
+    "num-samples": 2,
+    "query-views": 2,
+    "emulator-fid": True,
+}
 
 
 # Flower's aggregators inside MEKD, end to end (2 clients: Krum and Bulyan need more, see test_strategy.py).
@@ -31,26 +44,48 @@ AGGREGATIONS = {"median": {}, "trimmed-mean": {"trim-beta": 0.0, "dp-clip": 50.0
 @pytest.fixture(scope="module")
 def grid_outcome(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("grid")
-    cells = [dict(TINY, method=m, emulator=e, **{"query-source": q, "run-name": f"{m}-{e}-{q}"})
-             for m, e, q in itertools.product(methods(), EMULATORS, SOURCES)]
-    cells.append(dict(TINY, method="mekd", emulator="dcgan", **{"query-source": "local", "run-name": "fed-emulator",
-                                                                 "federated-emulator": True, "emulator-rounds": 2}))
+    cells = [
+        dict(TINY, method=m, emulator=e, **{"query-source": q, "run-name": f"{m}-{e}-{q}"})
+        for m, e, q in itertools.product(methods(), EMULATORS, SOURCES)
+    ]
+    cells.append(
+        dict(
+            TINY,
+            method="mekd",
+            emulator="dcgan",
+            **{"query-source": "local", "run-name": "fed-emulator", "federated-emulator": True, "emulator-rounds": 2},
+        )
+    )
     for aggregation, extra in AGGREGATIONS.items():
-        cells.append(dict(TINY, method="kd", emulator="dcgan", **{"query-source": "local", "aggregation": aggregation,
-                                                               "run-name": f"aggregation-{aggregation}", **extra}))
+        cells.append(
+            dict(
+                TINY,
+                method="kd",
+                emulator="dcgan",
+                **{
+                    "query-source": "local",
+                    "aggregation": aggregation,
+                    "run-name": f"aggregation-{aggregation}",
+                    **extra,
+                },
+            )
+        )
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", OMP_NUM_THREADS="1")
     runner = Path(__file__).with_name("combination_runner.py")
-    proc = subprocess.run([sys.executable, str(runner), str(out / "runs"), str(out / "cache"), json.dumps(cells)],
-                          env=env, capture_output=True, text=True, timeout=1500)
+    proc = subprocess.run(
+        [sys.executable, str(runner), str(out / "runs"), str(out / "cache"), json.dumps(cells)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     outcome_file = out / "runs" / "outcome.json"
     assert outcome_file.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     return out / "runs", json.loads(outcome_file.read_text())
 
 
-@pytest.mark.parametrize("method, emulator, source",
-                         list(itertools.product(methods(), EMULATORS, SOURCES)))
-def test_combination_runs_end_to_end(grid_outcome: tuple[Path, dict], method: str, emulator: str,
-                                     source: str) -> None:
+@pytest.mark.parametrize("method, emulator, source", list(itertools.product(methods(), EMULATORS, SOURCES)))
+def test_combination_runs_end_to_end(grid_outcome: tuple[Path, dict], method: str, emulator: str, source: str) -> None:
     runs, outcome = grid_outcome
     name = f"{method}-{emulator}-{source}"
     assert outcome.get(name) == "ok", outcome.get(name)
@@ -97,10 +132,18 @@ def test_every_message_to_a_client_fits_the_allow_list(grid_outcome: tuple[Path,
 
     runs, _ = grid_outcome
     sent = [json.loads(line) for line in (runs / "messages.jsonl").read_text().splitlines()]
-    assert {m["type"] for m in sent} == set(P.OUTGOING), "some message type was never exercised"
+    # query.role and query.teach go only to a teacher node (tests/test_teacher_node.py), never to these clients
+    assert {m["type"] for m in sent} == set(P.OUTGOING) - P.TEACHER_MESSAGES, "a message type was never exercised"
     ds = load_dataset("synthetic")
-    student = _state_shapes(build_model(TINY["student-arch"] if "student-arch" in TINY else "resnet8",
-                                        ds.num_classes, ds.image_shape, ds.mean, ds.std))
+    student = _state_shapes(
+        build_model(
+            TINY["student-arch"] if "student-arch" in TINY else "resnet8",
+            ds.num_classes,
+            ds.image_shape,
+            ds.mean,
+            ds.std,
+        )
+    )
     gen, disc = build_emulator(ds.num_classes, ds.image_shape, TINY["emulator-width"], kind="dcgan")
     emulator = {P.GENERATOR: _state_shapes(gen), P.DISCRIMINATOR: _state_shapes(disc)}
     allowed_config = set(CLIENT_SETTINGS) | set(P.STRATEGY_KEYS)
@@ -119,14 +162,17 @@ def test_every_message_to_a_client_fits_the_allow_list(grid_outcome: tuple[Path,
             elif name in emulator:
                 assert m["type"] == P.EMULATOR and record["arrays"] == emulator[name]
             elif name == P.ANSWERS_RECORD:
-                (key, (dtype, shape)), = record["arrays"].items()
+                ((key, (dtype, shape)),) = record["arrays"].items()
                 assert key == P.RESPONSES and len(shape) == 2 and shape[1] in (0, ds.num_classes), record
             elif name == P.SHARD:
                 assert set(record["arrays"]) == {P.TRAIN_INDEX, P.TEST_INDEX, P.PARTITION}
             else:
                 assert name == P.CONFIG, name
-    assert not any(k.startswith("teacher") or k in ("server-share", "cache-dir", "out-dir", "data-dir")
-                   for m in sent for k in m["records"][P.CONFIG]["values"])
+    assert not any(
+        k.startswith("teacher") or k in ("server-share", "cache-dir", "out-dir", "data-dir")
+        for m in sent
+        for k in m["records"][P.CONFIG]["values"]
+    )
 
 
 def test_the_first_student_a_client_receives_classifies_at_chance(grid_outcome: tuple[Path, dict]) -> None:

@@ -1,10 +1,10 @@
 """`RunConfig`: pyproject mirrors the defaults, merging from mappings, and one-line refusals."""
 
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from mekd_fl.config import CLIENT_SETTINGS, RunConfig, default_flower_config
 from mekd_fl.errors import ConfigError
@@ -21,7 +21,8 @@ def test_pyproject_config_table_equals_defaults() -> None:
     table, defaults = flower_table(), RunConfig().to_dict()
     assert set(table) == set(defaults), (
         f"only in pyproject: {sorted(set(table) - set(defaults))}; only in RunConfig: "
-        f"{sorted(set(defaults) - set(table))}")
+        f"{sorted(set(defaults) - set(table))}"
+    )
     for key, default in defaults.items():
         assert table[key] == default, key
         assert type(table[key]) is type(default), f"{key}: {type(table[key]).__name__} vs {type(default).__name__}"
@@ -70,8 +71,16 @@ def test_unknown_key_rejected_listing_accepted_keys() -> None:
 
 
 BAD = [
-    ("alpha", 0), ("alpha", -1), ("num-clients", 0), ("partition", "zipf"), ("dataset", "foo"),
-    ("method", "foo"), ("teacher-arch", "resnet9"), ("server-share", 1.0), ("fraction-train", 0), ("lr", 0),
+    ("alpha", 0),
+    ("alpha", -1),
+    ("num-clients", 0),
+    ("partition", "zipf"),
+    ("dataset", "foo"),
+    ("method", "foo"),
+    ("teacher-arch", "resnet9"),
+    ("server-share", 1.0),
+    ("fraction-train", 0),
+    ("lr", 0),
     ("device", "tpu"),
 ]
 
@@ -87,14 +96,21 @@ def test_bad_setting_gives_one_line_error_naming_it(key: str, value) -> None:
     assert str(value) in msg
 
 
-@pytest.mark.parametrize("key, value", [("partition", "zipf"), ("dataset", "foo"), ("device", "tpu"),
-                                        ("method", "foo"), ("teacher-arch", "resnet9")])
+@pytest.mark.parametrize(
+    "key, value",
+    [("partition", "zipf"), ("dataset", "foo"), ("device", "tpu"), ("method", "foo"), ("teacher-arch", "resnet9")],
+)
 def test_choice_errors_list_what_is_accepted(key: str, value: str) -> None:
     with pytest.raises(ConfigError, match="accepted: ") as info:
         RunConfig.from_mapping({key: value})
     listed = str(info.value).split("accepted: ", 1)[1]
-    expected = {"partition": "dirichlet", "dataset": "fashion-mnist", "device": "cuda", "method": "mekd",
-                "teacher-arch": "resnet20"}[key]
+    expected = {
+        "partition": "dirichlet",
+        "dataset": "fashion-mnist",
+        "device": "cuda",
+        "method": "mekd",
+        "teacher-arch": "resnet20",
+    }[key]
     assert expected in listed
 
 
@@ -107,10 +123,20 @@ def test_validate_false_skips_checks() -> None:
 
 # ---------------------------------------------------------------------------- new settings
 NEW_BAD = [
-    ("aggregation", "fedprox"), ("trim-beta", 0.5), ("trim-beta", -0.1), ("num-malicious", -1),
-    ("dp-clip", -0.1), ("dp-noise", -1.0), ("max-update-norm", -1.0), ("norm-outlier-factor", -0.5),
-    ("min-reply-fraction", 1.5), ("min-reply-fraction", -0.1), ("reply-timeout", 0), ("reply-timeout", -5.0),
-    ("oracle-top-k", -1), ("oracle-decimals", -2),
+    ("aggregation", "fedprox"),
+    ("trim-beta", 0.5),
+    ("trim-beta", -0.1),
+    ("num-malicious", -1),
+    ("dp-clip", -0.1),
+    ("dp-noise", -1.0),
+    ("max-update-norm", -1.0),
+    ("norm-outlier-factor", -0.5),
+    ("min-reply-fraction", 1.5),
+    ("min-reply-fraction", -0.1),
+    ("reply-timeout", 0),
+    ("reply-timeout", -5.0),
+    ("oracle-top-k", -1),
+    ("oracle-decimals", -2),
 ]
 
 
@@ -120,10 +146,21 @@ def test_new_settings_refuse_bad_values(key: str, value) -> None:
 
 
 def test_new_settings_accept_their_edges() -> None:
-    cfg = RunConfig.from_mapping({"aggregation": "bulyan", "trim-beta": 0.0, "num-malicious": 2, "dp-clip": 1.0,
-                                  "dp-noise": 0.5, "max-update-norm": 10.0, "norm-outlier-factor": 0,
-                                  "min-reply-fraction": 1, "reply-timeout": 0.5, "oracle-top-k": 3,
-                                  "oracle-decimals": 0})
+    cfg = RunConfig.from_mapping(
+        {
+            "aggregation": "bulyan",
+            "trim-beta": 0.0,
+            "num-malicious": 2,
+            "dp-clip": 1.0,
+            "dp-noise": 0.5,
+            "max-update-norm": 10.0,
+            "norm-outlier-factor": 0,
+            "min-reply-fraction": 1,
+            "reply-timeout": 0.5,
+            "oracle-top-k": 3,
+            "oracle-decimals": 0,
+        }
+    )
     assert cfg.aggregation == "bulyan" and cfg.min_reply_fraction == 1.0 and type(cfg.min_reply_fraction) is float
     RunConfig.from_mapping({"min-reply-fraction": 0, "trim-beta": 0.49, "oracle-decimals": -1})
     for aggregation in ("fedavg", "trimmed-mean", "median", "krum", "multikrum", "bulyan"):
@@ -131,8 +168,11 @@ def test_new_settings_accept_their_edges() -> None:
 
 
 def test_aggregation_error_lists_the_strategies() -> None:
-    with pytest.raises(ConfigError, match=r"^aggregation='fedprox' is not accepted; accepted: fedavg, trimmed-mean, "
-                                          r"median, krum, multikrum, bulyan$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^aggregation='fedprox' is not accepted; accepted: fedavg, trimmed-mean, "
+        r"median, krum, multikrum, bulyan$",
+    ):
         RunConfig.from_mapping({"aggregation": "fedprox"})
 
 
@@ -157,8 +197,18 @@ def test_client_settings_are_known_and_hold_no_server_secrets() -> None:
     keys = RunConfig.keys()
     assert len(set(CLIENT_SETTINGS)) == len(CLIENT_SETTINGS)
     assert [k for k in CLIENT_SETTINGS if k not in keys] == []
-    for secret in ("teacher-arch", "teacher-epochs", "teacher-lr", "teacher-batch-size", "server-share",
-                   "cache-dir", "out-dir", "data-dir", "query-budget", "answer-cache"):
+    for secret in (
+        "teacher-arch",
+        "teacher-epochs",
+        "teacher-lr",
+        "teacher-batch-size",
+        "server-share",
+        "cache-dir",
+        "out-dir",
+        "data-dir",
+        "query-budget",
+        "answer-cache",
+    ):
         assert secret not in CLIENT_SETTINGS, secret
 
 
@@ -173,8 +223,9 @@ def test_client_dict_holds_only_the_client_settings() -> None:
 
 
 # ---------------------------------------------------------------------------- values that used to get through
-@pytest.mark.parametrize("key, value", [("batch-size", True), ("lr", True), ("num-rounds", False),
-                                        ("alpha", False), ("seed", True)])
+@pytest.mark.parametrize(
+    "key, value", [("batch-size", True), ("lr", True), ("num-rounds", False), ("alpha", False), ("seed", True)]
+)
 def test_bool_for_a_number_is_refused(key: str, value: bool) -> None:
     with pytest.raises(ConfigError, match=rf"^{re.escape(key)}={value} is not a valid (int|float)") as info:
         RunConfig.from_mapping({key: value})
@@ -191,9 +242,17 @@ def test_bool_for_a_number_is_refused_when_built_directly() -> None:
     RunConfig(lr=1).validate()  # an int for a float setting is a number all the same
 
 
-NON_FINITE = [("lr", float("inf")), ("alpha", float("nan")), ("query-budget", float("nan")),
-              ("dp-noise", float("inf")), ("reply-timeout", float("-inf")), ("lr", "inf"), ("alpha", "NaN"),
-              ("num-rounds", "inf"), ("temperature", "1e400")]
+NON_FINITE = [
+    ("lr", float("inf")),
+    ("alpha", float("nan")),
+    ("query-budget", float("nan")),
+    ("dp-noise", float("inf")),
+    ("reply-timeout", float("-inf")),
+    ("lr", "inf"),
+    ("alpha", "NaN"),
+    ("num-rounds", "inf"),
+    ("temperature", "1e400"),
+]
 
 
 @pytest.mark.parametrize("key, value", NON_FINITE, ids=[f"{k}={v}" for k, v in NON_FINITE])
@@ -224,7 +283,67 @@ def test_run_name_must_be_one_safe_folder_name(name: str) -> None:
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("name", ["", "x", "run-1.a_b", "a" * 128, "method=kd__partition=iid__seed=1",
-                                  "20240101-120000-mekd-fashion-mnist-dirichlet"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "",
+        "x",
+        "run-1.a_b",
+        "a" * 128,
+        "method=kd__partition=iid__seed=1",
+        "20240101-120000-mekd-fashion-mnist-dirichlet",
+    ],
+)
 def test_run_name_accepts_plain_names_and_bench_cells(name: str) -> None:
     assert RunConfig.from_mapping({"run-name": name}).run_name == name
+
+
+# --- one source of truth: the method's own configs default to RunConfig's settings ---
+# EmulatorConfig field -> the RunConfig setting of the same meaning; the fields left out have none.
+EMULATOR_SETTINGS = {
+    "steps": "emulator_steps",
+    "batch_size": "emulator_batch_size",
+    "lr": "emulator_lr",
+    "width": "emulator_width",
+    "kind": "emulator",
+    "n_critic": "wgan_n_critic",
+    "gp_lambda": "wgan_gp_lambda",
+    "info_weight": "infogan_weight",
+}
+EMULATOR_ONLY = {"betas", "seed"}  # per-kind Adam betas; a per-client seed derived from the run's seed
+DISTILL_ONLY = {"num_classes", "generator", "device"}  # the data set's, the client's emulator, a torch device
+
+
+def test_emulator_config_defaults_are_run_config_defaults() -> None:
+    import dataclasses
+
+    from mekd_fl.emulator import EmulatorConfig
+
+    fields = {f.name: f.default for f in dataclasses.fields(EmulatorConfig)}
+    assert set(fields) == set(EMULATOR_SETTINGS) | EMULATOR_ONLY, "classify each new EmulatorConfig field here"
+    run = RunConfig()
+    for name, setting in EMULATOR_SETTINGS.items():
+        assert fields[name] == getattr(run, setting), f"EmulatorConfig.{name}={fields[name]!r} vs {setting}"
+    assert EmulatorConfig() == EmulatorConfig(**{n: getattr(run, s) for n, s in EMULATOR_SETTINGS.items()})
+
+
+def test_distill_context_defaults_are_run_config_defaults() -> None:
+    import dataclasses
+
+    from mekd_fl.distill import DistillContext
+
+    fields = {f.name: f.default for f in dataclasses.fields(DistillContext)}
+    run = RunConfig()
+    for name, default in fields.items():
+        if name in DISTILL_ONLY:
+            continue
+        assert hasattr(run, name), f"DistillContext.{name} has no RunConfig setting of the same name"
+        assert default == getattr(run, name), f"DistillContext.{name}={default!r} vs RunConfig {getattr(run, name)!r}"
+    assert DistillContext(num_classes=10) == DistillContext.from_config(run, 10)
+
+
+def test_methods_are_the_registered_distillers() -> None:
+    from mekd_fl.config import METHODS
+    from mekd_fl.distill import methods
+
+    assert METHODS == methods()

@@ -147,7 +147,10 @@ def test_cifar10_pickles(tmp_path: Path) -> None:
 
 def test_cifar100_pickles_with_data_dir_being_the_folder(tmp_path: Path) -> None:
     rng = np.random.default_rng(2)
-    train_images, test_images = rng.integers(0, 256, (6, 3, 32, 32), np.uint8), rng.integers(0, 256, (3, 3, 32, 32), np.uint8)
+    train_images, test_images = (
+        rng.integers(0, 256, (6, 3, 32, 32), np.uint8),
+        rng.integers(0, 256, (3, 3, 32, 32), np.uint8),
+    )
     write_cifar_batch(tmp_path / "train", train_images, np.array([0, 99, 5, 42, 7, 99]), "fine_labels")
     write_cifar_batch(tmp_path / "test", test_images, np.array([1, 2, 98]), "fine_labels")
     check_dataset_available("cifar100", str(tmp_path))
@@ -157,7 +160,9 @@ def test_cifar100_pickles_with_data_dir_being_the_folder(tmp_path: Path) -> None
 
 
 def test_corrupt_cifar_pickle_is_a_clear_error(tmp_path: Path) -> None:
-    write_cifar_batch(tmp_path / "train", np.zeros((2, 3, 32, 32), np.uint8), np.array([0, 1]), "labels")  # no fine_labels
+    write_cifar_batch(
+        tmp_path / "train", np.zeros((2, 3, 32, 32), np.uint8), np.array([0, 1]), "labels"
+    )  # no fine_labels
     write_cifar_batch(tmp_path / "test", np.zeros((2, 3, 32, 32), np.uint8), np.array([0, 1]), "fine_labels")
     with pytest.raises(ConfigError, match=r"train is not a CIFAR python batch \(KeyError"):
         load_dataset("cifar100", str(tmp_path))
@@ -185,7 +190,9 @@ def test_download_failure_is_one_line(tmp_path: Path, monkeypatch: pytest.Monkey
         raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://..., got:\n<urlopen error>")
 
     monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
-    with pytest.raises(ConfigError, match=r"^download: fetching MNIST into .* failed \(RuntimeError: Error downloading") as err:
+    with pytest.raises(
+        ConfigError, match=r"^download: fetching MNIST into .* failed \(RuntimeError: Error downloading"
+    ) as err:
         load_dataset("mnist", str(tmp_path), download=True)
     assert "\n" not in str(err.value)
 
@@ -214,7 +221,9 @@ def test_synthetic_shapes_determinism_and_speed() -> None:
     assert torch.bincount(ds.train_labels).tolist() == [120] * 10
     assert torch.bincount(ds.test_labels).tolist() == [30] * 10
     pixels = ds.train_images.double() / 255
-    assert ds.mean[0] == pytest.approx(pixels.mean().item()) and ds.std[0] == pytest.approx(pixels.std(unbiased=False).item())
+    assert ds.mean[0] == pytest.approx(pixels.mean().item()) and ds.std[0] == pytest.approx(
+        pixels.std(unbiased=False).item()
+    )
 
 
 def test_synthetic_classes_are_learnable() -> None:

@@ -6,8 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from mekd_fl.distill import (DistillContext, get_class, get_distiller, kl_divergence, methods, needs_generator,
-                             teacher_log_probs)
+from mekd_fl.distill import (
+    DistillContext,
+    get_class,
+    get_distiller,
+    kl_divergence,
+    methods,
+    needs_generator,
+    teacher_log_probs,
+)
 from mekd_fl.distill.kd import KD
 from mekd_fl.distill.mekd import MEKD
 from mekd_fl.errors import ConfigError
@@ -63,7 +70,8 @@ def test_kl_zero_when_student_matches_teacher(temperature: float) -> None:
     assert kl_divergence(TEACHER, TEACHER.clone(), temperature).item() == pytest.approx(0.0, abs=1e-6)
     # A per-row shift of the student's logits changes nothing either.
     assert kl_divergence(TEACHER, TEACHER + torch.tensor([[5.0], [-2.0]]), temperature).item() == pytest.approx(
-        0.0, abs=1e-5)
+        0.0, abs=1e-5
+    )
 
 
 @pytest.mark.parametrize("temperature", [1.0, 4.0])
@@ -78,7 +86,8 @@ def test_teacher_log_probs_from_probs_and_logits_agree(temperature: float) -> No
     torch.testing.assert_close((from_logits / temperature).softmax(1), expected)
     # And so the KL is the same whichever form the oracle answers.
     assert kl_divergence(from_probs, STUDENT, temperature).item() == pytest.approx(
-        kl_divergence(from_logits, STUDENT, temperature).item(), rel=1e-5)
+        kl_divergence(from_logits, STUDENT, temperature).item(), rel=1e-5
+    )
 
 
 # ---------------------------------------------------------------------------- KD
@@ -153,18 +162,18 @@ def make_mekd(gen: nn.Module, **kw) -> MEKD:
 @pytest.mark.parametrize("oracle_output", ["probs", "logits"])
 @pytest.mark.parametrize("emulator_input", ["probs", "logits"])
 @pytest.mark.parametrize("distance", ["l1", "l2"])
-def test_mekd_emulation_equals_hand_computation(distance: str, emulator_input: str, oracle_output: str,
-                                                batchnorm: bool) -> None:
+def test_mekd_emulation_equals_hand_computation(
+    distance: str, emulator_input: str, oracle_output: str, batchnorm: bool
+) -> None:
     t = 4.0
     gen = LinearGen(batchnorm)
-    mekd = make_mekd(gen, temperature=t, oracle_output=oracle_output, distance=distance,
-                     emulator_input=emulator_input)
+    mekd = make_mekd(gen, temperature=t, oracle_output=oracle_output, distance=distance, emulator_input=emulator_input)
     response = TEACHER.softmax(1) if oracle_output == "probs" else TEACHER
     parts = mekd.losses(STUDENT, response, IMAGES, 0)
 
     in_t, in_s = hand_inputs(oracle_output, emulator_input, t)
     diff = hand_gen(gen, in_s) - hand_gen(gen, in_t)
-    expected = diff.abs().mean() if distance == "l1" else (diff ** 2).mean()
+    expected = diff.abs().mean() if distance == "l1" else (diff**2).mean()
     assert parts["emulation"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert parts["emulation"].item() > 0
     assert parts["kl"].item() == pytest.approx(hand_kl(TEACHER, STUDENT, t), rel=1e-5)

@@ -122,8 +122,9 @@ NUM_CLASSES = 3
 
 
 def kind_cfg(kind: str, **overrides) -> EmulatorConfig:
-    return EmulatorConfig(**{"steps": 3, "batch_size": 16, "width": 8, "lr": 1e-3, "seed": 5, "kind": kind,
-                             "n_critic": 2, **overrides})
+    return EmulatorConfig(
+        **{"steps": 3, "batch_size": 16, "width": 8, "lr": 1e-3, "seed": 5, "kind": kind, "n_critic": 2, **overrides}
+    )
 
 
 @pytest.fixture(scope="module")

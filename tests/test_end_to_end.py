@@ -16,14 +16,30 @@ from pathlib import Path
 
 import pytest
 
-SMALL = ["dataset=synthetic", "num-clients=3", "num-rounds=3", "local-epochs=4", "batch-size=32",
-         "teacher-epochs=8", "server-share=0.5", "emulator-steps=15", "emulator-width=8", "num-samples=4"]
+SMALL = [
+    "dataset=synthetic",
+    "num-clients=3",
+    "num-rounds=3",
+    "local-epochs=4",
+    "batch-size=32",
+    "teacher-epochs=8",
+    "server-share=0.5",
+    "emulator-steps=15",
+    "emulator-width=8",
+    "num-samples=4",
+]
 
 
 def mekd_fl(*args: str, cwd: Path, command: str = "run") -> subprocess.CompletedProcess:
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "mekd_fl.cli", command, *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "mekd_fl.cli", command, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +53,15 @@ def first_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subproces
 def test_mekd_run_writes_every_result_file(first_run: tuple[Path, subprocess.CompletedProcess]) -> None:
     work, proc = first_run
     folder = work / "runs" / "first"
-    for name in ("config.json", "partition.json", "metrics.jsonl", "summary.json",
-                 "accuracy.png", "label_distribution.png", "emulator_samples.png"):
+    for name in (
+        "config.json",
+        "partition.json",
+        "metrics.jsonl",
+        "summary.json",
+        "accuracy.png",
+        "label_distribution.png",
+        "emulator_samples.png",
+    ):
         assert (folder / name).is_file(), name
     rounds = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [0, 1, 2, 3]
@@ -95,10 +118,12 @@ def test_the_student_is_saved_and_can_be_evaluated_later(first_run: tuple[Path, 
 
 
 def test_a_run_whose_updates_are_all_rejected_exits_non_zero_with_one_line(
-        first_run: tuple[Path, subprocess.CompletedProcess]) -> None:
+    first_run: tuple[Path, subprocess.CompletedProcess],
+) -> None:
     work, _ = first_run
-    proc = mekd_fl(*SMALL, "method=kd", "num-rounds=2", "lr=1e30", "out-dir=runs", "cache-dir=cache",
-                   "run-name=diverges", cwd=work)
+    proc = mekd_fl(
+        *SMALL, "method=kd", "num-rounds=2", "lr=1e30", "out-dir=runs", "cache-dir=cache", "run-name=diverges", cwd=work
+    )
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("mekd-fl: error: run failed: train round 1: 0 of 3 clients gave a usable reply"), last
@@ -109,13 +134,25 @@ def test_a_run_whose_updates_are_all_rejected_exits_non_zero_with_one_line(
     assert status.returncode == 1 and "failed" in status.stdout
 
 
-@pytest.mark.parametrize("setting, named", [
-    ("alpha=0", "alpha"), ("dataset=imagenet", "dataset"), ("num-clients=5000", "num-clients"),
-    ("partition=zipf", "partition"), ("method=magic", "method"), ("student-arch=resnet9", "student-arch"),
-    ("batch-size=true", "batch-size"), ("lr=inf", "lr"), ("seed=-1", "seed"), ("run-name=../x", "run-name"),
-    ("query-budget=.nan", "query-budget"), ("out-dir=/dev/null/runs", "out-dir"),
-    ("aggregation=krum num-malicious=2", "aggregation"), ("dp-noise=1.0", "dp-noise"),
-])
+@pytest.mark.parametrize(
+    "setting, named",
+    [
+        ("alpha=0", "alpha"),
+        ("dataset=imagenet", "dataset"),
+        ("num-clients=5000", "num-clients"),
+        ("partition=zipf", "partition"),
+        ("method=magic", "method"),
+        ("student-arch=resnet9", "student-arch"),
+        ("batch-size=true", "batch-size"),
+        ("lr=inf", "lr"),
+        ("seed=-1", "seed"),
+        ("run-name=../x", "run-name"),
+        ("query-budget=.nan", "query-budget"),
+        ("out-dir=/dev/null/runs", "out-dir"),
+        ("aggregation=krum num-malicious=2", "aggregation"),
+        ("dp-noise=1.0", "dp-noise"),
+    ],
+)
 def test_bad_settings_fail_fast_with_one_line(tmp_path: Path, setting: str, named: str) -> None:
     t0 = time.time()
     proc = mekd_fl(*SMALL, "out-dir=runs", *setting.split(), cwd=tmp_path)

@@ -68,8 +68,7 @@ def test_same_seed_gives_bit_identical_weights_and_seeds_differ(shape) -> None:
     a, b = fixed_feature_net(shape, seed=0), fixed_feature_net(shape, seed=0)
     assert digest(a) == digest(b) == WEIGHT_DIGESTS[shape]
     other = fixed_feature_net(shape, seed=1)
-    assert all(not torch.equal(x, y) for x, y in zip(a.state_dict().values(), other.state_dict().values(),
-                                                      strict=True))
+    assert all(not torch.equal(x, y) for x, y in zip(a.state_dict().values(), other.state_dict().values(), strict=True))
     assert digest(fixed_feature_net(shape)) == digest(a)  # seed defaults to 0
 
 

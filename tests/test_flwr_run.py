@@ -34,16 +34,35 @@ def _stop_superlink(flwr_home: Path) -> None:
 @pytest.mark.skipif(shutil.which("flwr", path=str(Path(sys.executable).parent)) is None, reason="flwr CLI missing")
 def test_flwr_run_distills_on_synthetic_data(tmp_path: Path) -> None:
     bin_dir = Path(sys.executable).parent
-    env = dict(os.environ, FLWR_HOME=str(tmp_path / "flwr-home"), FLWR_TELEMETRY_ENABLED="0",
-               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", PATH=f"{bin_dir}:{os.environ['PATH']}")
+    env = dict(
+        os.environ,
+        FLWR_HOME=str(tmp_path / "flwr-home"),
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+    )
     out = tmp_path / "runs"
-    settings = (f"dataset='synthetic' num-clients=2 num-rounds=1 teacher-epochs=2 teacher-arch='resnet8' "
-                f"emulator-steps=5 emulator-width=8 run-name='flwr' out-dir='{out}' cache-dir='{tmp_path / 'cache'}'")
+    settings = (
+        f"dataset='synthetic' num-clients=2 num-rounds=1 teacher-epochs=2 teacher-arch='resnet8' "
+        f"emulator-steps=5 emulator-width=8 run-name='flwr' out-dir='{out}' cache-dir='{tmp_path / 'cache'}'"
+    )
     try:
-        subprocess.run([str(bin_dir / "flwr"), "federation", "simulation-config", "--num-supernodes", "2"],
-                       cwd=ROOT, env=env, check=True, capture_output=True, timeout=120)
-        proc = subprocess.run([str(bin_dir / "flwr"), "run", ".", "--stream", "--run-config", settings],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        subprocess.run(
+            [str(bin_dir / "flwr"), "federation", "simulation-config", "--num-supernodes", "2"],
+            cwd=ROOT,
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        proc = subprocess.run(
+            [str(bin_dir / "flwr"), "run", ".", "--stream", "--run-config", settings],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
     finally:
         _stop_superlink(tmp_path / "flwr-home")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

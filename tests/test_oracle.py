@@ -92,10 +92,12 @@ class Counting(nn.Module):
 
 def _quiet(make_tensor):
     """Build a tensor whose construction warns (sparse CSR is 'beta') without the warning."""
+
     def build():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return make_tensor()
+
     return build
 
 
@@ -119,8 +121,12 @@ BAD_QUERIES = {
     "tuple-of-tensors": ("a", lambda: tuple(images(2)), QueryError, "torch.Tensor, got tuple"),
     # layout and device
     "sparse-coo": ("a", lambda: torch.zeros(2, *SHAPE).to_sparse(), QueryError, r"layout torch\.sparse_coo.*dense"),
-    "sparse-csr": ("a", _quiet(lambda: torch.zeros(2, *SHAPE).to_sparse_csr()), QueryError,
-                   r"layout torch\.sparse_csr.*dense"),
+    "sparse-csr": (
+        "a",
+        _quiet(lambda: torch.zeros(2, *SHAPE).to_sparse_csr()),
+        QueryError,
+        r"layout torch\.sparse_csr.*dense",
+    ),
     "meta": ("a", lambda: torch.zeros(2, *SHAPE, device="meta"), QueryError, "meta device"),
     "meta-uint8": ("a", lambda: torch.zeros(2, *SHAPE, dtype=torch.uint8, device="meta"), QueryError, "meta device"),
     # shape
@@ -128,13 +134,21 @@ BAD_QUERIES = {
     "ndim-2": ("a", lambda: torch.zeros(2, 784, dtype=torch.uint8), QueryError, r"shape \(2, 784\)"),
     "ndim-3": ("a", lambda: images(2)[:, 0], QueryError, r"shape \(2, 28, 28\)"),
     "ndim-5": ("a", lambda: images(2)[None], QueryError, r"shape \(1, 2, 1, 28, 28\)"),
-    "channels": ("a", lambda: torch.zeros(2, 3, 28, 28, dtype=torch.uint8), QueryError,
-                 r"shape \(2, 3, 28, 28\).*\(B, 1, 28, 28\)"),
+    "channels": (
+        "a",
+        lambda: torch.zeros(2, 3, 28, 28, dtype=torch.uint8),
+        QueryError,
+        r"shape \(2, 3, 28, 28\).*\(B, 1, 28, 28\)",
+    ),
     "size": ("a", lambda: torch.zeros(2, 1, 32, 32, dtype=torch.uint8), QueryError, r"shape \(2, 1, 32, 32\)"),
     "height": ("a", lambda: torch.zeros(2, 1, 27, 28, dtype=torch.uint8), QueryError, r"shape \(2, 1, 27, 28\)"),
     "width": ("a", lambda: torch.zeros(2, 1, 28, 29), QueryError, r"shape \(2, 1, 28, 29\)"),
-    "channels-last-order": ("a", lambda: torch.zeros(2, 28, 28, 1, dtype=torch.uint8), QueryError,
-                            r"shape \(2, 28, 28, 1\)"),
+    "channels-last-order": (
+        "a",
+        lambda: torch.zeros(2, 28, 28, 1, dtype=torch.uint8),
+        QueryError,
+        r"shape \(2, 28, 28, 1\)",
+    ),
     "empty-uint8": ("a", lambda: torch.zeros(0, *SHAPE, dtype=torch.uint8), QueryError, "empty"),
     "empty-float": ("a", lambda: torch.zeros(0, *SHAPE), QueryError, "empty"),
     # dtype
@@ -144,7 +158,12 @@ BAD_QUERIES = {
     "int32": ("a", lambda: images(2).to(torch.int32), QueryError, "dtype torch.int32"),
     "int64": ("a", lambda: images(2).long(), QueryError, "dtype torch.int64"),
     "uint16": ("a", lambda: torch.zeros(2, *SHAPE, dtype=torch.uint16), QueryError, "dtype torch.uint16"),
-    "float16": ("a", lambda: torch.zeros(2, *SHAPE, dtype=torch.float16), QueryError, "dtype torch.float16.*" + ACCEPTED),
+    "float16": (
+        "a",
+        lambda: torch.zeros(2, *SHAPE, dtype=torch.float16),
+        QueryError,
+        "dtype torch.float16.*" + ACCEPTED,
+    ),
     "bfloat16": ("a", lambda: torch.zeros(2, *SHAPE, dtype=torch.bfloat16), QueryError, "dtype torch.bfloat16"),
     "complex64": ("a", lambda: torch.zeros(2, *SHAPE, dtype=torch.complex64), QueryError, "dtype torch.complex64"),
     "complex128": ("a", lambda: torch.zeros(2, *SHAPE, dtype=torch.complex128), QueryError, "dtype torch.complex128"),
@@ -152,16 +171,24 @@ BAD_QUERIES = {
     "above-one": ("a", lambda: torch.full((2, *SHAPE), 255.0), QueryError, r"values span \[255, 255\]"),
     "barely-above-one": ("a", lambda: _floats(1.001, at=1), QueryError, r"values span \[0\.5, 1\]"),
     "negative": ("a", lambda: torch.full((2, *SHAPE), -0.5), QueryError, r"values span \[-0.5, -0.5\]"),
-    "one-negative-pixel-f64": ("a", lambda: _floats(-1e-3, torch.float64, at=0), QueryError,
-                               r"values span \[-0\.001, 0\.5\].*floats in \[0, 1\]"),
+    "one-negative-pixel-f64": (
+        "a",
+        lambda: _floats(-1e-3, torch.float64, at=0),
+        QueryError,
+        r"values span \[-0\.001, 0\.5\].*floats in \[0, 1\]",
+    ),
     "nan": ("a", lambda: torch.zeros(2, *SHAPE).index_fill_(0, torch.tensor([1]), float("nan")), QueryError, "NaN"),
     "nan-float64": ("a", lambda: _floats(float("nan"), torch.float64, at=0), QueryError, "NaN or inf"),
     "inf": ("a", lambda: torch.zeros(2, *SHAPE).index_fill_(0, torch.tensor([0]), float("inf")), QueryError, "inf"),
     "minus-inf": ("a", lambda: _floats(float("-inf"), at=1), QueryError, "NaN or inf"),
     "nan-with-grad": ("a", lambda: _floats(float("nan"), at=0).requires_grad_(), QueryError, "NaN or inf"),
     # budget
-    "over-budget": ("a", lambda: images(BUDGET - 1), BudgetExceeded,
-                    rf"client a asked for {BUDGET - 1} answers but has {BUDGET - 2} of its query-budget={BUDGET} left"),
+    "over-budget": (
+        "a",
+        lambda: images(BUDGET - 1),
+        BudgetExceeded,
+        rf"client a asked for {BUDGET - 1} answers but has {BUDGET - 2} of its query-budget={BUDGET} left",
+    ),
     "over-budget-float": ("a", lambda: torch.zeros(BUDGET, *SHAPE), BudgetExceeded, f"asked for {BUDGET} answers"),
     # client key
     "client-empty": ("", lambda: images(2), QueryError, r"client key must be a non-empty str, got ''"),
@@ -469,7 +496,10 @@ CONSTRUCTOR_REFUSALS = {
     "top-k-above-classes": (dict(top_k=C + 1), rf"oracle-top-k={C + 1} is not accepted; accepted: 0\.\.{C}"),
     "top-k-negative": (dict(top_k=-1), r"oracle-top-k=-1 is not accepted"),
     "top-k-bool": (dict(top_k=True), r"oracle-top-k=True is not accepted"),
-    "decimals-negative": (dict(decimals=-2), r"oracle-decimals=-2 is not accepted; accepted: None \(off\) or an int >= 0"),
+    "decimals-negative": (
+        dict(decimals=-2),
+        r"oracle-decimals=-2 is not accepted; accepted: None \(off\) or an int >= 0",
+    ),
     "decimals-float": (dict(decimals=2.0), r"oracle-decimals=2\.0"),
 }
 
@@ -483,8 +513,15 @@ def test_constructor_refuses_bad_settings(model: nn.Module, case: str) -> None:
 
 
 def test_constructor_accepts_numpy_ints_and_lists(model: nn.Module) -> None:
-    oracle = TeacherOracle(model, num_classes=np.int64(C), image_shape=[1, np.int32(28), 28],
-                           budget=np.int64(5), batch_size=np.int64(2), top_k=0, decimals=0)
+    oracle = TeacherOracle(
+        model,
+        num_classes=np.int64(C),
+        image_shape=[1, np.int32(28), 28],
+        budget=np.int64(5),
+        batch_size=np.int64(2),
+        top_k=0,
+        decimals=0,
+    )
     assert (oracle.budget, oracle.batch_size, oracle.num_classes, oracle.image_shape) == (5, 2, C, SHAPE)
     assert all(type(v) is int for v in (oracle.budget, oracle.batch_size, oracle.num_classes, *oracle.image_shape))
     assert oracle.query("a", images(3)).shape == (3, C)

@@ -116,8 +116,18 @@ def test_label_counts(labels: np.ndarray) -> None:
 
 
 def split(labels: np.ndarray, **overrides) -> FederatedSplit:
-    args = dict(num_clients=6, scheme="dirichlet", alpha=0.5, classes_per_partition=2,
-                server_share=0.2, client_test_fraction=0.25, seed=7) | overrides
+    args = (
+        dict(
+            num_clients=6,
+            scheme="dirichlet",
+            alpha=0.5,
+            classes_per_partition=2,
+            server_share=0.2,
+            client_test_fraction=0.25,
+            seed=7,
+        )
+        | overrides
+    )
     return split_federated(labels, **args)
 
 
@@ -156,8 +166,10 @@ def test_split_is_deterministic_for_a_seed(labels: np.ndarray) -> None:
     assert not all(np.array_equal(x, y) for x, y in zip(fields(a), fields(c)))
 
 
-@pytest.mark.parametrize(("setting", "value"), [("server_share", 1.0), ("server_share", -0.1),
-                                                ("client_test_fraction", 1.0), ("client_test_fraction", -0.5)])
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [("server_share", 1.0), ("server_share", -0.1), ("client_test_fraction", 1.0), ("client_test_fraction", -0.5)],
+)
 def test_bad_fractions_name_the_setting(labels: np.ndarray, setting: str, value: float) -> None:
     with pytest.raises(ConfigError, match=rf"^{setting.replace('_', '-')}={value} must be in \[0, 1\)$"):
         split(labels, **{setting: value})
@@ -183,4 +195,6 @@ def test_summary_table_with_many_classes_shows_a_digest() -> None:
     s = split(labels, num_clients=4, scheme="iid")
     lines = s.summary_table().splitlines()
     assert lines[0].split() == ["client", "train", "test", "classes", "largest", "classes"]
-    assert len(lines) == 6 and all(line.split()[3] == str((s.label_counts[i] > 0).sum()) for i, line in enumerate(lines[1:5]))
+    assert len(lines) == 6 and all(
+        line.split()[3] == str((s.label_counts[i] > 0).sum()) for i, line in enumerate(lines[1:5])
+    )

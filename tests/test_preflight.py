@@ -108,8 +108,11 @@ def test_existing_run_folder_is_refused_unless_resuming(tmp_path) -> None:
     with pytest.raises(ConfigError) as info:
         check_environment(cfg)
     msg = one_line(info)
-    assert re.fullmatch(rf"run-name='done': {re.escape(str(folder))} already exists; choose another run-name "
-                        r"\(results are never overwritten\)", msg), msg
+    assert re.fullmatch(
+        rf"run-name='done': {re.escape(str(folder))} already exists; choose another run-name "
+        r"\(results are never overwritten\)",
+        msg,
+    ), msg
     check_environment(cfg, resume=True)
     assert (folder / "summary.json").read_text() == "{}"
 

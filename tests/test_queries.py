@@ -24,8 +24,9 @@ class ConstantGenerator(nn.Module):
 
 
 def select(source: str, views: int = 1, budget: int = 1000, generator: nn.Module | None = None) -> torch.Tensor:
-    return select_queries(source, IMAGES, views=views, budget=budget, dataset="fashion-mnist", num_classes=10,
-                          seed=3, generator=generator)
+    return select_queries(
+        source, IMAGES, views=views, budget=budget, mirror=True, num_classes=10, seed=3, generator=generator
+    )
 
 
 def test_local_sends_the_images_themselves() -> None:
@@ -71,7 +72,7 @@ def test_digits_are_never_mirrored() -> None:
     gen = torch.Generator().manual_seed(0)
     img = torch.zeros(1, 1, 28, 28, dtype=torch.uint8)
     img[..., 10:18, 3:6] = 255  # a bar on the left
-    views = local_views(img.repeat(64, 1, 1, 1), 2, "mnist", gen)[64:]
+    views = local_views(img.repeat(64, 1, 1, 1), 2, False, gen)[64:]
     assert (views[..., :, 20:] == 0).all()  # shifted by at most 2 px, never flipped to the right side
 
 

@@ -11,24 +11,39 @@ import numpy as np
 import pytest
 import yaml
 
+from mekd_fl.bench.report import write_report
+from mekd_fl.bench.spec import parse_spec
 from mekd_fl.cli import main
 from mekd_fl.errors import ConfigError
-from mekd_fl.report import write_report
-from mekd_fl.spec import parse_spec
 
-SPEC = {"name": "hand", "description": "Written by the test.", "base": {"dataset": "synthetic", "num-clients": 2},
-        "grid": {"method": ["kd", "mekd", "supervised"],
-                 "partition": [{"label": "iid", "partition": "iid"},
-                               {"label": "dir-a0.1", "partition": "dirichlet", "alpha": 0.1},
-                               {"label": "dir-a1.0", "partition": "dirichlet", "alpha": 1.0}],
-                 "seed": [1, 2, 3]},
-        "report": {"rows": "method", "columns": "partition", "metrics": ["student-accuracy"]}, "timing": "none"}
+SPEC = {
+    "name": "hand",
+    "description": "Written by the test.",
+    "base": {"dataset": "synthetic", "num-clients": 2},
+    "grid": {
+        "method": ["kd", "mekd", "supervised"],
+        "partition": [
+            {"label": "iid", "partition": "iid"},
+            {"label": "dir-a0.1", "partition": "dirichlet", "alpha": 0.1},
+            {"label": "dir-a1.0", "partition": "dirichlet", "alpha": 1.0},
+        ],
+        "seed": [1, 2, 3],
+    },
+    "report": {"rows": "method", "columns": "partition", "metrics": ["student-accuracy"]},
+    "timing": "none",
+}
 # student accuracy per (method, partition) over seeds 1, 2, 3; None: the cell never finished
-ACC = {("kd", "iid"): [0.70, 0.72, None], ("kd", "dir-a0.1"): [0.50, 0.52, 0.54], ("kd", "dir-a1.0"): [0.6, 0.6, 0.6],
-       ("mekd", "iid"): [0.80, 0.82, 0.84], ("mekd", "dir-a0.1"): [0.50, 0.50, 0.50],
-       ("mekd", "dir-a1.0"): [0.58, 0.6, 0.62],
-       ("supervised", "iid"): [0.95, 0.95, 0.95], ("supervised", "dir-a0.1"): [0.9, 0.9, 0.9],
-       ("supervised", "dir-a1.0"): [0.9, 0.9, 0.9]}
+ACC = {
+    ("kd", "iid"): [0.70, 0.72, None],
+    ("kd", "dir-a0.1"): [0.50, 0.52, 0.54],
+    ("kd", "dir-a1.0"): [0.6, 0.6, 0.6],
+    ("mekd", "iid"): [0.80, 0.82, 0.84],
+    ("mekd", "dir-a0.1"): [0.50, 0.50, 0.50],
+    ("mekd", "dir-a1.0"): [0.58, 0.6, 0.62],
+    ("supervised", "iid"): [0.95, 0.95, 0.95],
+    ("supervised", "dir-a0.1"): [0.9, 0.9, 0.9],
+    ("supervised", "dir-a1.0"): [0.9, 0.9, 0.9],
+}
 
 
 @pytest.fixture()
@@ -43,15 +58,23 @@ def bench_folder(tmp_path: Path) -> Path:
         run = folder / cell.name
         run.mkdir()
         (run / "config.json").write_text(json.dumps(cell.config.to_dict()))
-        (run / "partition.json").write_text(json.dumps({"label_counts": [[5, 1] + [0] * 8, [0, 3] + [1] * 8],
-                                                         "class_names": [f"c{i}" for i in range(10)]}))
+        (run / "partition.json").write_text(
+            json.dumps(
+                {"label_counts": [[5, 1] + [0] * 8, [0, 3] + [1] * 8], "class_names": [f"c{i}" for i in range(10)]}
+            )
+        )
         rounds = [{"round": r, "server/accuracy": 0.1 + r * 0.2} for r in range(3)]
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
         if acc is None:
             continue
-        summary = {"student-accuracy": acc, "teacher-accuracy": 0.9 + 0.01 * seed, "queries-total": 1000 * seed,
-                   "emulator-fid-mean": 30.0 + seed if cell.config.method == "mekd" else None,
-                   "source-blind": cell.config.method != "supervised", "wall-seconds": 10.0}
+        summary = {
+            "student-accuracy": acc,
+            "teacher-accuracy": 0.9 + 0.01 * seed,
+            "queries-total": 1000 * seed,
+            "emulator-fid-mean": 30.0 + seed if cell.config.method == "mekd" else None,
+            "source-blind": cell.config.method != "supervised",
+            "wall-seconds": 10.0,
+        }
         (run / "summary.json").write_text(json.dumps(summary))
     return folder
 
@@ -101,8 +124,13 @@ def test_csv_is_long_format_and_parseable(bench_folder: Path) -> None:
 
 def test_plots_are_written_and_linked(bench_folder: Path) -> None:
     markdown = write_report(bench_folder)
-    for name in ("accuracy_per_round", "accuracy_vs_alpha", "accuracy_vs_queries", "accuracy_vs_fid",
-                 "label_distribution"):
+    for name in (
+        "accuracy_per_round",
+        "accuracy_vs_alpha",
+        "accuracy_vs_queries",
+        "accuracy_vs_fid",
+        "label_distribution",
+    ):
         assert (bench_folder / f"{name}.png").stat().st_size > 1000, name
         assert f"({name}.png)" in markdown
     assert (bench_folder / "report.md").read_text() == markdown
@@ -111,18 +139,33 @@ def test_plots_are_written_and_linked(bench_folder: Path) -> None:
 def test_metrics_without_columns_axis_and_lower_is_better(tmp_path: Path) -> None:
     folder = tmp_path / "abl"
     folder.mkdir()
-    spec = parse_spec({"name": "abl", "base": {"dataset": "synthetic", "num-clients": 1},
-                       "grid": {"variant": [{"label": "good", "emulator-steps": 400},
-                                            {"label": "poor", "emulator-steps": 25}], "seed": [1, 2]},
-                       "report": {"rows": "variant", "metrics": ["student-accuracy", "emulator-fid-mean"]}},
-                      "abl.yaml", {})
+    spec = parse_spec(
+        {
+            "name": "abl",
+            "base": {"dataset": "synthetic", "num-clients": 1},
+            "grid": {
+                "variant": [{"label": "good", "emulator-steps": 400}, {"label": "poor", "emulator-steps": 25}],
+                "seed": [1, 2],
+            },
+            "report": {"rows": "variant", "metrics": ["student-accuracy", "emulator-fid-mean"]},
+        },
+        "abl.yaml",
+        {},
+    )
     (folder / "spec.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
     for cell in spec.cells(out_dir=str(folder)):
         good = cell.labels["variant"] == "good"
         (folder / cell.name).mkdir()
-        (folder / cell.name / "summary.json").write_text(json.dumps(
-            {"student-accuracy": 0.8 if good else 0.7, "emulator-fid-mean": 20.0 if good else 90.0,
-             "source-blind": True, "teacher-accuracy": 0.9}))
+        (folder / cell.name / "summary.json").write_text(
+            json.dumps(
+                {
+                    "student-accuracy": 0.8 if good else 0.7,
+                    "emulator-fid-mean": 20.0 if good else 90.0,
+                    "source-blind": True,
+                    "teacher-accuracy": 0.9,
+                }
+            )
+        )
     markdown = write_report(folder)
     assert row_of(markdown, "variant") == ["variant", "student-accuracy", "emulator-fid-mean"]
     assert row_of(markdown, "good")[1:] == ["**80.00 ± 0.00**", "**20.0 ± 0.0**"]
@@ -144,8 +187,11 @@ def test_missing_spec_is_a_config_error(tmp_path: Path) -> None:
 
 def test_published_reference_columns_sit_beside_the_measured_ones(bench_folder: Path) -> None:
     data = yaml.safe_load((bench_folder / "spec.yaml").read_text())
-    data["report"]["reference"] = {"title": "paper", "source": "Table 1",
-                                   "values": {"iid": {"kd": 99.41, "mekd": 99.53, "teacher": 99.43}}}
+    data["report"]["reference"] = {
+        "title": "paper",
+        "source": "Table 1",
+        "values": {"iid": {"kd": 99.41, "mekd": 99.53, "teacher": 99.43}},
+    }
     (bench_folder / "spec.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     markdown = write_report(bench_folder)
     assert row_of(markdown, "method") == ["method \\ partition", "iid", "iid (paper)", "dir-a0.1", "dir-a1.0"]
@@ -155,14 +201,21 @@ def test_published_reference_columns_sit_beside_the_measured_ones(bench_folder: 
     assert "published numbers, not measured here; source: Table 1." in markdown
 
 
-@pytest.mark.parametrize(("reference", "message"), [
-    ({"title": "paper", "values": {"cifar": {"kd": 1.0}}}, "column 'cifar' is not a label of partition; accepted: "
-                                                           "iid, dir-a0.1, dir-a1.0"),
-    ({"title": "paper", "values": {"iid": {"fedavg": 1.0}}}, "row 'fedavg' is not a label of method; accepted: "
-                                                             "kd, mekd, supervised, teacher"),
-    ({"title": "paper", "values": {"iid": {"kd": "high"}}}, "values.iid.kd: 'high' is not a number"),
-    ({"title": "paper"}, "give title, source and values"),
-])
+@pytest.mark.parametrize(
+    ("reference", "message"),
+    [
+        (
+            {"title": "paper", "values": {"cifar": {"kd": 1.0}}},
+            "column 'cifar' is not a label of partition; accepted: iid, dir-a0.1, dir-a1.0",
+        ),
+        (
+            {"title": "paper", "values": {"iid": {"fedavg": 1.0}}},
+            "row 'fedavg' is not a label of method; accepted: kd, mekd, supervised, teacher",
+        ),
+        ({"title": "paper", "values": {"iid": {"kd": "high"}}}, "values.iid.kd: 'high' is not a number"),
+        ({"title": "paper"}, "give title, source and values"),
+    ],
+)
 def test_bad_reference_is_refused(reference: dict, message: str) -> None:
     spec = dict(SPEC, report=dict(SPEC["report"], reference=reference))
     with pytest.raises(ConfigError, match=re.escape(message)):

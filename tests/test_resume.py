@@ -13,9 +13,20 @@ from pathlib import Path
 
 import pytest
 
-SETTINGS = ["dataset=synthetic", "num-clients=3", "num-rounds=4", "local-epochs=2", "batch-size=32",
-            "teacher-epochs=6", "teacher-arch=resnet8", "emulator-steps=10", "emulator-width=8", "num-samples=2",
-            "out-dir=runs", "cache-dir=cache"]
+SETTINGS = [
+    "dataset=synthetic",
+    "num-clients=3",
+    "num-rounds=4",
+    "local-epochs=2",
+    "batch-size=32",
+    "teacher-epochs=6",
+    "teacher-arch=resnet8",
+    "emulator-steps=10",
+    "emulator-width=8",
+    "num-samples=2",
+    "out-dir=runs",
+    "cache-dir=cache",
+]
 COMPARED = ("server/accuracy", "server/agreement", "train/train-loss", "train/train-emulation", "fed/accuracy")
 
 
@@ -24,8 +35,9 @@ def env() -> dict:
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mekd_fl.cli", *args], cwd=cwd, env=env(), capture_output=True,
-                          text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "mekd_fl.cli", *args], cwd=cwd, env=env(), capture_output=True, text=True, timeout=900
+    )
 
 
 def rounds(folder: Path) -> list[dict]:
@@ -38,8 +50,14 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path: Path) -> None:
     assert whole.returncode == 0, whole.stdout[-2000:] + whole.stderr[-2000:]
 
     folder = tmp_path / "runs" / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "mekd_fl.cli", "run", *SETTINGS, "run-name=killed"], cwd=tmp_path,
-                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mekd_fl.cli", "run", *SETTINGS, "run-name=killed"],
+        cwd=tmp_path,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 600
     while time.time() < deadline:
         if (folder / "metrics.jsonl").exists() and any(r["round"] >= 2 for r in rounds(folder)):

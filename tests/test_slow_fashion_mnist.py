@@ -10,17 +10,32 @@ import pytest
 from mekd_fl.data import DEBIAN_FASHION_MNIST
 from tests.test_end_to_end import mekd_fl
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not Path(DEBIAN_FASHION_MNIST).is_dir(),
-                                 reason="needs the Debian package dataset-fashion-mnist")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not Path(DEBIAN_FASHION_MNIST).is_dir(), reason="needs the Debian package dataset-fashion-mnist"
+    ),
+]
 
 
 @pytest.mark.parametrize("method, partition", [("mekd", "iid"), ("kd", "iid")])
 def test_short_fashion_mnist_federation_learns(tmp_path: Path, method: str, partition: str) -> None:
-    proc = mekd_fl(f"method={method}", f"partition={partition}", "num-clients=4", "num-rounds=2",
-                   "server-share=0.8", "client-test-fraction=0.05", "teacher-epochs=1", "teacher-arch=resnet8",
-                   "emulator-steps=30", "local-epochs=1", "out-dir=runs", "cache-dir=cache", "run-name=r",
-                   cwd=tmp_path)
+    proc = mekd_fl(
+        f"method={method}",
+        f"partition={partition}",
+        "num-clients=4",
+        "num-rounds=2",
+        "server-share=0.8",
+        "client-test-fraction=0.05",
+        "teacher-epochs=1",
+        "teacher-arch=resnet8",
+        "emulator-steps=30",
+        "local-epochs=1",
+        "out-dir=runs",
+        "cache-dir=cache",
+        "run-name=r",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "runs" / "r" / "summary.json").read_text())
     assert summary["teacher-accuracy"] > 0.7

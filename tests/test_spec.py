@@ -8,21 +8,30 @@ from typing import Any
 import pytest
 import yaml
 
+from mekd_fl.bench.spec import load_spec, parse_spec
 from mekd_fl.errors import ConfigError
-from mekd_fl.spec import load_spec, parse_spec
 
 ROWS_ONLY = {"rows": "method"}
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
 def spec(**changes: Any) -> dict[str, Any]:
-    data = {"name": "t", "description": "d", "base": {"dataset": "synthetic", "num-clients": 2},
-            "grid": {"method": ["kd", "mekd"],
-                     "partition": [{"partition": "iid"}, {"label": "dir-a0.1", "partition": "dirichlet", "alpha": 0.1},
-                                   {"partition": "pathological", "classes-per-client": 2}],
-                     "seed": [1, 2]},
-            "report": {"rows": "method", "columns": "partition", "metrics": ["student-accuracy"]},
-            "timing": "seconds"}
+    data = {
+        "name": "t",
+        "description": "d",
+        "base": {"dataset": "synthetic", "num-clients": 2},
+        "grid": {
+            "method": ["kd", "mekd"],
+            "partition": [
+                {"partition": "iid"},
+                {"label": "dir-a0.1", "partition": "dirichlet", "alpha": 0.1},
+                {"partition": "pathological", "classes-per-client": 2},
+            ],
+            "seed": [1, 2],
+        },
+        "report": {"rows": "method", "columns": "partition", "metrics": ["student-accuracy"]},
+        "timing": "seconds",
+    }
     data.update(changes)
     return data
 
@@ -30,8 +39,11 @@ def spec(**changes: Any) -> dict[str, Any]:
 def test_cells_are_the_product_with_readable_safe_names() -> None:
     cells = parse_spec(spec(), "t.yaml", {}).cells(out_dir="out/t")
     assert len(cells) == 2 * 3 * 2
-    assert [c.name for c in cells[:3]] == ["method=kd__partition=iid__seed=1", "method=kd__partition=iid__seed=2",
-                                           "method=kd__partition=dir-a0.1__seed=1"]
+    assert [c.name for c in cells[:3]] == [
+        "method=kd__partition=iid__seed=1",
+        "method=kd__partition=iid__seed=2",
+        "method=kd__partition=dir-a0.1__seed=1",
+    ]
     assert cells[4].name == "method=kd__partition=pathological-classes-per-client2__seed=1"
     dirichlet = cells[2].config
     assert (dirichlet.method, dirichlet.partition, dirichlet.alpha, dirichlet.seed) == ("kd", "dirichlet", 0.1, 1)
@@ -52,30 +64,39 @@ def test_set_overrides_base_and_round_trips_through_the_saved_copy(tmp_path: Pat
     assert [c.config for c in again.cells()] == [c.config for c in parsed.cells()]
 
 
-@pytest.mark.parametrize("changes, overrides, named", [
-    ({"grdi": {}}, {}, "unknown top-level key 'grdi'"),
-    ({"base": {"alhpa": 0.1}}, {}, "unknown setting 'alhpa'; did you mean 'alpha'?"),
-    ({"grid": {"method": ["kd"], "widht": [1]}}, {}, "unknown setting 'widht'"),
-    ({"grid": {"method": ["kd", "magic"]}}, {}, "method='magic' is not accepted"),
-    ({"base": {"method": "magic"}}, {}, "method='magic' is not accepted"),
-    ({"grid": {}}, {}, "grid: is empty"),
-    ({"grid": {"method": []}}, {}, "grid.method: empty axis"),
-    ({"report": {"rows": "method", "columns": "alpha"}}, {}, "columns='alpha' is not a grid axis"),
-    ({"report": {"rows": "teacher"}}, {}, "rows='teacher' is not a grid axis"),
-    ({"report": {"rows": "method", "metrics": ["accuracy"]}}, {}, "unknown metric 'accuracy'"),
-    ({"grid": {"method": ["kd"], "alpha": [1.0, 0.0]}, "report": ROWS_ONLY}, {}, "alpha=0.0 must be > 0"),
-    ({"grid": {"method": ["kd"], "partition": [{"partition": "dirichlet", "alpha": -1}]}}, {},
-     "alpha=-1.0 must be > 0"),
-    ({"grid": {"method": ["kd"]}, "report": ROWS_ONLY}, {"alpha": 0}, "alpha=0.0 must be > 0"),
-    ({}, {"alpha": 2}, "--set alpha: the grid axis 'partition' sets it"),
-    ({}, {"seed": 3}, "--set seed: the grid axis 'seed' sets it"),
-    ({"base": {"run-name": "x"}}, {}, "run-name is chosen by the bench"),
-    ({"grid": {"method": ["kd"], "alpha": [0.1], "partition": [{"partition": "dirichlet", "alpha": 1}]}}, {},
-     "setting 'alpha' is set by two axes"),
-    ({"grid": {"seed": [1, 1]}}, {}, "label '1' appears twice"),
-    ({"name": "a/b"}, {}, "name='a/b' must be a non-empty folder name"),
-    ({"base": {"num-clients": "many"}}, {}, "num-clients='many' is not a valid int"),
-])
+@pytest.mark.parametrize(
+    "changes, overrides, named",
+    [
+        ({"grdi": {}}, {}, "unknown top-level key 'grdi'"),
+        ({"base": {"alhpa": 0.1}}, {}, "unknown setting 'alhpa'; did you mean 'alpha'?"),
+        ({"grid": {"method": ["kd"], "widht": [1]}}, {}, "unknown setting 'widht'"),
+        ({"grid": {"method": ["kd", "magic"]}}, {}, "method='magic' is not accepted"),
+        ({"base": {"method": "magic"}}, {}, "method='magic' is not accepted"),
+        ({"grid": {}}, {}, "grid: is empty"),
+        ({"grid": {"method": []}}, {}, "grid.method: empty axis"),
+        ({"report": {"rows": "method", "columns": "alpha"}}, {}, "columns='alpha' is not a grid axis"),
+        ({"report": {"rows": "teacher"}}, {}, "rows='teacher' is not a grid axis"),
+        ({"report": {"rows": "method", "metrics": ["accuracy"]}}, {}, "unknown metric 'accuracy'"),
+        ({"grid": {"method": ["kd"], "alpha": [1.0, 0.0]}, "report": ROWS_ONLY}, {}, "alpha=0.0 must be > 0"),
+        (
+            {"grid": {"method": ["kd"], "partition": [{"partition": "dirichlet", "alpha": -1}]}},
+            {},
+            "alpha=-1.0 must be > 0",
+        ),
+        ({"grid": {"method": ["kd"]}, "report": ROWS_ONLY}, {"alpha": 0}, "alpha=0.0 must be > 0"),
+        ({}, {"alpha": 2}, "--set alpha: the grid axis 'partition' sets it"),
+        ({}, {"seed": 3}, "--set seed: the grid axis 'seed' sets it"),
+        ({"base": {"run-name": "x"}}, {}, "run-name is chosen by the bench"),
+        (
+            {"grid": {"method": ["kd"], "alpha": [0.1], "partition": [{"partition": "dirichlet", "alpha": 1}]}},
+            {},
+            "setting 'alpha' is set by two axes",
+        ),
+        ({"grid": {"seed": [1, 1]}}, {}, "label '1' appears twice"),
+        ({"name": "a/b"}, {}, "name='a/b' must be a non-empty folder name"),
+        ({"base": {"num-clients": "many"}}, {}, "num-clients='many' is not a valid int"),
+    ],
+)
 def test_bad_specs_fail_with_one_line_naming_the_problem(changes: dict, overrides: dict, named: str) -> None:
     with pytest.raises(ConfigError) as err:
         parse_spec(spec(**changes), "t.yaml", overrides)
@@ -104,12 +125,19 @@ def test_shipped_specs_cover_the_promised_grids() -> None:
     table1 = load_spec(EXPERIMENTS / "paper-table1-fmnist.yaml")
     assert {c.config.method for c in table1.cells()} == {"kd", "dkd", "cdl", "can", "mekd", "supervised"}
     assert {(c.config.teacher_arch, c.config.student_arch) for c in table1.cells()} == {
-        ("resnet32", "resnet8"), ("resnet56", "resnet8")}
+        ("resnet32", "resnet8"),
+        ("resnet56", "resnet8"),
+    }
     assert {(c.config.num_clients, c.config.partition) for c in table1.cells()} == {(1, "iid")}
     assert {c.config.seed for c in table1.cells()} == {1, 2, 3}
     noniid = load_spec(EXPERIMENTS / "noniid-fmnist.yaml").cells()
     assert {(c.config.partition, c.config.alpha if c.config.partition == "dirichlet" else None) for c in noniid} == {
-        ("iid", None), ("dirichlet", 1.0), ("dirichlet", 0.5), ("dirichlet", 0.1), ("pathological", None)}
+        ("iid", None),
+        ("dirichlet", 1.0),
+        ("dirichlet", 0.5),
+        ("dirichlet", 0.1),
+        ("pathological", None),
+    }
     assert len(noniid) == 5 * 6 * 3
     smoke = load_spec(EXPERIMENTS / "smoke.yaml").cells()
     assert len(smoke) == 4 and {c.config.dataset for c in smoke} == {"synthetic"}

@@ -64,8 +64,13 @@ def state(seed: int, batches: int, spread: float = 0.1) -> dict[str, np.ndarray]
     return sd
 
 
-def reply(node: int, arrays: dict | None, metrics: dict | None, extra_arrays: dict | None = None,
-          more_metrics: dict | None = None) -> Message:
+def reply(
+    node: int,
+    arrays: dict | None,
+    metrics: dict | None,
+    extra_arrays: dict | None = None,
+    more_metrics: dict | None = None,
+) -> Message:
     """A client's reply to a `train` instruction sent to `node`."""
     content = RecordDict()
     if arrays is not None:
@@ -125,10 +130,13 @@ def test_reply_comes_from_the_instructed_node() -> None:
 # ---------------------------------------------------------------------------- averaging
 def test_two_good_updates_are_weighted_by_num_examples(strategy: MEKD) -> None:
     a, b = state(1, batches=3), state(2, batches=5)
-    arrays, metrics = strategy.aggregate_train(1, [
-        reply(101, a, {"num-examples": 10, "train-loss": 1.0}),
-        reply(202, b, {"num-examples": 30, "train-loss": 3.0}),
-    ])
+    arrays, metrics = strategy.aggregate_train(
+        1,
+        [
+            reply(101, a, {"num-examples": 10, "train-loss": 1.0}),
+            reply(202, b, {"num-examples": 30, "train-loss": 3.0}),
+        ],
+    )
     assert strategy.rejected == [] and strategy.clipped == []
     got = as_numpy(arrays)
     assert set(got) == set(GLOBAL)
@@ -166,7 +174,7 @@ def _refused(kind: str) -> Message:
         sd["1.running_var"][1] = np.inf
     elif kind == "minus-inf":
         sd["0.bias"][0] = -np.inf
-    elif kind == "float64-1e40":       # finite in float64, inf in the global float32
+    elif kind == "float64-1e40":  # finite in float64, inf in the global float32
         f64["0.weight"][0, 0] = 1e40
         arrays = f64
     elif kind == "float64-1e300":
@@ -300,21 +308,32 @@ def test_refused_update_leaves_exactly_the_good_average(said: list[str], kind: s
 # ---------------------------------------------------------------------------- neutralised updates
 def _scaled(factor: float) -> dict[str, np.ndarray]:
     sd = state(9, 4)
-    return {k: (GLOBAL[k] + factor * (v - GLOBAL[k])).astype(v.dtype) if v.dtype.kind == "f" and "running_var" not in k
-            else v for k, v in sd.items()}
+    return {
+        k: (GLOBAL[k] + factor * (v - GLOBAL[k])).astype(v.dtype)
+        if v.dtype.kind == "f" and "running_var" not in k
+        else v
+        for k, v in sd.items()
+    }
 
 
 NEUTRALISED = {
     "scaled-x1000": lambda: reply(303, _scaled(1000), {"num-examples": 20}),
     "scaled-x-10": lambda: reply(303, _scaled(-10), {"num-examples": 20}),
     "scaled-x1e6": lambda: reply(303, _scaled(1e6), {"num-examples": 20}),
-    "float32-1e30": lambda: reply(303, {**state(9, 4), "0.weight": np.full((2, 3), 1e30, np.float32)},
-                                  {"num-examples": 20}),
-    "float64-large-but-fits": lambda: reply(303, {**{k: v.astype(np.float64) if v.dtype.kind == "f" else v
-                                                      for k, v in state(9, 4).items()},
-                                                  "1.weight": np.full(2, 1e20)}, {"num-examples": 20}),
-    "huge-running-var": lambda: reply(303, {**state(9, 4), "1.running_var": np.full(2, 1e35, np.float32)},
-                                      {"num-examples": 20}),
+    "float32-1e30": lambda: reply(
+        303, {**state(9, 4), "0.weight": np.full((2, 3), 1e30, np.float32)}, {"num-examples": 20}
+    ),
+    "float64-large-but-fits": lambda: reply(
+        303,
+        {
+            **{k: v.astype(np.float64) if v.dtype.kind == "f" else v for k, v in state(9, 4).items()},
+            "1.weight": np.full(2, 1e20),
+        },
+        {"num-examples": 20},
+    ),
+    "huge-running-var": lambda: reply(
+        303, {**state(9, 4), "1.running_var": np.full(2, 1e35, np.float32)}, {"num-examples": 20}
+    ),
     "num-examples-1e12": lambda: reply(303, _scaled(3), {"num-examples": 1e12}),
     "num-examples-1.7e308": lambda: reply(303, _scaled(3), {"num-examples": 1.7e308}),
     "num-examples-float": lambda: reply(303, state(9, 4), {"num-examples": 12.5}),
@@ -323,20 +342,23 @@ NEUTRALISED = {
     "nan-metric": lambda: reply(303, state(9, 4), {"num-examples": 20, "train-loss": float("nan")}),
     "fake-partition-id": lambda: reply(303, state(9, 4), {"num-examples": 20, "partition-id": 0}),
     "nan-partition-id": lambda: reply(303, state(9, 4), {"num-examples": 20, "partition-id": float("nan")}),
-    "int-counter-as-int32": lambda: reply(303, {**state(9, 4), "1.num_batches_tracked": np.array(7, np.int32)},
-                                          {"num-examples": 20}),
+    "int-counter-as-int32": lambda: reply(
+        303, {**state(9, 4), "1.num_batches_tracked": np.array(7, np.int32)}, {"num-examples": 20}
+    ),
 }
 
 
 @pytest.mark.parametrize("kind", sorted(NEUTRALISED))
 def test_neutralised_update_cannot_move_the_model_far(kind: str) -> None:
     strategy = make_strategy()
-    honest = [reply(101, state(1, 3), {"num-examples": 10, "train-loss": 1.0}),
-              reply(202, state(2, 5), {"num-examples": 30, "train-loss": 2.0}),
-              reply(404, state(3, 5), {"num-examples": 20, "train-loss": 3.0})]
+    honest = [
+        reply(101, state(1, 3), {"num-examples": 10, "train-loss": 1.0}),
+        reply(202, state(2, 5), {"num-examples": 30, "train-loss": 2.0}),
+        reply(404, state(3, 5), {"num-examples": 20, "train-loss": 3.0}),
+    ]
     honest_lengths = [distance(state(s, 1), GLOBAL) for s in (1, 2, 3)]
     arrays, metrics = strategy.aggregate_train(1, [*honest, NEUTRALISED[kind]()])
-    assert strategy.rejected == [], strategy.rejected          # accepted, but made harmless
+    assert strategy.rejected == [], strategy.rejected  # accepted, but made harmless
     assert arrays is not None and finite(arrays)
     # No single update may count for more than the outlier factor times the honest median length.
     bound = strategy.norm_outlier_factor * sorted(honest_lengths + [0])[1] * 1.01
@@ -350,16 +372,18 @@ def test_neutralised_update_cannot_move_the_model_far(kind: str) -> None:
 def test_weights_are_capped_at_the_answers_the_server_gave() -> None:
     strategy = make_strategy()
     a, b = state(1, 3), state(2, 5)
-    arrays, _ = strategy.aggregate_train(1, [reply(101, a, {"num-examples": CAP}),
-                                             reply(202, b, {"num-examples": 1e12})])
+    arrays, _ = strategy.aggregate_train(
+        1, [reply(101, a, {"num-examples": CAP}), reply(202, b, {"num-examples": 1e12})]
+    )
     np.testing.assert_allclose(arrays["0.weight"].numpy(), weighted_mean([a, b], [CAP, CAP], "0.weight"), rtol=1e-5)
 
 
 def test_two_overflowing_weights_do_not_zero_the_average() -> None:
     strategy = make_strategy()
     a, b = state(1, 3), state(2, 5)
-    arrays, _ = strategy.aggregate_train(1, [reply(101, a, {"num-examples": 1.7e308}),
-                                             reply(202, b, {"num-examples": 1.7e308})])
+    arrays, _ = strategy.aggregate_train(
+        1, [reply(101, a, {"num-examples": 1.7e308}), reply(202, b, {"num-examples": 1.7e308})]
+    )
     np.testing.assert_allclose(arrays["0.weight"].numpy(), (a["0.weight"] + b["0.weight"]) / 2, rtol=1e-5)
 
 
@@ -380,15 +404,26 @@ def test_every_attack_at_once_leaves_a_finite_model_and_the_honest_accepted() ->
     for i, msg in enumerate(attackers):  # every attacker a node of its own
         node = 1000 + i
         # metadata is read-only: rebuild the reply as if it came from its own node
-        attackers[i] = Message(content=msg.content, reply_to=Message(content=RecordDict(), dst_node_id=node,
-                                                                     message_type="train"))
+        attackers[i] = Message(
+            content=msg.content, reply_to=Message(content=RecordDict(), dst_node_id=node, message_type="train")
+        )
         strategy.partition_of[node] = 10 + i
         strategy.example_cap[node] = CAP
     honest = [reply(101, state(1, 3), {"num-examples": 10}), reply(202, state(2, 5), {"num-examples": 30})]
     for rnd in (1, 2):
-        arrays, _ = strategy.aggregate_train(rnd, [*attackers, *honest] if rnd == 1 else list(reversed(
-            [*attackers, *[reply(101, state(1, 3), {"num-examples": 10}),
-                           reply(202, state(2, 5), {"num-examples": 30})]])))
+        arrays, _ = strategy.aggregate_train(
+            rnd,
+            [*attackers, *honest]
+            if rnd == 1
+            else list(
+                reversed(
+                    [
+                        *attackers,
+                        *[reply(101, state(1, 3), {"num-examples": 10}), reply(202, state(2, 5), {"num-examples": 30})],
+                    ]
+                )
+            ),
+        )
         assert arrays is not None and finite(arrays)
         strategy._global = arrays
         honest = [reply(101, state(1, 3), {"num-examples": 10}), reply(202, state(2, 5), {"num-examples": 30})]
@@ -429,13 +464,17 @@ def _cohort(attacker_scale: float) -> list[Message]:
     return [*honest, reply(707, _scaled(attacker_scale), {"num-examples": 20})]
 
 
-@pytest.mark.parametrize("inner", [
-    lambda: FedTrimmedAvg(beta=0.2, min_train_nodes=1, min_available_nodes=1),
-    lambda: FedMedian(min_train_nodes=1, min_available_nodes=1),
-    lambda: Krum(num_malicious_nodes=1, min_train_nodes=1, min_available_nodes=1),
-    lambda: MultiKrum(num_malicious_nodes=1, num_nodes_to_select=4, min_train_nodes=1, min_available_nodes=1),
-    lambda: Bulyan(num_malicious_nodes=1, min_train_nodes=1, min_available_nodes=1),
-], ids=["trimmed-mean", "median", "krum", "multikrum", "bulyan"])
+@pytest.mark.parametrize(
+    "inner",
+    [
+        lambda: FedTrimmedAvg(beta=0.2, min_train_nodes=1, min_available_nodes=1),
+        lambda: FedMedian(min_train_nodes=1, min_available_nodes=1),
+        lambda: Krum(num_malicious_nodes=1, min_train_nodes=1, min_available_nodes=1),
+        lambda: MultiKrum(num_malicious_nodes=1, num_nodes_to_select=4, min_train_nodes=1, min_available_nodes=1),
+        lambda: Bulyan(num_malicious_nodes=1, min_train_nodes=1, min_available_nodes=1),
+    ],
+    ids=["trimmed-mean", "median", "krum", "multikrum", "bulyan"],
+)
 def test_robust_flower_aggregators_compose_and_resist_an_attacker(inner) -> None:
     strategy = make_strategy(strategy=inner(), norm_outlier_factor=0)  # the robust rule alone
     for n in (505, 606, 707):
@@ -453,8 +492,12 @@ def test_robust_flower_aggregators_compose_and_resist_an_attacker(inner) -> None
 
 
 def test_dp_wrapper_composes_and_keeps_dtypes() -> None:
-    dp = DifferentialPrivacyServerSideFixedClipping(FedAvg(min_train_nodes=1, min_available_nodes=1),
-                                                    noise_multiplier=0.1, clipping_norm=0.05, num_sampled_clients=2)
+    dp = DifferentialPrivacyServerSideFixedClipping(
+        FedAvg(min_train_nodes=1, min_available_nodes=1),
+        noise_multiplier=0.1,
+        clipping_norm=0.05,
+        num_sampled_clients=2,
+    )
     strategy = make_strategy(strategy=dp)
     strategy.answered = set(NODES)
     messages = list(strategy.configure_train(1, strategy._global, ConfigRecord(), grid=None))
@@ -466,8 +509,10 @@ def test_dp_wrapper_composes_and_keeps_dtypes() -> None:
 
 # ---------------------------------------------------------------------------- outgoing messages
 def test_round_messages_carry_only_allowed_settings_and_records() -> None:
-    strategy = make_strategy(client_config_keys={"lr", "method"},
-                             node_records=lambda node, pid: {P.SHARD: ArrayRecord({P.PARTITION: Array(np.array(pid))})})
+    strategy = make_strategy(
+        client_config_keys={"lr", "method"},
+        node_records=lambda node, pid: {P.SHARD: ArrayRecord({P.PARTITION: Array(np.array(pid))})},
+    )
     strategy.answered = set(NODES)
     config = ConfigRecord({"lr": 0.1, "method": "kd", "teacher-arch": "resnet56", "cache-dir": "/srv/secret"})
     for msg in strategy.configure_train(3, strategy._global, config, grid=None):
@@ -511,8 +556,9 @@ def test_sample_ordered_by_partition_and_only_answered_nodes() -> None:
     assert [s.partition_of[n] for n in s._sample(2, 1.0, 2, 0)] == list(range(10))
 
 
-@pytest.mark.parametrize("fraction, minimum, expected", [(0.5, 2, 5), (0.3, 2, 3), (0.1, 2, 2), (0.05, 0, 1),
-                                                         (1.0, 2, 10), (0.5, 20, 10)])
+@pytest.mark.parametrize(
+    "fraction, minimum, expected", [(0.5, 2, 5), (0.3, 2, 3), (0.1, 2, 2), (0.05, 0, 1), (1.0, 2, 10), (0.5, 20, 10)]
+)
 def test_sample_size_respects_fraction_and_minimum(fraction: float, minimum: int, expected: int) -> None:
     assert len(sampler(seed=0)._sample(1, fraction, minimum, 0)) == expected
 
@@ -524,17 +570,23 @@ def test_train_sampling_uses_fraction_train() -> None:
     model = ArrayRecord(tiny_model().state_dict())
     messages = list(s.configure_train(4, model, ConfigRecord(), grid=None))
     assert sorted(m.metadata.dst_node_id for m in messages) == sorted(s._sample(4, 0.5, 2, 0))
-    assert all(m.metadata.message_type == "train" for m in messages)
+    assert all(m.metadata.message_type == P.TRAIN == "train.distill" for m in messages)
     assert messages[0].content["config"]["server-round"] == 4
     assert s._global is model
 
 
 # ---------------------------------------------------------------------------- settings
-@pytest.mark.parametrize("kwargs, named", [
-    ({"query_budget": float("nan")}, "query_budget"), ({"query_budget": -1}, "query_budget"),
-    ({"query_budget": True}, "query_budget"), ({"max_update_norm": float("inf")}, "max_update_norm"),
-    ({"norm_outlier_factor": -1}, "norm_outlier_factor"), ({"min_reply_fraction": 1.5}, "min_reply_fraction"),
-])
+@pytest.mark.parametrize(
+    "kwargs, named",
+    [
+        ({"query_budget": float("nan")}, "query_budget"),
+        ({"query_budget": -1}, "query_budget"),
+        ({"query_budget": True}, "query_budget"),
+        ({"max_update_norm": float("inf")}, "max_update_norm"),
+        ({"norm_outlier_factor": -1}, "norm_outlier_factor"),
+        ({"min_reply_fraction": 1.5}, "min_reply_fraction"),
+    ],
+)
 def test_bad_strategy_settings_are_refused(kwargs: dict, named: str) -> None:
     with pytest.raises(ValueError, match=named):
         MEKD(refuse_all, **kwargs)

@@ -82,15 +82,28 @@ def honest(seed: int, *, images: int = 6, claim: int | None = None) -> Handler:
         kind = m.metadata.message_type
         if kind == P.QUERY:
             budget = int(m.content[P.CONFIG][P.BUDGET])
-            return Message(RecordDict({P.QUERIES: ArrayRecord({P.IMAGES: Array(own[:budget])}),
-                                       P.METRICS: MetricRecord({P.PARTITION_ID: pid})}), reply_to=m)
+            return Message(
+                RecordDict(
+                    {
+                        P.QUERIES: ArrayRecord({P.IMAGES: Array(own[:budget])}),
+                        P.METRICS: MetricRecord({P.PARTITION_ID: pid}),
+                    }
+                ),
+                reply_to=m,
+            )
         if kind == P.ANSWERS:
             return Message(RecordDict({P.METRICS: MetricRecord({P.NUM_EXAMPLES: images})}), reply_to=m)
         if kind == P.TRAIN:
             sd = {k: m.content[P.ARRAYS][k].numpy() + 0.01 * (seed + 1) for k in m.content[P.ARRAYS].keys()}
-            return Message(RecordDict({P.ARRAYS: ArrayRecord({k: Array(v.astype(np.float32)) for k, v in sd.items()}),
-                                       P.METRICS: MetricRecord({P.NUM_EXAMPLES: images, "train-loss": 1.0,
-                                                                P.PARTITION_ID: pid})}), reply_to=m)
+            return Message(
+                RecordDict(
+                    {
+                        P.ARRAYS: ArrayRecord({k: Array(v.astype(np.float32)) for k, v in sd.items()}),
+                        P.METRICS: MetricRecord({P.NUM_EXAMPLES: images, "train-loss": 1.0, P.PARTITION_ID: pid}),
+                    }
+                ),
+                reply_to=m,
+            )
         if kind == P.EVALUATE:
             return Message(RecordDict({P.METRICS: MetricRecord({P.NUM_EXAMPLES: 2, "accuracy": 0.5})}), reply_to=m)
         raise AssertionError(kind)
@@ -103,6 +116,7 @@ def crashing(on: set[str], inner: Handler) -> Handler:
         if m.metadata.message_type in on:
             return Message(Error(code=0, reason="simulated crash"), reply_to=m)
         return inner(m)
+
     return handle
 
 
@@ -114,8 +128,14 @@ def make(oracle=None, **kwargs) -> tuple[MEKD, Teacher]:
 
 
 def run(s: MEKD, grid: FakeGrid, rounds: int = 2, **kwargs):
-    return s.start(grid, ArrayRecord({k: Array(v) for k, v in student().items()}), num_rounds=rounds,
-                   train_config=ConfigRecord({"lr": 0.1}), num_nodes=3, **kwargs)
+    return s.start(
+        grid,
+        ArrayRecord({k: Array(v) for k, v in student().items()}),
+        num_rounds=rounds,
+        train_config=ConfigRecord({"lr": 0.1}),
+        num_nodes=3,
+        **kwargs,
+    )
 
 
 # ---------------------------------------------------------------------------- identity
@@ -175,8 +195,20 @@ def _query_reply(kind: str) -> Handler:
     return handle
 
 
-REFUSED_QUERIES = ["no-queries-record", "no-images-array", "float-images-out-of-range", "nan-images", "wrong-shape",
-                   "three-d", "scalar", "empty", "over-budget", "int64-images", "bool-images", "error-reply"]
+REFUSED_QUERIES = [
+    "no-queries-record",
+    "no-images-array",
+    "float-images-out-of-range",
+    "nan-images",
+    "wrong-shape",
+    "three-d",
+    "scalar",
+    "empty",
+    "over-budget",
+    "int64-images",
+    "bool-images",
+    "error-reply",
+]
 HARMLESS_QUERIES = ["nan-partition-id", "list-metric"]
 
 
@@ -230,11 +262,22 @@ def test_an_oracle_answering_garbage_is_refused() -> None:
 # ---------------------------------------------------------------------------- failures and minimums
 def test_crashes_in_every_phase_are_recorded_and_the_run_completes() -> None:
     s, _ = make(min_reply_fraction=0.3)
-    grid = FakeGrid({11: honest(0), 22: crashing({P.TRAIN}, honest(1)), 33: crashing({P.EVALUATE}, honest(2)),
-                     44: crashing({P.ANSWERS}, honest(3))})
+    grid = FakeGrid(
+        {
+            11: honest(0),
+            22: crashing({P.TRAIN}, honest(1)),
+            33: crashing({P.EVALUATE}, honest(2)),
+            44: crashing({P.ANSWERS}, honest(3)),
+        }
+    )
     s.min_available_nodes = 4
-    result = s.start(grid, ArrayRecord({k: Array(v) for k, v in student().items()}), num_rounds=2,
-                     train_config=ConfigRecord(), num_nodes=4)
+    result = s.start(
+        grid,
+        ArrayRecord({k: Array(v) for k, v in student().items()}),
+        num_rounds=2,
+        train_config=ConfigRecord(),
+        num_nodes=4,
+    )
     assert result.arrays is not None
     phases = sorted((f["phase"], f["partition"], f["round"]) for f in s.failures)
     assert phases == [("answers", 3, 0), ("evaluate", 2, 1), ("evaluate", 2, 2), ("train", 1, 1), ("train", 1, 2)]
@@ -295,15 +338,25 @@ def _emulator_reply(node: int, seed: int, poison: str = "") -> Message:
     elif poison == "int":
         d["conv.weight"] = np.ones((2, 2), np.int32)
     instruction = Message(RecordDict(), dst_node_id=node, message_type=P.EMULATOR)
-    return Message(RecordDict({P.GENERATOR: ArrayRecord({k: Array(v) for k, v in g.items()}),
-                               P.DISCRIMINATOR: ArrayRecord({k: Array(v) for k, v in d.items()}),
-                               P.METRICS: MetricRecord({P.NUM_EXAMPLES: 1e12})}), reply_to=instruction)
+    return Message(
+        RecordDict(
+            {
+                P.GENERATOR: ArrayRecord({k: Array(v) for k, v in g.items()}),
+                P.DISCRIMINATOR: ArrayRecord({k: Array(v) for k, v in d.items()}),
+                P.METRICS: MetricRecord({P.NUM_EXAMPLES: 1e12}),
+            }
+        ),
+        reply_to=instruction,
+    )
 
 
 def _emulator_strategy() -> MEKD:
-    reference = {P.GENERATOR: ArrayRecord({"fc.weight": Array(np.zeros((4, 3), np.float32)),
-                                           "bn.num_batches_tracked": Array(np.array(0, np.int64))}),
-                 P.DISCRIMINATOR: ArrayRecord({"conv.weight": Array(np.zeros((2, 2), np.float32))})}
+    reference = {
+        P.GENERATOR: ArrayRecord(
+            {"fc.weight": Array(np.zeros((4, 3), np.float32)), "bn.num_batches_tracked": Array(np.array(0, np.int64))}
+        ),
+        P.DISCRIMINATOR: ArrayRecord({"conv.weight": Array(np.zeros((2, 2), np.float32))}),
+    }
     s, _ = make(federated_emulator=True, emulator_reference=reference)
     s.partition_of = {1: 0, 2: 1, 3: 2, 4: 3}
     return s
@@ -314,7 +367,9 @@ def test_a_poisoned_emulator_is_refused_from_the_average(poison: str) -> None:
     s = _emulator_strategy()
     clean, nodes = s._average_emulators([_emulator_reply(n, n) for n in (1, 2, 3)], {})
     s2 = _emulator_strategy()
-    averaged, nodes2 = s2._average_emulators([*(_emulator_reply(n, n) for n in (1, 2, 3)), _emulator_reply(4, 4, poison)], {})
+    averaged, nodes2 = s2._average_emulators(
+        [*(_emulator_reply(n, n) for n in (1, 2, 3)), _emulator_reply(4, 4, poison)], {}
+    )
     assert nodes == nodes2 == [1, 2, 3]
     assert s2.failures[0]["phase"] == "emulator" and s2.failures[0]["partition"] == 3
     for key in (P.GENERATOR, P.DISCRIMINATOR):

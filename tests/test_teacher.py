@@ -16,8 +16,20 @@ from mekd_fl.teacher import TeacherRecipe, load_or_train_teacher
 torch.set_num_threads(1)
 
 CPU = torch.device("cpu")
-RECIPE = TeacherRecipe(dataset="synthetic", arch="resnet8", num_classes=3, image_shape=(1, 28, 28), mean=(0.5,),
-                       std=(0.25,), seed=0, epochs=1, lr=0.05, batch_size=32, server_share=0.3, num_train=64)
+RECIPE = TeacherRecipe(
+    dataset="synthetic",
+    arch="resnet8",
+    num_classes=3,
+    image_shape=(1, 28, 28),
+    mean=(0.5,),
+    std=(0.25,),
+    seed=0,
+    epochs=1,
+    lr=0.05,
+    batch_size=32,
+    server_share=0.3,
+    num_train=64,
+)
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +85,15 @@ def test_trains_once_then_loads_from_cache(tmp_path, data, monkeypatch) -> None:
 
 def test_key_changes_with_everything_that_changes_the_weights() -> None:
     keys = {RECIPE.key()}
-    for change in ({"seed": 1}, {"epochs": 2}, {"lr": 0.1}, {"arch": "resnet14"}, {"num_train": 65},
-                   {"mean": (0.4,)}, {"dataset": "mnist"}):
+    for change in (
+        {"seed": 1},
+        {"epochs": 2},
+        {"lr": 0.1},
+        {"arch": "resnet14"},
+        {"num_train": 65},
+        {"mean": (0.4,)},
+        {"dataset": "mnist"},
+    ):
         keys.add(dataclasses.replace(RECIPE, **change).key())
     assert len(keys) == 8
     assert RECIPE.key() == dataclasses.replace(RECIPE).key()  # stable for equal recipes
@@ -127,8 +146,11 @@ def test_checkpoint_that_would_run_code_is_refused_unexecuted(tmp_path, data, mo
     path = _cached_path(tmp_path / "cache")
     torch.save({"recipe": RECIPE.__dict__, "state_dict": {}, "meta": {"x": _RunsCode(marker)}}, path)
     monkeypatch.setattr(teacher_mod, "train_teacher", lambda *a, **k: pytest.fail("must not train"))
-    with pytest.raises(ConfigError, match=r"^cache-dir: checkpoint .* cannot be read safely \(.*\); "
-                                          r"delete it to retrain$") as info:
+    with pytest.raises(
+        ConfigError,
+        match=r"^cache-dir: checkpoint .* cannot be read safely \(.*\); "
+        r"delete it to retrain$",
+    ) as info:
         load(RECIPE, tmp_path / "cache", data)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
     assert not marker.exists()
@@ -147,8 +169,7 @@ def test_damaged_checkpoint_is_a_config_error(tmp_path, data, monkeypatch, conte
 
 def test_truncated_real_checkpoint_is_a_config_error(tmp_path) -> None:
     path = _cached_path(tmp_path)
-    teacher_mod._atomic_save({"recipe": RECIPE.__dict__, "state_dict": {"w": torch.randn(64, 64)},
-                              "meta": {}}, path)
+    teacher_mod._atomic_save({"recipe": RECIPE.__dict__, "state_dict": {"w": torch.randn(64, 64)}, "meta": {}}, path)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(ConfigError, match=r"^cache-dir: checkpoint .* cannot be read safely"):
         teacher_mod.load_checkpoint(path)
@@ -202,8 +223,7 @@ def test_shift_translates_with_zero_fill() -> None:
     x = batch(32) + 0.5  # no zeros inside the images
     out = random_shift_flip(x, 2, False, torch.Generator().manual_seed(0))
     for o, i in zip(out, x):
-        matches = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
-                   if torch.equal(o, shifted(i, dy, dx))]
+        matches = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3) if torch.equal(o, shifted(i, dy, dx))]
         assert len(matches) == 1
     assert not torch.equal(out, x)
 

@@ -42,8 +42,18 @@ _CIFAR_FILES = {
     "cifar100": ("train", "test"),
 }
 _CLASS_NAMES = {
-    "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                      "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
+    "fashion-mnist": [
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ],
     "mnist": [str(d) for d in range(10)],
     "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
 }
@@ -124,7 +134,7 @@ def _resolve_dir(data_dir: str) -> Path:
     return Path(raw).expanduser().resolve()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_cached(name: str, root: str, download: bool, search_debian: bool) -> ImageDataset:
     # ``search_debian`` is part of the key because the fallback applies only to an empty data_dir.
     if name == "synthetic":
@@ -198,10 +208,12 @@ def _download(name: str, root: Path) -> None:
 def _read_idx(path: Path, ndim: int) -> np.ndarray:
     """Parse an IDX file of unsigned bytes (magic 0x0000080<ndim>), gzipped or plain."""
     try:
-        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
-        raise ConfigError(f"data-dir: cannot read {path} ({err}); delete it and fetch it again with download=true") from err
+        raise ConfigError(
+            f"data-dir: cannot read {path} ({err}); delete it and fetch it again with download=true"
+        ) from err
     expected_magic = 0x0800 | ndim
     header = 4 + 4 * ndim
     magic = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
@@ -269,17 +281,19 @@ def _synthetic() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     size, num_classes, pad = 28, 10, 2
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) - (size - 1) / 2
     angles = 2 * np.pi * np.arange(num_classes) / num_classes
-    templates = np.stack([
-        np.exp(-((xx - 8 * np.cos(a)) ** 2 + (yy - 8 * np.sin(a)) ** 2) / (2 * 3.0**2))
-        * (0.7 + 0.3 * np.cos(1.2 * (xx * np.cos(a / 2) + yy * np.sin(a / 2))))
-        for a in angles
-    ])
+    templates = np.stack(
+        [
+            np.exp(-((xx - 8 * np.cos(a)) ** 2 + (yy - 8 * np.sin(a)) ** 2) / (2 * 3.0**2))
+            * (0.7 + 0.3 * np.cos(1.2 * (xx * np.cos(a / 2) + yy * np.sin(a / 2))))
+            for a in angles
+        ]
+    )
     padded = np.pad(templates, ((0, 0), (pad, pad), (pad, pad)))
 
     def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
         labels = rng.permutation(np.arange(n) % num_classes)
         dy, dx = rng.integers(0, 2 * pad + 1, size=(2, n))
-        images = np.stack([padded[k, y:y + size, x:x + size] for k, y, x in zip(labels, dy, dx)])
+        images = np.stack([padded[k, y : y + size, x : x + size] for k, y, x in zip(labels, dy, dx)])
         images = images * rng.uniform(0.6, 1.0, size=(n, 1, 1)) + rng.normal(0, 0.1, size=images.shape)
         return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)[:, None], labels
 

@@ -36,7 +36,9 @@ class FederatedSplit:
         num_classes = self.label_counts.shape[1]
         names = class_names or [f"c{i}" for i in range(num_classes)]
         head = ["client", "train", "test"]
-        rows = [[str(i), str(len(tr)), str(len(te))] for i, (tr, te) in enumerate(zip(self.client_train, self.client_test))]
+        rows = [
+            [str(i), str(len(tr)), str(len(te))] for i, (tr, te) in enumerate(zip(self.client_train, self.client_test))
+        ]
         if num_classes <= _MAX_TABLE_CLASSES:
             head += names
             for row, counts in zip(rows, self.label_counts):
@@ -45,7 +47,10 @@ class FederatedSplit:
             head += ["classes", "largest classes"]
             for row, counts in zip(rows, self.label_counts):
                 top = np.argsort(-counts, kind="stable")[:3]
-                row += [str(int((counts > 0).sum())), " ".join(f"{names[c]}:{int(counts[c])}" for c in top if counts[c])]
+                row += [
+                    str(int((counts > 0).sum())),
+                    " ".join(f"{names[c]}:{int(counts[c])}" for c in top if counts[c]),
+                ]
         widths = [max(len(r[j]) for r in [head, *rows]) for j in range(len(head))]
         lines = ["  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in [head, *rows]]
         lines.append(f"server: {len(self.server_indices)} labeled images (teacher data)")
@@ -83,15 +88,23 @@ def split_federated(
         to_server[rng.permutation(members)[: int(round(server_share * len(members)))]] = True
     server, pool = np.flatnonzero(to_server), np.flatnonzero(~to_server)  # pool is sorted, so parts stay sorted
 
-    parts = [pool[p] for p in partition_indices(
-        labels[pool], num_clients, scheme, alpha=alpha, classes_per_partition=classes_per_partition, seed=seed,
-    )]
+    parts = [
+        pool[p]
+        for p in partition_indices(
+            labels[pool],
+            num_clients,
+            scheme,
+            alpha=alpha,
+            classes_per_partition=classes_per_partition,
+            seed=seed,
+        )
+    ]
     client_train, client_test = [], []
     for part in parts:
         shuffled = rng.permutation(part)
         n_test = min(int(round(client_test_fraction * len(part))), len(part) - 1)
         client_train.append(np.sort(shuffled[: len(part) - n_test]))
-        client_test.append(np.sort(shuffled[len(part) - n_test:]))
+        client_test.append(np.sort(shuffled[len(part) - n_test :]))
 
     num_classes = int(labels.max()) + 1  # labels is non-empty: partition_indices rejected an empty pool
     return FederatedSplit(server, client_train, client_test, label_counts(labels, parts, num_classes))

@@ -24,9 +24,9 @@ class LocalData:
     image_shape: tuple[int, int, int]
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    images: torch.Tensor        # uint8 (N, C, H, W): the device's training images, used unlabeled
-    labels: torch.Tensor        # their true labels: read only by the `supervised` reference method
-    test_images: torch.Tensor   # held out for federated evaluation
+    images: torch.Tensor  # uint8 (N, C, H, W): the device's training images, used unlabeled
+    labels: torch.Tensor  # their true labels: read only by the `supervised` reference method
+    test_images: torch.Tensor  # held out for federated evaluation
     test_labels: torch.Tensor
 
 
@@ -40,5 +40,14 @@ def shard_data(dataset: str, data_dir: str, train_index: np.ndarray, test_index:
             raise ValueError(f"shard {name} index is not a list of image numbers in [0, {n})")
     train = torch.as_tensor(np.asarray(train_index, dtype=np.int64))
     test = torch.as_tensor(np.asarray(test_index, dtype=np.int64))
-    return LocalData(ds.name, ds.num_classes, ds.image_shape, ds.mean, ds.std,
-                     ds.train_images[train], ds.train_labels[train], ds.train_images[test], ds.train_labels[test])
+    return LocalData(
+        ds.name,
+        ds.num_classes,
+        ds.image_shape,
+        ds.mean,
+        ds.std,
+        ds.train_images[train],
+        ds.train_labels[train],
+        ds.train_images[test],
+        ds.train_labels[test],
+    )

@@ -44,7 +44,9 @@ def partition_indices(
     Every scheme is a deterministic function of ``seed``.
     """
     labels = np.asarray(labels)
-    partitioner = _make_partitioner(labels, num_partitions, scheme, alpha, classes_per_partition, min_partition_size, seed)
+    partitioner = _make_partitioner(
+        labels, num_partitions, scheme, alpha, classes_per_partition, min_partition_size, seed
+    )
     # Shuffle before partitioning: IidPartitioner takes contiguous shards and
     # PathologicalPartitioner splits each class in dataset order, so without it
     # the seed would not change which samples a partition gets.
@@ -57,7 +59,9 @@ def partition_indices(
         warnings.simplefilter("ignore")
         try:
             # ``[:]`` reads the column as one numpy batch; iterating a datasets Column goes row by row.
-            parts = [np.sort(partitioner.load_partition(i).with_format("numpy")["idx"][:]) for i in range(num_partitions)]
+            parts = [
+                np.sort(partitioner.load_partition(i).with_format("numpy")["idx"][:]) for i in range(num_partitions)
+            ]
         except ValueError as err:
             raise ConfigError(_unmet_error(scheme, labels, num_partitions, alpha, classes_per_partition)) from err
     if scheme == "pathological":
@@ -94,7 +98,9 @@ def _make_partitioner(
         return IidPartitioner(num_partitions)
     if scheme == "dirichlet":
         if not alpha > 0:
-            raise ConfigError(f"alpha={alpha} must be > 0 (small, e.g. 0.1, is strongly non-IID; large, e.g. 100, is near IID)")
+            raise ConfigError(
+                f"alpha={alpha} must be > 0 (small, e.g. 0.1, is strongly non-IID; large, e.g. 100, is near IID)"
+            )
         # The requested minimum can be unreachable on small data (tests, synthetic,
         # many clients): asking for at most half the average size keeps resampling
         # likely to succeed, and at least 1 keeps every client non-empty.
@@ -103,15 +109,24 @@ def _make_partitioner(
         # already above average size, so the skew would depend on class order and be milder
         # than Dir(alpha) says. Unequal client sizes are part of the non-IID setting.
         return DirichletPartitioner(
-            num_partitions, partition_by="label", alpha=float(alpha),
-            min_partition_size=min_size, self_balancing=False, seed=seed,
+            num_partitions,
+            partition_by="label",
+            alpha=float(alpha),
+            min_partition_size=min_size,
+            self_balancing=False,
+            seed=seed,
         )
     num_classes = len(np.unique(labels))
     if not 1 <= classes_per_partition <= num_classes:
-        raise ConfigError(f"classes-per-client={classes_per_partition} must be in [1, {num_classes}] (the number of classes)")
+        raise ConfigError(
+            f"classes-per-client={classes_per_partition} must be in [1, {num_classes}] (the number of classes)"
+        )
     return PathologicalPartitioner(
-        num_partitions, partition_by="label", num_classes_per_partition=classes_per_partition,
-        class_assignment_mode="deterministic", seed=seed,
+        num_partitions,
+        partition_by="label",
+        num_classes_per_partition=classes_per_partition,
+        class_assignment_mode="deterministic",
+        seed=seed,
     )
 
 

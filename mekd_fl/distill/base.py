@@ -8,44 +8,49 @@ with `losses(student_logits, teacher_response, images, epoch, labels=None)`; add
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mekd_fl.config import RunConfig
 from mekd_fl.errors import ConfigError
 
 
 @dataclass(frozen=True)
 class DistillContext:
-    """What a method may use besides the batch: settings, and the client's own emulator if any."""
+    """What a method may use besides the batch: settings, and the client's own emulator if any.
+
+    The settings' defaults are RunConfig's (fields of the same name), so there is one place they live.
+    """
 
     num_classes: int
-    temperature: float = 4.0
-    oracle_output: str = "probs"          # what the teacher's responses are: probs or logits
-    distance: str = "l1"
-    emulator_input: str = "probs"
-    weight_emulation: float = 1.0
-    weight_kl: float = 1.0
-    generator: nn.Module | None = None    # the client's frozen emulator G (MEKD)
-    dkd_alpha: float = 1.0
-    dkd_beta: float = 8.0
-    dkd_warmup: float = 20.0
-    cdl_weight: float = 1.0
-    cdl_margin: float = 0.5
-    can_weight: float = 1.0
-    can_lr: float = 1e-4
+    temperature: float = RunConfig.temperature
+    oracle_output: str = RunConfig.oracle_output  # what the teacher's responses are: probs or logits
+    distance: str = RunConfig.distance
+    emulator_input: str = RunConfig.emulator_input
+    weight_emulation: float = RunConfig.weight_emulation
+    weight_kl: float = RunConfig.weight_kl
+    generator: nn.Module | None = None  # the client's frozen emulator G (MEKD)
+    dkd_alpha: float = RunConfig.dkd_alpha
+    dkd_beta: float = RunConfig.dkd_beta
+    dkd_warmup: float = RunConfig.dkd_warmup
+    cdl_weight: float = RunConfig.cdl_weight
+    cdl_margin: float = RunConfig.cdl_margin
+    can_weight: float = RunConfig.can_weight
+    can_lr: float = RunConfig.can_lr
     device: torch.device | str = "cpu"
 
     @classmethod
-    def from_config(cls, cfg: Any, num_classes: int, generator: nn.Module | None = None,
-                    device: torch.device | str = "cpu") -> "DistillContext":
+    def from_config(
+        cls, cfg: Any, num_classes: int, generator: nn.Module | None = None, device: torch.device | str = "cpu"
+    ) -> DistillContext:
         """Take every field of the same name from a RunConfig."""
         names = {f.name for f in dataclasses.fields(cls)} - {"num_classes", "generator", "device"}
-        return cls(num_classes=num_classes, generator=generator, device=device,
-                   **{n: getattr(cfg, n) for n in names})
+        return cls(num_classes=num_classes, generator=generator, device=device, **{n: getattr(cfg, n) for n in names})
 
 
 def teacher_log_probs(response: torch.Tensor, oracle_output: str) -> torch.Tensor:
@@ -84,8 +89,14 @@ class Distiller:
     def __init__(self, ctx: DistillContext) -> None:
         self.ctx = ctx
 
-    def losses(self, student_logits: torch.Tensor, teacher_response: torch.Tensor,
-               images: torch.Tensor, epoch: float, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def losses(
+        self,
+        student_logits: torch.Tensor,
+        teacher_response: torch.Tensor,
+        images: torch.Tensor,
+        epoch: float,
+        labels: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     def extra_state(self) -> dict[str, torch.Tensor] | None:
@@ -104,6 +115,7 @@ def register(name: str) -> Callable[[type[Distiller]], type[Distiller]]:
         cls.name = name
         _REGISTRY[name] = cls
         return cls
+
     return wrap
 
 

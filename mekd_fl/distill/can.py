@@ -28,9 +28,9 @@ def make_discriminator(num_classes: int) -> nn.Sequential:
     """MLP on probability vectors -> one logit (real = teacher)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(DISCRIMINATOR_SEED)
-        return nn.Sequential(nn.Linear(num_classes, 512), nn.LeakyReLU(0.2),
-                             nn.Linear(512, 256), nn.LeakyReLU(0.2),
-                             nn.Linear(256, 1))
+        return nn.Sequential(
+            nn.Linear(num_classes, 512), nn.LeakyReLU(0.2), nn.Linear(512, 256), nn.LeakyReLU(0.2), nn.Linear(256, 1)
+        )
 
 
 def _bce(scores: torch.Tensor, real: bool) -> torch.Tensor:
@@ -55,8 +55,7 @@ class CAN(Distiller):
         """
         if self.discriminator is None:
             self.discriminator = make_discriminator(self.ctx.num_classes)
-            self.optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=self.ctx.can_lr,
-                                              betas=(0.5, 0.999))
+            self.optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=self.ctx.can_lr, betas=(0.5, 0.999))
         return self.discriminator.to(device)
 
     def _update_discriminator(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
@@ -72,8 +71,14 @@ class CAN(Distiller):
         disc.requires_grad_(False)
         return d_loss.detach()
 
-    def losses(self, student_logits: torch.Tensor, teacher_response: torch.Tensor,
-               images: torch.Tensor, epoch: float, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def losses(
+        self,
+        student_logits: torch.Tensor,
+        teacher_response: torch.Tensor,
+        images: torch.Tensor,
+        epoch: float,
+        labels: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         ctx = self.ctx
         disc = self._build(student_logits.device)
         t_log_p = teacher_log_probs(teacher_response, ctx.oracle_output)

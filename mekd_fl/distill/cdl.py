@@ -31,8 +31,9 @@ def class_centres(vectors: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
     return onehot.T @ vectors / onehot.sum(0).clamp_min(1).unsqueeze(1)
 
 
-def cdl_parts(t_log_p: torch.Tensor, s_logits: torch.Tensor, temperature: float,
-              margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+def cdl_parts(
+    t_log_p: torch.Tensor, s_logits: torch.Tensor, temperature: float, margin: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(intra, inter) as defined in the module docstring; inter is 0 when one class fills the batch."""
     y = t_log_p.argmax(1)
     q_s = F.softmax(s_logits / temperature, dim=1)
@@ -52,8 +53,14 @@ def cdl_parts(t_log_p: torch.Tensor, s_logits: torch.Tensor, temperature: float,
 class CDL(Distiller):
     """L = KL(T || S) * T^2 + cdl_weight * (intra + inter); see the module docstring for the definition."""
 
-    def losses(self, student_logits: torch.Tensor, teacher_response: torch.Tensor,
-               images: torch.Tensor, epoch: float, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def losses(
+        self,
+        student_logits: torch.Tensor,
+        teacher_response: torch.Tensor,
+        images: torch.Tensor,
+        epoch: float,
+        labels: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         ctx = self.ctx
         t_log_p = teacher_log_probs(teacher_response, ctx.oracle_output)
         kl = kl_divergence(t_log_p, student_logits, ctx.temperature)

@@ -31,8 +31,9 @@ def _kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return (log_p.exp() * (log_p - log_q)).sum(1)
 
 
-def dkd_parts(t_log_p: torch.Tensor, s_logits: torch.Tensor, temperature: float,
-              reduce: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def dkd_parts(
+    t_log_p: torch.Tensor, s_logits: torch.Tensor, temperature: float, reduce: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(TCKD, NCKD), each * T^2, per sample or averaged over the batch.
 
     `t_log_p` is the teacher's log p (or logits: only their softmax at T matters); the target is its
@@ -42,10 +43,12 @@ def dkd_parts(t_log_p: torch.Tensor, s_logits: torch.Tensor, temperature: float,
     t_scaled = t_log_p / t
     s_scaled = s_logits / t
     mask = F.one_hot(t_log_p.argmax(1), t_log_p.shape[1]).to(s_scaled.dtype)
-    tckd = _kl_rows(_binary_log_probs(F.log_softmax(t_scaled, dim=1), mask),
-                    _binary_log_probs(F.log_softmax(s_scaled, dim=1), mask)) * (t * t)
-    nckd = _kl_rows(F.log_softmax(t_scaled - _MASK * mask, dim=1),
-                    F.log_softmax(s_scaled - _MASK * mask, dim=1)) * (t * t)
+    tckd = _kl_rows(
+        _binary_log_probs(F.log_softmax(t_scaled, dim=1), mask), _binary_log_probs(F.log_softmax(s_scaled, dim=1), mask)
+    ) * (t * t)
+    nckd = _kl_rows(F.log_softmax(t_scaled - _MASK * mask, dim=1), F.log_softmax(s_scaled - _MASK * mask, dim=1)) * (
+        t * t
+    )
     if reduce:
         return tckd.mean(), nckd.mean()
     return tckd, nckd
@@ -60,12 +63,16 @@ def warmup_weight(epoch: float, warmup: float) -> float:
 class DKD(Distiller):
     """L = min(epoch / warmup, 1) * (alpha * TCKD + beta * NCKD)."""
 
-    def losses(self, student_logits: torch.Tensor, teacher_response: torch.Tensor,
-               images: torch.Tensor, epoch: float, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def losses(
+        self,
+        student_logits: torch.Tensor,
+        teacher_response: torch.Tensor,
+        images: torch.Tensor,
+        epoch: float,
+        labels: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         ctx = self.ctx
-        tckd, nckd = dkd_parts(teacher_log_probs(teacher_response, ctx.oracle_output), student_logits,
-                               ctx.temperature)
+        tckd, nckd = dkd_parts(teacher_log_probs(teacher_response, ctx.oracle_output), student_logits, ctx.temperature)
         warm = warmup_weight(epoch, ctx.dkd_warmup)
         loss = warm * (ctx.dkd_alpha * tckd + ctx.dkd_beta * nckd)
-        return {"loss": loss, "tckd": tckd, "nckd": nckd,
-                "warmup": torch.tensor(warm, device=student_logits.device)}
+        return {"loss": loss, "tckd": tckd, "nckd": nckd, "warmup": torch.tensor(warm, device=student_logits.device)}

@@ -36,8 +36,14 @@ class MEKD(Distiller):
         for p in self.generator.parameters():
             p.requires_grad_(False)
 
-    def losses(self, student_logits: torch.Tensor, teacher_response: torch.Tensor,
-               images: torch.Tensor, epoch: float, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def losses(
+        self,
+        student_logits: torch.Tensor,
+        teacher_response: torch.Tensor,
+        images: torch.Tensor,
+        epoch: float,
+        labels: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         ctx = self.ctx
         t_log_p = teacher_log_probs(teacher_response, ctx.oracle_output)
         raw_logits = ctx.oracle_output == "logits"

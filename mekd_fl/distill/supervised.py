@@ -19,10 +19,18 @@ class Supervised(Distiller):
 
     uses_labels = True
 
-    def losses(self, student_logits: torch.Tensor, teacher_response: torch.Tensor,
-               images: torch.Tensor, epoch: float, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def losses(
+        self,
+        student_logits: torch.Tensor,
+        teacher_response: torch.Tensor,
+        images: torch.Tensor,
+        epoch: float,
+        labels: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         if labels is None:
-            raise ValueError("method='supervised' trains on the true labels, but none were passed "
-                             "(the caller must pass labels to methods with uses_labels=True)")
+            raise ValueError(
+                "method='supervised' trains on the true labels, but none were passed "
+                "(the caller must pass labels to methods with uses_labels=True)"
+            )
         ce = F.cross_entropy(student_logits, labels)
         return {"loss": ce, "ce": ce}

@@ -54,8 +54,9 @@ class Generator(nn.Module):
         return self.body(out)
 
 
-def _conv_trunk(image_shape: ImageShape, width: int, norm: Callable[[int], nn.Module],
-                dropout: float) -> tuple[nn.Sequential, int]:
+def _conv_trunk(
+    image_shape: ImageShape, width: int, norm: Callable[[int], nn.Module], dropout: float
+) -> tuple[nn.Sequential, int]:
     """Four stride-2 conv blocks (widths width/4 .. 2*width); returns the stack and its flattened output size.
 
     ``norm`` follows every block except the first (DCGAN practice: no normalisation on raw pixels);

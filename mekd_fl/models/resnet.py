@@ -90,8 +90,7 @@ def parse_depth(arch: str, setting: str = "teacher-arch/student-arch") -> int:
     depth = int(match.group(1)) if match else 0
     if depth < 8 or (depth - 2) % 6 != 0:
         raise ConfigError(
-            f"{setting}={arch!r} is not a CIFAR ResNet; "
-            f"accepted: {', '.join(ARCHITECTURES)} (depth 6n+2)"
+            f"{setting}={arch!r} is not a CIFAR ResNet; accepted: {', '.join(ARCHITECTURES)} (depth 6n+2)"
         )
     return depth
 

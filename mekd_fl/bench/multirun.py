@@ -8,19 +8,24 @@ All cells must share `num-clients` (one federation).
 
 from __future__ import annotations
 
-import logging
 import traceback
-import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from mekd_fl.config import RunConfig
 from mekd_fl.errors import ConfigError
 
 
-def run_configs(configs: list[RunConfig], *, client_cpus: float = 1.0, client_gpus: float | None = None,
-                log: Callable[[str], None] = print, verbose: bool = False,
-                wrap_grid: Callable[[Any], Any] | None = None,
-                client_app: Any = None) -> dict[str, dict[str, Any]]:
+def run_configs(
+    configs: list[RunConfig],
+    *,
+    client_cpus: float = 1.0,
+    client_gpus: float | None = None,
+    log: Callable[[str], None] = print,
+    verbose: bool = False,
+    wrap_grid: Callable[[Any], Any] | None = None,
+    client_app: Any = None,
+) -> dict[str, dict[str, Any]]:
     """Run every config; returns {run-name: {"summary": ...} or {"error": traceback}} in order.
 
     `wrap_grid` wraps the ServerApp's Grid (tests record every message with it); `client_app` replaces
@@ -30,9 +35,9 @@ def run_configs(configs: list[RunConfig], *, client_cpus: float = 1.0, client_gp
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
-    from mekd_fl.cli import backend_config
     from mekd_fl.client_app import make_client_app
     from mekd_fl.server_app import prepare, run_server
+    from mekd_fl.simulation import backend_config, quiet_flower
 
     if not configs:
         raise ConfigError("nothing to run: the list of configurations is empty")
@@ -46,9 +51,7 @@ def run_configs(configs: list[RunConfig], *, client_cpus: float = 1.0, client_gp
         raise ConfigError("every run needs its own non-empty run-name")
     for cfg in configs:
         prepare(cfg)
-    if not verbose:
-        logging.getLogger("flwr").setLevel(logging.ERROR)
-        warnings.filterwarnings("ignore", category=FutureWarning)
+    quiet_flower(verbose)
     outcome: dict[str, dict[str, Any]] = {}
     server = ServerApp()
 
@@ -65,6 +68,11 @@ def run_configs(configs: list[RunConfig], *, client_cpus: float = 1.0, client_gp
                 log(f"=== run {cfg.run_name} failed: {traceback.format_exc(limit=1).strip().splitlines()[-1]}")
 
     client_app = client_app if client_app is not None else make_client_app(configs[0].data_dir)
-    run_simulation(server_app=server, client_app=client_app, num_supernodes=configs[0].num_clients,
-                   backend_config=backend_config(client_cpus, client_gpus), verbose_logging=verbose)
+    run_simulation(
+        server_app=server,
+        client_app=client_app,
+        num_supernodes=configs[0].num_clients,
+        backend_config=backend_config(client_cpus, client_gpus),
+        verbose_logging=verbose,
+    )
     return outcome

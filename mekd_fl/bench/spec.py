@@ -25,9 +25,10 @@ from __future__ import annotations
 import difflib
 import itertools
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -40,9 +41,14 @@ TOP_LEVEL_KEYS = ("name", "description", "base", "grid", "report", "timing", "se
 RESERVED_SETTINGS = ("run-name", "out-dir")
 # Numbers a run writes to summary.json that a report can tabulate; True: higher is better.
 METRICS: dict[str, bool] = {
-    "student-accuracy": True, "student-best-accuracy": True, "student-agreement": True,
-    "client-test-accuracy": True, "teacher-accuracy": True, "emulator-fid-mean": False,
-    "queries-total": False, "wall-seconds": False,
+    "student-accuracy": True,
+    "student-best-accuracy": True,
+    "student-agreement": True,
+    "client-test-accuracy": True,
+    "teacher-accuracy": True,
+    "emulator-fid-mean": False,
+    "queries-total": False,
+    "wall-seconds": False,
 }
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -137,13 +143,15 @@ class Spec:
         for axis, labels in only.items():
             known = [a.name for a in self.grid]
             if axis not in known:
-                raise ConfigError(f"--only {axis}=...: no such grid axis in spec {self.name!r}; accepted: "
-                                  f"{', '.join(known)}")
+                raise ConfigError(
+                    f"--only {axis}=...: no such grid axis in spec {self.name!r}; accepted: {', '.join(known)}"
+                )
             accepted = [level.label for level in self.axis(axis).levels]
             for label in labels:
                 if label not in accepted:
-                    raise ConfigError(f"--only {axis}={label}: not a level of axis {axis!r}; accepted: "
-                                      f"{', '.join(accepted)}")
+                    raise ConfigError(
+                        f"--only {axis}={label}: not a level of axis {axis!r}; accepted: {', '.join(accepted)}"
+                    )
         return [cell for cell in cells if all(cell.labels[a] in labels for a, labels in only.items())]
 
     def to_dict(self) -> dict[str, Any]:
@@ -160,8 +168,15 @@ class Spec:
         report["metrics"] = list(self.report.metrics)
         if self.report.reference is not None:
             report["reference"] = self.report.reference.to_dict()
-        return {"name": self.name, "description": self.description, "base": self.base, "grid": grid,
-                "report": report, "timing": self.timing, "set": self.overrides}
+        return {
+            "name": self.name,
+            "description": self.description,
+            "base": self.base,
+            "grid": grid,
+            "report": report,
+            "timing": self.timing,
+            "set": self.overrides,
+        }
 
 
 def load_spec(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Spec:
@@ -192,9 +207,15 @@ def parse_spec(data: Any, source: str, overrides: Mapping[str, Any]) -> Spec:
         setters = [axis.name for axis in grid if any(key in level.settings for level in axis.levels)]
         if setters:
             raise ConfigError(f"spec {source}: --set {key}: the grid axis {setters[0]!r} sets it; change the grid")
-    spec = Spec(name=name, description=str(data.get("description") or ""), base=base, grid=grid,
-                report=_report(data.get("report"), grid, f"spec {source}: report"),
-                timing=str(data.get("timing") or ""), overrides=sets)
+    spec = Spec(
+        name=name,
+        description=str(data.get("description") or ""),
+        base=base,
+        grid=grid,
+        report=_report(data.get("report"), grid, f"spec {source}: report"),
+        timing=str(data.get("timing") or ""),
+        overrides=sets,
+    )
     spec.cells()  # every cell's RunConfig validated up front
     return spec
 
@@ -301,8 +322,12 @@ def _report(data: Any, grid: tuple[Axis, ...], where: str) -> ReportLayout:
 
 def _reference(data: Any, grid: tuple[Axis, ...], rows: str, columns: str | None, where: str) -> Reference:
     """Published numbers keyed by the report's own column and row labels (checked against the grid)."""
-    if not isinstance(data, dict) or set(data) - {"title", "source", "values"} or not isinstance(
-            data.get("values"), dict) or not data["values"]:
+    if (
+        not isinstance(data, dict)
+        or set(data) - {"title", "source", "values"}
+        or not isinstance(data.get("values"), dict)
+        or not data["values"]
+    ):
         raise ConfigError(f"{where}: give title, source and values (column label -> row label -> number in %)")
     by_name = {axis.name: [level.label for level in axis.levels] for axis in grid}
     col_labels = by_name[columns] if columns else ["all"]
@@ -311,16 +336,19 @@ def _reference(data: Any, grid: tuple[Axis, ...], rows: str, columns: str | None
     for col, entries in data["values"].items():
         col = str(col)
         if col not in col_labels:
-            raise ConfigError(f"{where}.values: column {col!r} is not a label of {columns or 'the table'}; "
-                              f"accepted: {', '.join(col_labels)}")
+            raise ConfigError(
+                f"{where}.values: column {col!r} is not a label of {columns or 'the table'}; "
+                f"accepted: {', '.join(col_labels)}"
+            )
         if not isinstance(entries, dict):
             raise ConfigError(f"{where}.values.{col}: give a mapping of row label -> number")
         values[col] = {}
         for row, value in entries.items():
             row = str(row)
             if row not in row_labels:
-                raise ConfigError(f"{where}.values.{col}: row {row!r} is not a label of {rows}; accepted: "
-                                  f"{', '.join(row_labels)}")
+                raise ConfigError(
+                    f"{where}.values.{col}: row {row!r} is not a label of {rows}; accepted: {', '.join(row_labels)}"
+                )
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(f"{where}.values.{col}.{row}: {value!r} is not a number")
             values[col][row] = float(value)

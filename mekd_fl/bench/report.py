@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
-from mekd_fl.compare import markdown_table, write_csv
+from mekd_fl.bench.spec import METRICS, Cell, Reference, Spec, load_spec
+from mekd_fl.bench.tables import markdown_table, write_csv
 from mekd_fl.errors import ConfigError
-from mekd_fl.spec import METRICS, Cell, Reference, Spec, load_spec
 
 SPEC_FILE = "spec.yaml"
 INVOCATIONS_FILE = "invocations.jsonl"
@@ -83,8 +84,11 @@ def _labels(spec: Spec, axis: str | None) -> list[str | None]:
 
 def _members(spec: Spec, results: list[CellResult], row: str | None, col: str | None) -> list[CellResult]:
     rows, cols = spec.report.rows, spec.report.columns
-    return [r for r in results
-            if (row is None or r.cell.labels[rows] == row) and (col is None or r.cell.labels[cols] == col)]
+    return [
+        r
+        for r in results
+        if (row is None or r.cell.labels[rows] == row) and (col is None or r.cell.labels[cols] == col)
+    ]
 
 
 def stat(members: list[CellResult], metric: str) -> Stat:
@@ -96,8 +100,11 @@ def stat(members: list[CellResult], metric: str) -> Stat:
 
 def teacher_stat(members: list[CellResult]) -> Stat:
     """Teacher accuracy, one value per distinct teacher (methods sharing a teacher count it once)."""
-    teachers = {(m.cell.config.teacher_arch, m.cell.config.seed, m.cell.config.dataset): m.value("teacher-accuracy")
-                for m in members if m.summary}
+    teachers = {
+        (m.cell.config.teacher_arch, m.cell.config.seed, m.cell.config.dataset): m.value("teacher-accuracy")
+        for m in members
+        if m.summary
+    }
     return Stat(tuple(v for v in teachers.values() if v is not None), len(teachers) or 1, True)
 
 
@@ -119,8 +126,11 @@ def build_table(spec: Spec, results: list[CellResult]) -> tuple[list[str], list[
     rows, cols, metrics = spec.report.rows, spec.report.columns, spec.report.metrics
     row_labels, col_labels = _labels(spec, rows), _labels(spec, cols)
     columns = [(metric, col) for metric in metrics for col in col_labels]
-    stats = {(row, metric, col): stat(_members(spec, results, row, col), metric)
-             for row in row_labels for metric, col in columns}
+    stats = {
+        (row, metric, col): stat(_members(spec, results, row, col), metric)
+        for row in row_labels
+        for metric, col in columns
+    }
     best = {}
     for metric, col in columns:
         candidates = [s.mean for (r, m, c), s in stats.items() if (m, c) == (metric, col) and s.blind and s.values]
@@ -158,8 +168,13 @@ def build_table(spec: Spec, results: list[CellResult]) -> tuple[list[str], list[
     return header, body, csv_rows
 
 
-def _with_reference(header: list[str], body: list[list[str]], columns: list[tuple[str, str | None]],
-                    row_labels: list[str | None], reference: Reference) -> tuple[list[str], list[list[str]]]:
+def _with_reference(
+    header: list[str],
+    body: list[list[str]],
+    columns: list[tuple[str, str | None]],
+    row_labels: list[str | None],
+    reference: Reference,
+) -> tuple[list[str], list[list[str]]]:
     """Insert a published column right after each measured student-accuracy column it has numbers for."""
     keys = [str(row) for row in row_labels] + ["teacher"]  # body rows, in order (the teacher row last)
     new_header, new_body = [header[0]], [[line[0]] for line in body]
@@ -179,8 +194,17 @@ def _csv_row(spec: Spec, row: str, col: str | None, metric: str, value: Stat, be
     out: dict[str, Any] = {spec.report.rows: row}
     if spec.report.columns:
         out[spec.report.columns] = col
-    out.update({"metric": metric, "mean": value.mean if value.values else "", "std": value.std if value.values else "",
-                "n": len(value.values), "expected": value.expected, "source-blind": value.blind, "best": best})
+    out.update(
+        {
+            "metric": metric,
+            "mean": value.mean if value.values else "",
+            "std": value.std if value.values else "",
+            "n": len(value.values),
+            "expected": value.expected,
+            "source-blind": value.blind,
+            "best": best,
+        }
+    )
     return out
 
 
@@ -215,17 +239,21 @@ def plot_rounds(spec: Spec, results: list[CellResult], path: Path) -> Path | Non
     fig, axes = plt.subplots(1, len(cols), figsize=(4.2 * len(cols) + 1, 3.6), squeeze=False, sharey=True)
     for ax, col in zip(axes[0], cols):
         for row in _labels(spec, spec.report.rows):
-            curves = [{r["round"]: r["server/accuracy"] for r in m.rounds if r.get("server/accuracy") is not None}
-                      for m in _members(spec, results, row, col) if m.rounds]
+            curves = [
+                {r["round"]: r["server/accuracy"] for r in m.rounds if r.get("server/accuracy") is not None}
+                for m in _members(spec, results, row, col)
+                if m.rounds
+            ]
             if not curves:
                 continue
             rounds = sorted(set.intersection(*(set(c) for c in curves)))
             if not rounds:
                 continue
             acc = 100 * np.array([[c[k] for k in rounds] for c in curves])
-            line, = ax.plot(rounds, acc.mean(0), marker="o", markersize=3, label=row)
-            ax.fill_between(rounds, acc.mean(0) - acc.std(0), acc.mean(0) + acc.std(0), color=line.get_color(),
-                            alpha=0.2)
+            (line,) = ax.plot(rounds, acc.mean(0), marker="o", markersize=3, label=row)
+            ax.fill_between(
+                rounds, acc.mean(0) - acc.std(0), acc.mean(0) + acc.std(0), color=line.get_color(), alpha=0.2
+            )
         ax.set_title(f"{spec.report.columns}={col}" if col is not None else spec.name, fontsize=9)
         ax.set_xlabel("round")
         ax.xaxis.get_major_locator().set_params(integer=True)
@@ -249,8 +277,9 @@ def plot_alpha(spec: Spec, results: list[CellResult], path: Path) -> Path | None
         alphas = sorted({r.cell.config.alpha for r in members})
         values = [[100 * r.value("student-accuracy") for r in members if r.cell.config.alpha == a] for a in alphas]
         if alphas:
-            ax.errorbar(alphas, [np.mean(v) for v in values], yerr=[np.std(v) for v in values], marker="o",
-                        capsize=3, label=row)
+            ax.errorbar(
+                alphas, [np.mean(v) for v in values], yerr=[np.std(v) for v in values], marker="o", capsize=3, label=row
+            )
     ax.set_xscale("log")
     ax.set_xlabel("Dirichlet alpha (smaller = more skewed)")
     ax.set_ylabel("student test accuracy (%)")
@@ -269,8 +298,12 @@ def plot_scatter(spec: Spec, results: list[CellResult], metric: str, xlabel: str
     for row in _labels(spec, spec.report.rows):
         members = [r for r in points if r.cell.labels[spec.report.rows] == row]
         if members:
-            ax.scatter([r.value(metric) for r in members], [100 * r.value("student-accuracy") for r in members],
-                       label=row, alpha=0.8)
+            ax.scatter(
+                [r.value(metric) for r in members],
+                [100 * r.value("student-accuracy") for r in members],
+                label=row,
+                alpha=0.8,
+            )
     ax.set_xlabel(xlabel)
     ax.set_ylabel("student test accuracy (%)")
     ax.grid(alpha=0.3)
@@ -317,17 +350,35 @@ def write_report(folder: Path) -> str:
     spec, results = load_results(folder)
     header, body, csv_rows = build_table(spec, results)
     write_csv(folder / "report.csv", csv_header(spec), csv_rows)
-    plots = [plot_rounds(spec, results, folder / "accuracy_per_round.png"),
-             plot_alpha(spec, results, folder / "accuracy_vs_alpha.png"),
-             plot_scatter(spec, results, "queries-total", "teacher queries used (all clients)",
-                          folder / "accuracy_vs_queries.png"),
-             plot_scatter(spec, results, "emulator-fid-mean", "emulator FID (mean over clients; lower is better)",
-                          folder / "accuracy_vs_fid.png"),
-             plot_partitions(results, folder / "label_distribution.png")]
-    markdown = "\n".join([f"# {spec.name}", "", spec.description.strip(), "", _caption(spec, results), "",
-                          markdown_table(header, body), ""]
-                         + [f"![{p.stem.replace('_', ' ')}]({p.name})\n" for p in plots if p is not None]
-                         + provenance(folder))
+    plots = [
+        plot_rounds(spec, results, folder / "accuracy_per_round.png"),
+        plot_alpha(spec, results, folder / "accuracy_vs_alpha.png"),
+        plot_scatter(
+            spec, results, "queries-total", "teacher queries used (all clients)", folder / "accuracy_vs_queries.png"
+        ),
+        plot_scatter(
+            spec,
+            results,
+            "emulator-fid-mean",
+            "emulator FID (mean over clients; lower is better)",
+            folder / "accuracy_vs_fid.png",
+        ),
+        plot_partitions(results, folder / "label_distribution.png"),
+    ]
+    markdown = "\n".join(
+        [
+            f"# {spec.name}",
+            "",
+            spec.description.strip(),
+            "",
+            _caption(spec, results),
+            "",
+            markdown_table(header, body),
+            "",
+        ]
+        + [f"![{p.stem.replace('_', ' ')}]({p.name})\n" for p in plots if p is not None]
+        + provenance(folder)
+    )
     (folder / "report.md").write_text(markdown)
     return markdown
 
@@ -336,13 +387,16 @@ def _caption(spec: Spec, results: list[CellResult]) -> str:
     aggregated = [a for a in spec.grid if a.name not in (spec.report.rows, spec.report.columns)]
     over = ", ".join(f"{a.name} ({len(a.levels)})" for a in aggregated) or "nothing (one run per entry)"
     missing = [r.cell.name for r in results if r.summary is None]
-    text = (f"{len(results) - len(missing)}/{len(results)} cells finished. Each entry: mean ± sample std over "
-            f"{over}; accuracies in %. Bold: best source-blind entry per column; "
-            f"'{UPPER_BOUND.strip()}' marks the supervised reference, which reads true labels.")
+    text = (
+        f"{len(results) - len(missing)}/{len(results)} cells finished. Each entry: mean ± sample std over "
+        f"{over}; accuracies in %. Bold: best source-blind entry per column; "
+        f"'{UPPER_BOUND.strip()}' marks the supervised reference, which reads true labels."
+    )
     if spec.report.reference is not None:
         ref = spec.report.reference
         text += f" Columns marked ({ref.title}): published numbers, not measured here" + (
-            f"; source: {ref.source}." if ref.source else ".")
+            f"; source: {ref.source}." if ref.source else "."
+        )
     if spec.overrides:
         changed = " ".join(f"{k}={v}" for k, v in spec.overrides.items())
         text += f" Shortened or changed from the spec's base for every cell (`--set`): {changed}."
@@ -384,14 +438,20 @@ def provenance(folder: Path) -> list[str]:
     entries = [json.loads(line) for line in lines if line.strip()]
     if not entries:
         return []
-    out = ["## How these results were made", "",
-           "Every `mekd-fl bench` call that ran cells into this folder (from `invocations.jsonl`); "
-           "each cell's own settings are in its `config.json`, and `spec.yaml` holds the grid and `--set`.", ""]
+    out = [
+        "## How these results were made",
+        "",
+        "Every `mekd-fl bench` call that ran cells into this folder (from `invocations.jsonl`); "
+        "each cell's own settings are in its `config.json`, and `spec.yaml` holds the grid and `--set`.",
+        "",
+    ]
     for e in entries:
         m = e.get("machine", {})
         where = f"{m.get('cores')} CPU cores ({m.get('cpu')})" + (f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU")
-        out.append(f"- {e.get('started-at')}: `{e.get('command')}` -> {e.get('cells-to-run')} cells on {where}, "
-                   f"torch {m.get('torch')}, Python {m.get('python')}")
+        out.append(
+            f"- {e.get('started-at')}: `{e.get('command')}` -> {e.get('cells-to-run')} cells on {where}, "
+            f"torch {m.get('torch')}, Python {m.get('python')}"
+        )
     return out + [""]
 
 

@@ -8,15 +8,26 @@ costs relative to KD.
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
+from mekd_fl.bench.tables import markdown_table, write_csv
 from mekd_fl.config import RunConfig
 
-COLUMNS = ("method", "source-blind", "student acc", "best acc", "agreement", "client-test acc",
-           "queries", "emulator FID", "s/round", "s/round vs KD", "wall s")
+COLUMNS = (
+    "method",
+    "source-blind",
+    "student acc",
+    "best acc",
+    "agreement",
+    "client-test acc",
+    "queries",
+    "emulator FID",
+    "s/round",
+    "s/round vs KD",
+    "wall s",
+)
 
 
 def comparison_rows(folder: Path, names: dict[str, str]) -> list[dict[str, Any]]:
@@ -30,11 +41,20 @@ def comparison_rows(folder: Path, names: dict[str, str]) -> list[dict[str, Any]]
         summary = json.loads((run / "summary.json").read_text())
         rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         per_round = rounds[-1]["elapsed-s"] / max(1, rounds[-1]["round"])
-        rows.append({"method": method, "source-blind": "yes" if summary["source-blind"] else "NO (labels)",
-                     "student acc": summary["student-accuracy"], "best acc": summary["student-best-accuracy"],
-                     "agreement": summary["student-agreement"], "client-test acc": summary["client-test-accuracy"],
-                     "queries": summary["queries-total"], "emulator FID": summary["emulator-fid-mean"],
-                     "s/round": per_round, "wall s": summary["wall-seconds"]})
+        rows.append(
+            {
+                "method": method,
+                "source-blind": "yes" if summary["source-blind"] else "NO (labels)",
+                "student acc": summary["student-accuracy"],
+                "best acc": summary["student-best-accuracy"],
+                "agreement": summary["student-agreement"],
+                "client-test acc": summary["client-test-accuracy"],
+                "queries": summary["queries-total"],
+                "emulator FID": summary["emulator-fid-mean"],
+                "s/round": per_round,
+                "wall s": summary["wall-seconds"],
+            }
+        )
     kd = next((r["s/round"] for r in rows if r["method"] == "kd" and "s/round" in r), None)
     for row in rows:
         if kd and "s/round" in row:
@@ -54,22 +74,6 @@ def _fmt(value: Any, column: str = "") -> str:
     return str(value)
 
 
-def markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
-    """A GitHub Markdown table of already formatted cells (shared by `compare` and `report`)."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in body]
-    return "\n".join(lines) + "\n"
-
-
-def write_csv(path: Path, header: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> None:
-    """One CSV line per mapping, missing fields empty."""
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(header))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({c: row.get(c, "") for c in header})
-
-
 def write_tables(rows: list[dict[str, Any]], folder: Path, caption: str) -> str:
     """Markdown (best source-blind student accuracy in bold) and CSV; returns the Markdown."""
     blind = [r["student acc"] for r in rows if r.get("source-blind") == "yes" and isinstance(r["student acc"], float)]
@@ -87,7 +91,7 @@ def write_tables(rows: list[dict[str, Any]], folder: Path, caption: str) -> str:
 
 
 def compare(base: RunConfig, methods: list[str], folder: Path, caption: str, **run_kwargs: Any) -> str:
-    from mekd_fl.multirun import run_configs
+    from mekd_fl.bench.multirun import run_configs
 
     prefix = base.run_name or "compare"
     names = {m: f"{prefix}-{m}" for m in methods}

@@ -16,14 +16,15 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import yaml
 
+from mekd_fl.bench.report import INVOCATIONS_FILE, SPEC_FILE, write_report
+from mekd_fl.bench.spec import Cell, load_spec
 from mekd_fl.errors import ConfigError
-from mekd_fl.report import INVOCATIONS_FILE, SPEC_FILE, write_report
-from mekd_fl.spec import Cell, load_spec
 
 DEFAULT_OUT = "experiments/runs"
 # Settings that do not change a cell's result: a finished cell stays valid when only these differ.
@@ -50,8 +51,10 @@ def check_finished(cells: list[Cell], folder: Path) -> None:
         changed = [k for k in wanted if k not in NEUTRAL_SETTINGS and saved.get(k, wanted[k]) != wanted[k]]
         if changed:
             key = changed[0]
-            raise ConfigError(f"cell {cell.name} was finished with {key}={saved[key]!r} but the spec now gives "
-                              f"{key}={wanted[key]!r}; use another --out, or move that folder away to rerun it")
+            raise ConfigError(
+                f"cell {cell.name} was finished with {key}={saved[key]!r} but the spec now gives "
+                f"{key}={wanted[key]!r}; use another --out, or move that folder away to rerun it"
+            )
 
 
 def move_aside(path: Path) -> Path:
@@ -112,8 +115,10 @@ class Progress:
         now = time.time()
         units = self.finished + done / rounds
         eta = _duration((now - self.t0) / units * (self.to_run - units)) if units > 0 else "?"
-        self.echo(f"{self.tag(self.current)} ... round {done}/{rounds}, {_duration(now - self.cell_t0)} in cell, "
-                  f"{_duration(now - self.t0)} elapsed, ETA {eta}")
+        self.echo(
+            f"{self.tag(self.current)} ... round {done}/{rounds}, {_duration(now - self.cell_t0)} in cell, "
+            f"{_duration(now - self.t0)} elapsed, ETA {eta}"
+        )
 
     def record(self, name: str, status: str, error: str | None) -> None:
         if name in self.recorded:
@@ -121,8 +126,14 @@ class Progress:
         self.recorded.add(name)
         self.finished += 1
         wall = time.time() - self.cell_t0 if name == self.current else None
-        entry = {"cell": name, "status": status, "error": error, "wall-s": None if wall is None else round(wall, 1),
-                 "moved-aside": self.moved.get(name), "finished-at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        entry = {
+            "cell": name,
+            "status": status,
+            "error": error,
+            "wall-s": None if wall is None else round(wall, 1),
+            "moved-aside": self.moved.get(name),
+            "finished-at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
         with (self.folder / "cells.jsonl").open("a") as fh:
             fh.write(json.dumps(entry) + "\n")
         self.echo(f"{self.tag(name)} ... {status}" + (f": {error}" if error else f" in {_duration(wall or 0)}"))
@@ -132,9 +143,17 @@ class Progress:
         self.log_file.close()
 
 
-def bench(spec_path: str, out: str = DEFAULT_OUT, overrides: Mapping[str, Any] | None = None, *,
-          only: Mapping[str, list[str]] | None = None, dry_run: bool = False, echo: Callable[[str], None] = print,
-          command: str | None = None, **run_kwargs: Any) -> int:
+def bench(
+    spec_path: str,
+    out: str = DEFAULT_OUT,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    only: Mapping[str, list[str]] | None = None,
+    dry_run: bool = False,
+    echo: Callable[[str], None] = print,
+    command: str | None = None,
+    **run_kwargs: Any,
+) -> int:
     """Run the spec's unfinished cells (those matching `only`), then write its report.
 
     Returns 0, or 1 when a cell failed. `command` is the command line recorded in `invocations.jsonl`.
@@ -147,8 +166,10 @@ def bench(spec_path: str, out: str = DEFAULT_OUT, overrides: Mapping[str, Any] |
     check_finished(cells, folder)
     todo = [cell for cell in selected if states[cell.name] != "done"]
     scope = f" ({len(selected)} selected by --only)" if only else ""
-    echo(f"{spec.name}: {len(cells)} cells{scope}, {sum(states[c.name] == 'done' for c in cells)} done, "
-         f"{len(todo)} to run -> {folder}")
+    echo(
+        f"{spec.name}: {len(cells)} cells{scope}, {sum(states[c.name] == 'done' for c in cells)} done, "
+        f"{len(todo)} to run -> {folder}"
+    )
     if dry_run:
         for cell in selected:
             note = "  (unfinished folder: moved aside, then rerun)" if states[cell.name] == "partial" else ""
@@ -178,8 +199,10 @@ def bench(spec_path: str, out: str = DEFAULT_OUT, overrides: Mapping[str, Any] |
         progress.close()
     failed = _failed(folder, todo)
     if todo:
-        echo(f"{spec.name}: {len(todo) - len(failed)} of {len(todo)} cells ran, {len(failed)} failed"
-             + (f" ({', '.join(failed)}; see {folder / 'cells.jsonl'})" if failed else ""))
+        echo(
+            f"{spec.name}: {len(todo) - len(failed)} of {len(todo)} cells ran, {len(failed)} failed"
+            + (f" ({', '.join(failed)}; see {folder / 'cells.jsonl'})" if failed else "")
+        )
     echo(write_report(folder))
     echo(f"report: {folder / 'report.md'}")
     return 1 if failed else 0
@@ -191,12 +214,20 @@ def machine() -> dict[str, Any]:
 
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo")
-                if line.startswith("model name")), platform.processor() or "unknown")
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo") if line.startswith("model name")),
+        platform.processor() or "unknown",
+    )
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": cores, "gpu": gpu, "os": platform.platform(terse=True),
-            "python": platform.python_version(), "torch": torch.__version__}
+    return {
+        "cpu": cpu,
+        "cores": cores,
+        "gpu": gpu,
+        "os": platform.platform(terse=True),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
 
 
 def _read_lines(path: str) -> list[str]:
@@ -206,12 +237,18 @@ def _read_lines(path: str) -> list[str]:
         return []
 
 
-def record_invocation(folder: Path, command: str, only: Mapping[str, list[str]], cells: int,
-                      run_kwargs: Mapping[str, Any]) -> None:
+def record_invocation(
+    folder: Path, command: str, only: Mapping[str, list[str]], cells: int, run_kwargs: Mapping[str, Any]
+) -> None:
     """Append who ran what, where and when to `invocations.jsonl` (the report's provenance section)."""
-    entry = {"started-at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command, "only": dict(only),
-             "cells-to-run": cells, "machine": machine(),
-             "client-resources": {k: v for k, v in run_kwargs.items() if k.startswith("client_")}}
+    entry = {
+        "started-at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": command,
+        "only": dict(only),
+        "cells-to-run": cells,
+        "machine": machine(),
+        "client-resources": {k: v for k, v in run_kwargs.items() if k.startswith("client_")},
+    }
     with (folder / INVOCATIONS_FILE).open("a") as fh:
         fh.write(json.dumps(entry) + "\n")
 
@@ -226,7 +263,7 @@ def _by_num_clients(cells: list[Cell]) -> list[list[Cell]]:
 
 def _run_group(group: list[Cell], progress: Progress, run_kwargs: dict[str, Any]) -> None:
     """Run one simulation; cells it could not record itself (a crash of the runtime) are recorded failed."""
-    from mekd_fl.multirun import run_configs
+    from mekd_fl.bench.multirun import run_configs
 
     try:
         outcome = run_configs([cell.config for cell in group], log=progress, **run_kwargs)

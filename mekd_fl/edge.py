@@ -1,0 +1,467 @@
+"""The edge side of MEKD as a public, Flower-free core: your images, your model, typed settings.
+
+Why on its own: a device that distills from a blind teacher needs four steps (train its emulator,
+choose its queries, distill on the teacher's answers, evaluate), and none of them needs Flower, the
+project's RunConfig, its data split or its ResNets. `EdgeClient` takes
+- the device's images: a uint8 tensor or array (N, C, H, W), a torch Dataset or a DataLoader (of
+  images, (image, label) pairs or dicts, as flwr-datasets yields them); float images must lie in [0, 1]
+  (what `ToTensor` gives), because queries travel as uint8, as a camera would send them;
+- the student: an `nn.Module` (copied for every step) or a factory returning a fresh one, with the
+  user's own state-dict keys;
+- `preprocess`: images as floats in [0, 1] -> the model's input (e.g. torchvision's `Normalize`;
+  default: none), the same hook `TeacherOracle(preprocess=...)` offers on the teacher's side;
+- `EdgeSettings`: the client settings of a run, whose defaults are RunConfig's (there is one source).
+
+Every step is a pure function of state dicts and tensors (weights in, weights and metrics out), so a
+caller keeps the state where it likes: `mekd_fl.client_handlers` keeps it in Flower's `context.state`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mekd_fl.augment import to_unit
+from mekd_fl.config import RunConfig
+from mekd_fl.device import pick_device
+from mekd_fl.distill import DistillContext, generator_input, get_distiller, teacher_log_probs
+from mekd_fl.emulator import EmulatorConfig, build_emulator, from_gan_range, train_emulator
+from mekd_fl.errors import ConfigError
+from mekd_fl.fid import domain_fid, fixed_feature_net
+from mekd_fl.models.gan import Generator
+from mekd_fl.queries import generated, select_queries
+
+StateDict = dict[str, torch.Tensor]
+ImageSource = torch.Tensor | np.ndarray | torch.utils.data.Dataset | Iterable
+ModelSource = nn.Module | Callable[[], nn.Module]
+Preprocess = Callable[[torch.Tensor], torch.Tensor]
+
+#: Keys a dict sample or batch may keep its images under (flwr-datasets and Hugging Face names).
+IMAGE_KEYS = ("img", "image", "images", "pixel_values", "x")
+
+
+# ---------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class EdgeSettings:
+    """The settings of one edge device: the client fields of RunConfig, with RunConfig's names, defaults
+    (read from it: there is one source) and checks. See the README's settings table for each."""
+
+    seed: int = RunConfig.seed
+    device: str = RunConfig.device
+    oracle_output: str = RunConfig.oracle_output
+    emulator_steps: int = RunConfig.emulator_steps
+    emulator_batch_size: int = RunConfig.emulator_batch_size
+    emulator_lr: float = RunConfig.emulator_lr
+    emulator_width: int = RunConfig.emulator_width
+    emulator: str = RunConfig.emulator
+    wgan_n_critic: int = RunConfig.wgan_n_critic
+    wgan_gp_lambda: float = RunConfig.wgan_gp_lambda
+    infogan_weight: float = RunConfig.infogan_weight
+    query_source: str = RunConfig.query_source
+    query_views: int = RunConfig.query_views
+    method: str = RunConfig.method
+    num_rounds: int = RunConfig.num_rounds
+    local_epochs: int = RunConfig.local_epochs
+    batch_size: int = RunConfig.batch_size
+    lr: float = RunConfig.lr
+    momentum: float = RunConfig.momentum
+    weight_decay: float = RunConfig.weight_decay
+    distance: str = RunConfig.distance
+    temperature: float = RunConfig.temperature
+    emulator_input: str = RunConfig.emulator_input
+    weight_emulation: float = RunConfig.weight_emulation
+    weight_kl: float = RunConfig.weight_kl
+    dkd_alpha: float = RunConfig.dkd_alpha
+    dkd_beta: float = RunConfig.dkd_beta
+    dkd_warmup: float = RunConfig.dkd_warmup
+    cdl_weight: float = RunConfig.cdl_weight
+    cdl_margin: float = RunConfig.cdl_margin
+    can_weight: float = RunConfig.can_weight
+    can_lr: float = RunConfig.can_lr
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | None = None, **overrides: Any) -> EdgeSettings:
+        """Settings from a kebab- or snake-case mapping (a Flower ConfigRecord). Unknown keys are ignored
+        (a strategy's own keys travel in the same record); known ones are checked as RunConfig checks them."""
+        return cls().updated(config, **overrides)
+
+    def updated(self, config: Mapping[str, Any] | None = None, **overrides: Any) -> EdgeSettings:
+        """A copy with the known keys of `config` (kebab- or snake-case) and `overrides` applied, checked."""
+        values = dataclasses.asdict(self)
+        for key, value in {**dict(config or {}), **overrides}.items():
+            name = str(key).replace("-", "_")
+            if name in values:
+                values[name] = value
+        try:
+            RunConfig(**values).validate()
+        except ConfigError as exc:
+            raise ConfigError(f"edge settings: {exc}") from None
+        return type(self)(**values)
+
+    def emulator_config(self, steps: int | None, seed: int) -> EmulatorConfig:
+        return EmulatorConfig(
+            steps=self.emulator_steps if steps is None else steps,
+            batch_size=self.emulator_batch_size,
+            lr=self.emulator_lr,
+            width=self.emulator_width,
+            seed=seed,
+            kind=self.emulator,
+            n_critic=self.wgan_n_critic,
+            gp_lambda=self.wgan_gp_lambda,
+            info_weight=self.infogan_weight,
+        )
+
+    def round_lr(self, server_round: int) -> float:
+        """Cosine decay of the student's learning rate over the rounds (round 1 gets the full `lr`).
+
+        Why: FedAvg with a constant rate keeps the averaged student oscillating between the clients'
+        skewed optima under non-IID partitions; decaying it lets the last rounds settle.
+        """
+        progress = (server_round - 1) / max(self.num_rounds, 1)
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ---------------------------------------------------------------------------- images
+def _image_of(sample: Any, image_key: str | None) -> Any:
+    """The image part of a sample or batch: itself, the first of a (image, label) pair, or a dict entry."""
+    if isinstance(sample, Mapping):
+        keys = [image_key] if image_key else [k for k in IMAGE_KEYS if k in sample]
+        if not keys or keys[0] not in sample:
+            raise ValueError(
+                f"no image in a sample with keys {sorted(sample)}; pass image_key= "
+                f"(looked for {', '.join([image_key] if image_key else IMAGE_KEYS)})"
+            )
+        return sample[keys[0]]
+    if isinstance(sample, (tuple, list)) and sample and not isinstance(sample[0], (int, float)):
+        return sample[0]
+    return sample
+
+
+def _to_uint8(images: Any, batched: bool) -> torch.Tensor:
+    """One image or a batch as uint8 (N, C, H, W)."""
+    if hasattr(images, "mode") and hasattr(images, "size") and not isinstance(images, (torch.Tensor, np.ndarray)):
+        images = np.asarray(images)  # a PIL image: (H, W) or (H, W, C)
+        images = images[None] if images.ndim == 2 else images.transpose(2, 0, 1)
+        batched = False
+    t = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
+    t = t.detach().cpu()
+    if not batched:
+        t = t.unsqueeze(0)
+    if t.ndim == 3:  # (N, H, W): one channel
+        t = t.unsqueeze(1)
+    if t.ndim != 4:
+        raise ValueError(f"images must be (N, C, H, W), (N, H, W) or single images; got shape {tuple(t.shape)}")
+    if t.dtype == torch.uint8:
+        return t.contiguous()
+    if t.dtype.is_floating_point:
+        if t.numel() and (not torch.isfinite(t).all() or t.min() < 0 or t.max() > 1):
+            raise ValueError(
+                "float images must lie in [0, 1] (what ToTensor gives); pass the raw images and "
+                "put the normalisation in preprocess= instead"
+            )
+        return t.mul(255).round().to(torch.uint8).contiguous()
+    if t.dtype in (torch.int16, torch.int32, torch.int64) and (t.numel() == 0 or (t.min() >= 0 and t.max() <= 255)):
+        return t.to(torch.uint8).contiguous()
+    raise ValueError(f"images of dtype {t.dtype} are not accepted; accepted: uint8, or floats in [0, 1]")
+
+
+def as_uint8_images(source: ImageSource, image_key: str | None = None) -> torch.Tensor:
+    """The images of `source` as one uint8 tensor (N, C, H, W), read once.
+
+    Accepted: a tensor or numpy array of images; a torch Dataset whose items are images, (image, label)
+    pairs or dicts (`image_key`, else the first of IMAGE_KEYS); a DataLoader (or any iterable of
+    batches) of the same. Labels are never read.
+    """
+    if isinstance(source, (torch.Tensor, np.ndarray)):
+        return _to_uint8(source, batched=True)
+    if isinstance(source, torch.utils.data.DataLoader) or (
+        not isinstance(source, torch.utils.data.Dataset) and isinstance(source, Iterable)
+    ):
+        parts = [_to_uint8(_image_of(batch, image_key), batched=True) for batch in source]
+    elif isinstance(source, torch.utils.data.Dataset):
+        parts = [_to_uint8(_image_of(source[i], image_key), batched=False) for i in range(len(source))]
+    else:
+        raise ValueError(
+            f"images: a {type(source).__name__} is not accepted; accepted: a uint8 tensor or array, "
+            "a torch Dataset or a DataLoader"
+        )
+    if not parts:
+        raise ValueError("images: the source holds no image")
+    shapes = {tuple(p.shape[1:]) for p in parts}
+    if len(shapes) != 1:
+        raise ValueError(f"images: all images must have one shape; got {sorted(shapes)}")
+    return torch.cat(parts)
+
+
+def _cpu(state: Mapping[str, torch.Tensor]) -> StateDict:
+    return {k: v.detach().cpu() for k, v in state.items()}
+
+
+# ---------------------------------------------------------------------------- the client core
+class EdgeClient:
+    """One edge device: its unlabeled images, its student model and its settings.
+
+    Parameters
+    ----------
+    images : the device's training images, used unlabeled (see `as_uint8_images` for what is accepted).
+    model : the student, an nn.Module (deep-copied for each step) or a factory returning a new one.
+    settings : EdgeSettings, or a mapping of client settings (kebab- or snake-case); default: RunConfig's.
+    preprocess : a batch as floats in [0, 1] (B, C, H, W), on the device -> the model's input
+        (e.g. torchvision's Normalize; default: the batch as it is).
+    num_classes : the teacher's classes (default: the width of the model's output).
+    client_id : an integer that seeds this device's emulator, queries and batches (a partition label).
+    device : torch device (default: the settings' `device`, auto = cuda when present).
+    mirror_views : whether augmented query views may be mirrored (not for digits: a mirrored 2 is no 2).
+    labels : the images' true labels, read only by the `supervised` reference method.
+    image_key : where dict samples keep their images.
+    """
+
+    def __init__(
+        self,
+        images: ImageSource,
+        model: ModelSource,
+        *,
+        settings: Any = None,
+        preprocess: Preprocess | None = None,
+        num_classes: int | None = None,
+        client_id: int = 0,
+        device: torch.device | str | None = None,
+        mirror_views: bool = False,
+        labels: torch.Tensor | None = None,
+        image_key: str | None = None,
+    ) -> None:
+        if settings is None or isinstance(settings, Mapping):
+            settings = EdgeSettings.from_config(settings)
+        if not isinstance(settings, EdgeSettings):
+            raise TypeError(f"settings: an EdgeSettings or a mapping is accepted, not {type(settings).__name__}")
+        if not (isinstance(model, nn.Module) or callable(model)):
+            raise TypeError("model: an nn.Module or a factory returning one is accepted")
+        self.settings = settings
+        self.images = as_uint8_images(images, image_key)
+        self.image_shape: tuple[int, int, int] = tuple(self.images.shape[1:])  # type: ignore[assignment]
+        self._model = model
+        self.preprocess: Preprocess = preprocess or _identity
+        self.client_id = int(client_id)
+        self.device = torch.device(device) if device is not None else pick_device(settings.device)
+        self.mirror_views = mirror_views
+        self.labels = labels
+        self.num_classes = int(num_classes) if num_classes is not None else self._infer_classes()
+
+    def _input(self, images: torch.Tensor) -> torch.Tensor:
+        """What the model is fed for uint8 images."""
+        return self.preprocess(to_unit(images))
+
+    def with_settings(self, settings: EdgeSettings) -> EdgeClient:
+        """The same device (images and model, not copied) under other settings (those of one message)."""
+        if settings == self.settings:
+            return self
+        other = copy.copy(self)
+        other.settings = settings
+        return other
+
+    # ------------------------------------------------------------------ models
+    def new_student(self) -> nn.Module:
+        model = self._model
+        student = copy.deepcopy(model) if isinstance(model, nn.Module) else model()
+        if not isinstance(student, nn.Module):
+            raise TypeError(f"model factory returned {type(student).__name__}, not an nn.Module")
+        return student
+
+    def _student(self, state: Mapping[str, torch.Tensor]) -> nn.Module:
+        student = self.new_student()
+        try:
+            student.load_state_dict(state)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"the global student does not fit this device's model: {first}") from None
+        return student.to(self.device)
+
+    def _infer_classes(self) -> int:
+        student = self.new_student().to(self.device).eval()
+        with torch.no_grad():
+            out = student(self._input(self.images[:2].to(self.device)))
+        if out.ndim != 2:
+            raise ValueError(f"the model must return (batch, classes) logits; it returned shape {tuple(out.shape)}")
+        return int(out.shape[1])
+
+    def new_generator(self) -> Generator:
+        s = self.settings
+        return build_emulator(self.num_classes, self.image_shape, s.emulator_width, kind=s.emulator)[0]
+
+    def load_generator(self, state: Mapping[str, torch.Tensor]) -> Generator:
+        gen = self.new_generator()
+        gen.load_state_dict(state)
+        return gen.to(self.device).eval()
+
+    # ------------------------------------------------------------------ stage 1: emulation
+    def train_emulator(
+        self, g_state: StateDict | None = None, d_state: StateDict | None = None, steps: int | None = None
+    ) -> tuple[StateDict, StateDict, dict[str, float]]:
+        """Train (or continue from the given weights) this device's emulator GAN on its own images."""
+        s = self.settings
+        gen = disc = None
+        if g_state is not None and d_state is not None:
+            gen, disc = build_emulator(self.num_classes, self.image_shape, s.emulator_width, kind=s.emulator)
+            gen.load_state_dict(g_state)
+            disc.load_state_dict(d_state)
+        t0 = time.time()
+        res = train_emulator(
+            self.images,
+            self.num_classes,
+            s.emulator_config(steps, s.seed * 1000 + self.client_id),
+            self.device,
+            gen,
+            disc,
+        )
+        metrics = {
+            "d-loss": res.d_loss,
+            "g-loss": res.g_loss,
+            "emulator-seconds": time.time() - t0,
+            "num-examples": len(self.images),
+        }
+        return _cpu(res.generator.state_dict()), _cpu(res.discriminator.state_dict()), metrics
+
+    def emulator_fid(self, g_state: StateDict, max_images: int = 2000) -> float:
+        """Domain FID of G(z), z ~ N(0, I_C), against this device's own images (as many of each), in the
+        features of a fixed, data-independent network built here: nothing is received for it."""
+        net = fixed_feature_net(self.image_shape, seed=0)
+        real = self.images[:max_images]
+        gen = torch.Generator().manual_seed(self.settings.seed * 1000 + self.client_id + 1)
+        fake = generated(self.load_generator(g_state), len(real), self.num_classes, gen)
+        return domain_fid(net.to(self.device), real, fake, self.device)
+
+    # ------------------------------------------------------------------ teacher queries
+    def query_images(self, budget: int, g_state: StateDict | None = None) -> torch.Tensor:
+        """What this device sends to the teacher (`query-source`, `query-views`), at most `budget` images."""
+        s = self.settings
+        return select_queries(
+            s.query_source,
+            self.images,
+            views=s.query_views,
+            budget=budget,
+            mirror=self.mirror_views,
+            num_classes=self.num_classes,
+            seed=s.seed * 1000 + self.client_id,
+            generator=self.load_generator(g_state) if g_state is not None else None,
+        )
+
+    # ------------------------------------------------------------------ stage 2: distillation
+    def distill(
+        self,
+        student_state: StateDict,
+        images: torch.Tensor,
+        responses: torch.Tensor,
+        g_state: StateDict | None = None,
+        server_round: int = 1,
+        extra_state: StateDict | None = None,
+    ) -> tuple[StateDict, dict[str, float], StateDict | None]:
+        """Local distillation of the global student on (query image, teacher answer) pairs.
+
+        Returns the new student weights, metrics and the method's own state (CAN's discriminator) to
+        keep for the next round. Only a method that declares `uses_labels` (the supervised reference)
+        gets the device's true labels, and it then trains on the device's own images instead.
+        """
+        s = self.settings
+        torch.manual_seed(s.seed * 100_003 + self.client_id * 1009 + server_round)
+        student = self._student(student_state).train()
+        generator = self.load_generator(g_state) if g_state is not None else None
+        distiller = get_distiller(s.method, DistillContext.from_config(s, self.num_classes, generator, self.device))
+        if extra_state is not None:
+            distiller.load_extra_state(extra_state)
+        labels = None
+        if distiller.uses_labels:
+            if self.labels is None:
+                raise ValueError(f"method={s.method!r} trains on true labels, and this device was given none")
+            images, labels = self.images, torch.as_tensor(self.labels).to(self.device)
+            responses = torch.zeros(len(images), self.num_classes)
+        if len(images) != len(responses):
+            raise ValueError(f"{len(responses)} teacher answers for {len(images)} query images")
+        lr = s.round_lr(server_round)
+        opt = torch.optim.SGD(
+            student.parameters(), lr=lr, momentum=s.momentum, weight_decay=s.weight_decay, nesterov=s.momentum > 0
+        )
+        images_dev, responses_dev = images.to(self.device), responses.to(self.device)
+        gen = torch.Generator().manual_seed(s.seed * 7919 + self.client_id * 31 + server_round)
+        sums: dict[str, float] = {}
+        steps, t0 = 0, time.time()
+        batches = max(1, -(-len(images) // s.batch_size))
+        for local_epoch in range(s.local_epochs):
+            order = torch.randperm(len(images), generator=gen).to(self.device)
+            for b, start in enumerate(range(0, len(images), s.batch_size)):
+                idx = order[start : start + s.batch_size]
+                if len(idx) < 2:  # BatchNorm cannot train on a single image
+                    continue
+                # Progress in local epochs since the run began, from 1 (DKD's warm-up reads it).
+                epoch = (server_round - 1) * s.local_epochs + local_epoch + (b + 1) / batches
+                x = to_unit(images_dev[idx])
+                parts = distiller.losses(
+                    student(self.preprocess(x)),
+                    responses_dev[idx],
+                    x,
+                    epoch,
+                    labels[idx] if labels is not None else None,
+                )
+                opt.zero_grad(set_to_none=True)
+                parts["loss"].backward()
+                opt.step()
+                for name, value in parts.items():
+                    sums[name] = sums.get(name, 0.0) + float(value.detach())
+                steps += 1
+        metrics = {f"train-{k}": v / max(steps, 1) for k, v in sums.items()}
+        metrics.update({"num-examples": len(images), "lr": lr, "steps": steps, "train-seconds": time.time() - t0})
+        extra = distiller.extra_state()
+        return _cpu(student.state_dict()), metrics, (_cpu(extra) if extra is not None else None)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def predict(self, student_state: StateDict, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+        """The student's logits on uint8 images (CPU)."""
+        student = self._student(student_state).eval()
+        out = [
+            student(self._input(images[i : i + batch_size].to(self.device))).float().cpu()
+            for i in range(0, len(images), batch_size)
+        ]
+        return torch.cat(out) if out else torch.empty(0, self.num_classes)
+
+    def evaluate(self, student_state: StateDict, images: ImageSource, labels: torch.Tensor) -> dict[str, float]:
+        """Accuracy and loss of the global student on held-out labeled images (labels used only here)."""
+        images = as_uint8_images(images) if len(images) else torch.empty(0, *self.image_shape, dtype=torch.uint8)
+        labels = torch.as_tensor(labels).long()
+        if len(labels) == 0:
+            return {"accuracy": 0.0, "loss": 0.0, "num-examples": 0}
+        logits = self.predict(student_state, images)
+        loss = nn.functional.cross_entropy(logits, labels).item()
+        return {
+            "accuracy": (logits.argmax(1) == labels).float().mean().item(),
+            "loss": loss,
+            "num-examples": len(labels),
+        }
+
+    @torch.no_grad()
+    def emulator_samples(
+        self, student_state: StateDict, g_state: StateDict, images: torch.Tensor, responses: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """x, G(T(x)) and G(S(x)) as uint8 images: what the emulation term compares."""
+        s = self.settings
+        gen = self.load_generator(g_state)
+        s_logits = self.predict(student_state, images).to(self.device)
+        responses = responses.to(self.device)
+        raw = s.oracle_output == "logits"
+        t_scores = responses if raw else teacher_log_probs(responses, "probs")
+        s_scores = s_logits if raw else s_logits.log_softmax(1)
+        g_t = gen(generator_input(t_scores, s.emulator_input, s.temperature))
+        g_s = gen(generator_input(s_scores, s.emulator_input, s.temperature))
+        return {"images": images.cpu(), "g-teacher": from_gan_range(g_t).cpu(), "g-student": from_gan_range(g_s).cpu()}
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
