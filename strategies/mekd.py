@@ -136,7 +136,7 @@ class MEKD(FedAvg):
         query_teacher: bool = True,
         train_emulators: bool = True,
         federated_emulator: bool = False,
-        emulator_rounds: int = 1,
+        emulator_rounds: int = 4,
         emulator_steps: int = 200,
         emulator_reference: Mapping[str, ArrayRecord] | None = None,
         measure_fid: bool = False,

@@ -347,3 +347,29 @@ def test_methods_are_the_registered_distillers() -> None:
     from mekd_fl.distill import methods
 
     assert METHODS == methods()
+
+
+def test_the_strategy_and_oracle_defaults_agree_with_runconfig() -> None:
+    """`strategies` imports nothing from `mekd_fl`, so MEKD and TeacherOracle keep literal defaults: they
+    must be RunConfig's, or a user of the API and a user of `mekd-fl run` get different runs."""
+    import inspect
+
+    from mekd_fl.oracle import TeacherOracle
+    from strategies import MEKD
+
+    run = RunConfig()
+    pairs = {
+        (MEKD, "query_budget"): run.query_budget,
+        (MEKD, "emulator_steps"): run.emulator_steps,
+        (MEKD, "emulator_rounds"): run.emulator_rounds,
+        (MEKD, "federated_emulator"): run.federated_emulator,
+        (MEKD, "max_update_norm"): run.max_update_norm,
+        (MEKD, "norm_outlier_factor"): run.norm_outlier_factor,
+        (MEKD, "min_reply_fraction"): run.min_reply_fraction,
+        (TeacherOracle, "budget"): run.query_budget,
+        (TeacherOracle, "batch_size"): run.oracle_batch_size,
+        (TeacherOracle, "output"): run.oracle_output,
+        (TeacherOracle, "top_k"): run.oracle_top_k,
+    }
+    for (cls, name), expected in pairs.items():
+        assert inspect.signature(cls.__init__).parameters[name].default == expected, f"{cls.__name__}({name})"
