@@ -268,3 +268,29 @@ def test_mekd_without_generator_refused() -> None:
         get_distiller("mekd", DistillContext(num_classes=C))
     # KD does not need one.
     assert isinstance(get_distiller("kd", DistillContext(num_classes=C)), KD)
+
+
+@pytest.mark.parametrize("spread", [3.0, 10.0, 20.0])
+def test_kd_and_dkd_on_float32_probabilities_match_the_logit_formulas(spread: float) -> None:
+    """A confident teacher answering float32 probabilities: the losses equal those computed from its
+    float64 logits, within 1e-4 (relative); no floor lifts its small probabilities."""
+    from mekd_fl.distill.dkd import dkd_parts
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(256, 10, generator=g, dtype=torch.float64) * spread
+    student = torch.randn(256, 10, generator=g, dtype=torch.float64) * 2
+    probs32 = logits.float().softmax(1)
+    assert spread < 10 or probs32.min() < 1e-12  # the regime a fixed 1e-12 floor distorted
+    for temperature in (1.0, 4.0):
+        got = kl_divergence(teacher_log_probs(probs32, "probs").double(), student, temperature)
+        want = kl_divergence(logits.log_softmax(1), student, temperature)
+        assert abs(got - want) <= 1e-4 * abs(want), (temperature, float(got), float(want))
+        got_t, got_n = dkd_parts(teacher_log_probs(probs32, "probs").double(), student, temperature)
+        want_t, want_n = dkd_parts(logits.log_softmax(1), student, temperature)
+        assert abs(got_t - want_t) <= 1e-4 * abs(want_t) and abs(got_n - want_n) <= 1e-4 * abs(want_n)
+
+
+def test_probabilities_that_underflowed_to_zero_stay_finite() -> None:
+    probs = torch.tensor([[1.0, 0.0, 0.0]])
+    log_p = teacher_log_probs(probs, "probs")
+    assert torch.isfinite(log_p).all() and log_p[0, 1] == math.log(torch.finfo(torch.float32).tiny)
