@@ -8,7 +8,6 @@ student that agrees with the blind teacher far above chance.
 from __future__ import annotations
 
 import difflib
-import os
 import shutil
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_flwr_run import _stop_superlink
+from tests.test_flwr_run import _stop_superlink, flwr_env
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -70,15 +69,7 @@ def _run(app: str, settings: str, env: dict) -> subprocess.CompletedProcess:
 @pytest.mark.skipif(shutil.which("flwr", path=str(Path(sys.executable).parent)) is None, reason="flwr CLI missing")
 def test_the_example_apps_run_and_mekd_distills_the_blind_teacher(tmp_path: Path) -> None:
     """FedAvg app, MEKD app (teacher on the server), MEKD app with the teacher on its own SuperNode."""
-    bin_dir = Path(sys.executable).parent
-    env = dict(
-        os.environ,
-        FLWR_HOME=str(tmp_path / "flwr-home"),
-        FLWR_TELEMETRY_ENABLED="0",
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-        PATH=f"{bin_dir}:{os.environ['PATH']}",
-        MEKD_TEACHER_TOKEN="a-secret-only-the-server-and-the-teacher-node-share",
-    )
+    env = flwr_env(tmp_path, MEKD_TEACHER_TOKEN="a-secret-only-the-server-and-the-teacher-node-share")
     teacher = tmp_path / "teacher.pt2"
     made = subprocess.run(
         [sys.executable, str(EXAMPLES / "make_teacher.py"), "--out", str(teacher), "--epochs", "1"],

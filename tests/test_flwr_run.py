@@ -31,16 +31,24 @@ def _stop_superlink(flwr_home: Path) -> None:
                 pass
 
 
-@pytest.mark.skipif(shutil.which("flwr", path=str(Path(sys.executable).parent)) is None, reason="flwr CLI missing")
-def test_flwr_run_distills_on_synthetic_data(tmp_path: Path) -> None:
+def flwr_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The environment for `flwr` commands: this test's own FLWR_HOME (so its SuperLink can be found and
+    stopped), no telemetry, no dependency installs (offline), the venv's bin on PATH."""
     bin_dir = Path(sys.executable).parent
-    env = dict(
+    return dict(
         os.environ,
         FLWR_HOME=str(tmp_path / "flwr-home"),
         FLWR_TELEMETRY_ENABLED="0",
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
         PATH=f"{bin_dir}:{os.environ['PATH']}",
+        **extra,
     )
+
+
+@pytest.mark.skipif(shutil.which("flwr", path=str(Path(sys.executable).parent)) is None, reason="flwr CLI missing")
+def test_flwr_run_distills_on_synthetic_data(tmp_path: Path) -> None:
+    bin_dir = Path(sys.executable).parent
+    env = flwr_env(tmp_path)
     out = tmp_path / "runs"
     settings = (
         f"dataset='synthetic' num-clients=2 num-rounds=1 teacher-epochs=2 teacher-arch='resnet8' "
