@@ -150,6 +150,13 @@ class RunConfig:
     emulator_rounds: int = _opt(
         4, "Averaging rounds of the emulator phase when federated-emulator=true (emulator-steps are split across them)."
     )
+    emulator_phase: str = _opt(
+        "upfront",
+        "When a client trains its emulator and queries the teacher: upfront (every client before round 1, the "
+        "paper's protocol) or lazy (the first time it is sampled: a run's cost follows the clients that take "
+        "part, for large populations; not with federated-emulator).",
+        ("upfront", "lazy"),
+    )
     query_source: str = _opt(
         "local",
         "What clients send to the teacher: local (their own images, the paper), "
@@ -308,6 +315,11 @@ class RunConfig:
         for name in ("teacher_epochs", "emulator_steps", "num_samples", "num_malicious", "oracle_top_k"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name.replace('_', '-')}={getattr(self, name)} must be an integer >= 0")
+        if self.emulator_phase == "lazy" and self.federated_emulator:
+            raise ConfigError(
+                "emulator-phase=lazy is not accepted with federated-emulator=true (averaging emulators needs "
+                "every client at once); accepted: emulator-phase=upfront, or federated-emulator=false"
+            )
         if not self.alpha > 0:
             raise ConfigError(f"alpha={self.alpha} must be > 0 (Dirichlet concentration; e.g. 0.1 skewed, 100 ~ iid)")
         for name in ("lr", "teacher_lr", "emulator_lr", "temperature", "can_lr", "reply_timeout"):

@@ -56,6 +56,13 @@ NodeRecords = Callable[[int, int], Mapping[str, ArrayRecord | ConfigRecord]]
 EMULATOR, QUERY, ANSWERS, SAMPLES = P.EMULATOR, P.QUERY, P.ANSWERS, P.SAMPLES
 
 
+#: When a client trains its emulator and queries the teacher: all before round 1 (the paper's protocol),
+#: or the first time it is sampled (large populations: a run's cost follows the clients that take part).
+PHASES = ("upfront", "lazy")
+#: Phases that ask more clients than this are sent in 10 chunks, each followed by a progress line.
+PROGRESS_ABOVE = 50
+
+
 class RunFailed(RuntimeError):
     """A phase or round got too few usable replies (or aggregated nothing): the run cannot go on."""
 
@@ -88,6 +95,11 @@ def _short(reason: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
 def _digest(images: np.ndarray) -> str:
     h = hashlib.sha256(f"{images.dtype}{images.shape}".encode())
     h.update(np.ascontiguousarray(images).tobytes())
@@ -102,8 +114,12 @@ class MEKD(FedAvg):
     oracle : callable (client_key, uint8 images) -> soft outputs (tensor or numpy). Raising refuses the
         query; the client is told nothing but that it failed, and the failure is recorded.
     strategy : the Flower strategy that aggregates the checked updates and configures the round messages
-        (FedAvg by default). MEKD samples the cohort (clients holding answers) and shows the inner
-        strategy only that cohort, so give it fraction 1.0.
+        (FedAvg by default; FedProx, FedAdam, FedTrimmedAvg, Krum, Bulyan, a DP wrapper, ...). MEKD samples
+        the cohort (`fraction_train` of the clients holding answers) and shows the wrapped strategy only
+        that cohort, within which it samples with its own fraction.
+    emulator_phase : "upfront" (every client trains its emulator and queries the teacher before round 1,
+        the paper's protocol) or "lazy" (the first time a client is sampled; not with a federated
+        emulator): the cost of a run then follows the clients that take part, not the population.
     query_budget : images each client may send to the teacher (enforced here and by the oracle).
     query_teacher : False for a reference that trains on labels: the query round trip only registers
         the clients, with a budget of 0, and the oracle is never called.
@@ -145,6 +161,7 @@ class MEKD(FedAvg):
         max_update_norm: float = 0.0,
         norm_outlier_factor: float = 2.0,
         min_reply_fraction: float = 0.5,
+        emulator_phase: str = "upfront",
         seed: int = 0,
         on_round: RoundCallback | None = None,
         log_fn: Callable[[str], None] = print,
@@ -171,6 +188,13 @@ class MEKD(FedAvg):
                 weighted_by_key=self.weighted_by_key,
             )
         )
+        if emulator_phase not in PHASES:
+            raise ValueError(f"emulator_phase={emulator_phase!r}: accepted: {', '.join(PHASES)}")
+        if emulator_phase == "lazy" and federated_emulator:
+            raise ValueError(
+                "emulator_phase='lazy' with federated_emulator=True is not accepted: averaging "
+                "emulators needs every client at once (use emulator_phase='upfront')"
+            )
         self._check_inner()
         self.query_budget = query_budget
         self.query_teacher = query_teacher
@@ -185,6 +209,9 @@ class MEKD(FedAvg):
         self.max_update_norm = float(max_update_norm)
         self.norm_outlier_factor = float(norm_outlier_factor)
         self.min_reply_fraction = float(min_reply_fraction)
+        self.emulator_phase = emulator_phase
+        self._phase_config = ConfigRecord()
+        self._lenient = False
         self.seed = seed
         self.on_round = on_round
         self.say = log_fn
@@ -273,6 +300,8 @@ class MEKD(FedAvg):
         return max(1, math.ceil(self.min_reply_fraction * asked)) if asked else 0
 
     def _require(self, phase: str, usable: int, asked: int, server_round: int = 0) -> None:
+        if self._lenient:  # lazy phases: judged once on the whole sampled cohort (see `prepare`)
+            return
         if asked and usable < self.need(asked):
             where = f"{phase} round {server_round}" if server_round else f"{phase} phase"
             raise RunFailed(
@@ -351,6 +380,22 @@ class MEKD(FedAvg):
         for node in sorted(asked - seen):
             self.fail(phase, node, f"no reply within reply-timeout={self.timeout:g}s", server_round)
         return sorted(good, key=lambda r: self.partition_of.get(r.metadata.src_node_id, r.metadata.src_node_id))
+
+    def _exchange_with_progress(self, grid: Grid, messages: list[Message], phase: str) -> list[Message]:
+        """`_exchange`, in 10 chunks with a progress line (done, elapsed, ETA) after each when the phase asks
+        more than PROGRESS_ABOVE clients: a 1,000-client phase otherwise says nothing for minutes."""
+        if len(messages) <= PROGRESS_ABOVE:
+            return self._exchange(grid, messages, phase)
+        size, t0, replies = math.ceil(len(messages) / 10), time.time(), []
+        for start in range(0, len(messages), size):
+            replies += self._exchange(grid, messages[start : start + size], phase)
+            done, elapsed = min(start + size, len(messages)), time.time() - t0
+            eta = elapsed / done * (len(messages) - done)
+            self.say(
+                f"[{phase}] {done}/{len(messages)} clients asked, {len(replies)} replied, "
+                f"{_clock(elapsed)} elapsed, ETA {_clock(eta)}"
+            )
+        return replies
 
     def _metrics(self, reply: Message) -> dict:
         records = list(reply.content.metric_records.values())
@@ -431,7 +476,7 @@ class MEKD(FedAvg):
             self._message(n, P.EMULATOR, {P.CONFIG: self._config_for_client(config, **extra_config), **weights})
             for n in node_ids
         ]
-        return self._exchange(grid, messages, "emulator")
+        return self._exchange_with_progress(grid, messages, "emulator")
 
     def _average_emulators(
         self,
@@ -526,7 +571,7 @@ class MEKD(FedAvg):
                 budget = self.queries_used.get(self.key_of(n), 0)
             ask.append(self._message(n, P.QUERY, {P.CONFIG: self._config_for_client(config, **{P.BUDGET: budget})}))
         budgets = {m.metadata.dst_node_id: int(m.content[P.CONFIG][P.BUDGET]) for m in ask}
-        replies = self._exchange(grid, ask, "query")
+        replies = self._exchange_with_progress(grid, ask, "query")
         answers: dict[int, ArrayRecord] = {}
         for reply in replies:
             node = reply.metadata.src_node_id
@@ -541,10 +586,12 @@ class MEKD(FedAvg):
             self._message(n, P.ANSWERS, {P.ANSWERS_RECORD: rec, P.CONFIG: self._config_for_client(config)})
             for n, rec in answers.items()
         ]
+        stored = 0
         for reply in self._exchange(grid, messages, "answers"):
             node = reply.metadata.src_node_id
             self.answered.add(node)
-        self._require("answers", len(self.answered), len(messages))
+            stored += 1
+        self._require("answers", stored, len(messages))
         total = sum(self.queries_used.values())
         if not self.query_teacher:
             self.say(f"[teacher] not queried (query_teacher=False): {len(self.answered)} clients registered")
@@ -659,9 +706,16 @@ class MEKD(FedAvg):
             if num_nodes
             else self.wait_for_nodes(grid, self.min_available_nodes, exact=False)
         )
-        if self.train_emulators:
-            node_ids = self.run_emulation(grid, node_ids, train_config)
-        self.run_queries(grid, node_ids, train_config)
+        self._phase_config = ConfigRecord(dict(train_config))
+        if self.emulator_phase == "upfront":
+            if self.train_emulators:
+                node_ids = self.run_emulation(grid, node_ids, train_config)
+            self.run_queries(grid, node_ids, train_config)
+        else:
+            self.say(
+                f"[lazy] {len(node_ids)} clients: each trains its emulator and queries the teacher the first "
+                "time it is sampled"
+            )
         t_start = time.time()
         result = Result()
         arrays = initial_arrays
@@ -710,9 +764,11 @@ class MEKD(FedAvg):
         return result
 
     # ------------------------------------------------------------------ round hooks
-    def _sample(self, server_round: int, fraction: float, minimum: int, salt: int) -> list[int]:
-        """Seeded sampling over the clients that hold answers, ordered by partition label (reproducible)."""
-        eligible = sorted(self.answered, key=lambda n: self.partition_of.get(n, n))
+    def _sample(
+        self, server_round: int, fraction: float, minimum: int, salt: int, pool: Iterable[int] | None = None
+    ) -> list[int]:
+        """Seeded sampling over `pool` (default: the clients that hold answers), ordered by partition label."""
+        eligible = sorted(self.answered if pool is None else pool, key=lambda n: self.partition_of.get(n, n))
         size = min(len(eligible), max(int(len(eligible) * fraction), minimum, 1))
         rng = random.Random(self.seed * 7_919 + server_round * 104_729 + salt)
         chosen = rng.sample(eligible, size)
@@ -771,8 +827,30 @@ class MEKD(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._global = arrays
-        nodes = self._sample(server_round, self.fraction_train, self.min_train_nodes, 0)
+        if self.emulator_phase == "lazy":  # sample the whole population; newcomers get ready first
+            nodes = self._sample(server_round, self.fraction_train, self.min_train_nodes, 0, self.partition_of)
+            nodes = self.prepare(grid, nodes, server_round)
+        else:
+            nodes = self._sample(server_round, self.fraction_train, self.min_train_nodes, 0)
         return self._configure(self.inner.configure_train, P.TRAIN, server_round, arrays, config, nodes)
+
+    def prepare(self, grid: Grid, nodes: list[int], server_round: int = 0) -> list[int]:
+        """Lazy phases: the sampled clients that hold no answers yet train their emulator and query the
+        teacher now. Returns the sampled clients that are ready; those whose phases failed sit this round
+        out (and try again when sampled again). Fewer ready than `min_reply_fraction` of the sampled
+        cohort raises RunFailed."""
+        new = [n for n in nodes if n not in self.answered]
+        if new:
+            self._lenient = True
+            try:
+                ready = self.run_emulation(grid, new, self._phase_config) if self.train_emulators else new
+                if ready:
+                    self.run_queries(grid, ready, self._phase_config)
+            finally:
+                self._lenient = False
+        ready = [n for n in nodes if n in self.answered]
+        self._require("emulator and query phases of", len(ready), len(nodes), server_round)
+        return ready
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -56,6 +56,9 @@ def grid_outcome(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
             **{"query-source": "local", "run-name": "fed-emulator", "federated-emulator": True, "emulator-rounds": 2},
         )
     )
+    # Lazy phases: of the 2 clients, 1 is sampled in the one round: only it trains an emulator and queries.
+    lazy = {"emulator-phase": "lazy", "fraction-train": 0.5}
+    cells.append(dict(TINY, method="mekd", emulator="dcgan", **{"query-source": "local", "run-name": "lazy", **lazy}))
     for aggregation, extra in AGGREGATIONS.items():
         cells.append(
             dict(
@@ -113,6 +116,15 @@ def test_federated_emulator_runs_and_measures_fid(grid_outcome: tuple[Path, dict
     summary = json.loads((runs / "fed-emulator" / "summary.json").read_text())
     assert summary["federated-emulator"] is True
     assert all("fid" in m for m in summary["emulator"].values())
+
+
+def test_lazy_phases_prepare_only_the_sampled_clients(grid_outcome: tuple[Path, dict]) -> None:
+    runs, outcome = grid_outcome
+    assert outcome.get("lazy") == "ok", outcome.get("lazy")
+    summary = json.loads((runs / "lazy" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["emulator-phase"] == "lazy"
+    assert summary["clients-prepared"] == 1 < summary["num-clients"] == 2
+    assert len(summary["emulator"]) == summary["clients-prepared"]
 
 
 # ---------------------------------------------------------------------------- the trust invariant

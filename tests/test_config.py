@@ -363,6 +363,7 @@ def test_the_strategy_and_oracle_defaults_agree_with_runconfig() -> None:
         (MEKD, "emulator_steps"): run.emulator_steps,
         (MEKD, "emulator_rounds"): run.emulator_rounds,
         (MEKD, "federated_emulator"): run.federated_emulator,
+        (MEKD, "emulator_phase"): run.emulator_phase,
         (MEKD, "max_update_norm"): run.max_update_norm,
         (MEKD, "norm_outlier_factor"): run.norm_outlier_factor,
         (MEKD, "min_reply_fraction"): run.min_reply_fraction,
@@ -373,3 +374,12 @@ def test_the_strategy_and_oracle_defaults_agree_with_runconfig() -> None:
     }
     for (cls, name), expected in pairs.items():
         assert inspect.signature(cls.__init__).parameters[name].default == expected, f"{cls.__name__}({name})"
+
+
+def test_lazy_phases_and_a_federated_emulator_are_refused_together() -> None:
+    with pytest.raises(ConfigError, match="emulator-phase=lazy") as err:
+        RunConfig(emulator_phase="lazy", federated_emulator=True).validate()
+    assert "\n" not in str(err.value)
+    RunConfig(emulator_phase="lazy").validate()
+    with pytest.raises(ConfigError, match="emulator-phase"):
+        RunConfig(emulator_phase="later").validate()
