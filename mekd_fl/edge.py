@@ -390,6 +390,7 @@ class EdgeClient:
             student.parameters(), lr=lr, momentum=s.momentum, weight_decay=s.weight_decay, nesterov=s.momentum > 0
         )
         images_dev, responses_dev = images.to(self.device), responses.to(self.device)
+        distiller.prepare(responses_dev)  # per-round work on the fixed answers (MEKD: G(T(x)) once)
         gen = torch.Generator().manual_seed(s.seed * 7919 + self.client_id * 31 + server_round)
         sums: dict[str, float] = {}
         steps, t0 = 0, time.time()
@@ -409,6 +410,7 @@ class EdgeClient:
                     x,
                     epoch,
                     labels[idx] if labels is not None else None,
+                    **({"index": idx} if distiller.batch_index else {}),
                 )
                 opt.zero_grad(set_to_none=True)
                 parts["loss"].backward()

@@ -16,8 +16,9 @@ from mekd_fl.distill import (
     teacher_log_probs,
 )
 from mekd_fl.distill.kd import KD
-from mekd_fl.distill.mekd import MEKD
+from mekd_fl.distill.mekd import MEKD, FrozenGenerator, frozen_generator
 from mekd_fl.errors import ConfigError
+from mekd_fl.models.gan import Generator
 
 torch.set_num_threads(1)
 
@@ -240,6 +241,132 @@ def test_generator_batchnorm_statistics_unchanged() -> None:
     for key, value in before.items():
         assert torch.equal(after[key], value), f"generator {key} changed"
     assert int(after["bn.num_batches_tracked"]) == 0
+
+
+# ---------------------------------------------------------------------------- MEKD's speed-ups (issue 9)
+def emulator_g(shape: tuple[int, int, int] = (1, 8, 8), width: int = 4, classes: int = C, seed: int = 0) -> Generator:
+    """The real emulator Generator with non-trivial BatchNorm statistics (so folding them is tested)."""
+    torch.manual_seed(seed)
+    gen = Generator(classes, shape, width)
+    with torch.no_grad():
+        for m in gen.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return gen.eval()
+
+
+@pytest.mark.parametrize(("shape", "width"), [((1, 8, 8), 4), ((1, 28, 28), 16), ((3, 32, 32), 8)])
+def test_frozen_generator_is_the_generator_to_float_rounding(shape: tuple[int, int, int], width: int) -> None:
+    gen = emulator_g(shape, width, classes=10)
+    fast = FrozenGenerator(gen)
+    z = torch.randn(16, 10)
+    target = torch.rand(16, *shape) * 2 - 1
+    z_ref, z_fast = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
+    out_ref, out_fast = gen(z_ref), fast(z_fast)
+    torch.testing.assert_close(out_fast, out_ref, rtol=1e-5, atol=1e-6)
+    (out_ref - target).abs().mean().backward()
+    (out_fast - target).abs().mean().backward()
+    torch.testing.assert_close(z_fast.grad, z_ref.grad, rtol=1e-4, atol=1e-9)
+    assert all(not b.requires_grad for b in fast.buffers())
+    with pytest.raises(ValueError, match="generator expects input"):
+        fast(torch.zeros(2, 9))
+
+
+def test_frozen_generator_leaves_other_generators_as_they_are() -> None:
+    gen = LinearGen(batchnorm=True)
+    assert frozen_generator(gen) is gen
+    with pytest.raises(ValueError, match="Generator layout only"):
+        FrozenGenerator(gen)
+    assert isinstance(frozen_generator(emulator_g()), FrozenGenerator)
+
+
+@pytest.mark.parametrize("oracle_output", ["probs", "logits"])
+@pytest.mark.parametrize("emulator_input", ["probs", "logits"])
+@pytest.mark.parametrize("distance", ["l1", "l2"])
+def test_mekd_cached_target_equals_the_per_step_formula(distance: str, emulator_input: str, oracle_output: str) -> None:
+    """prepare(all answers) + losses(index=rows) gives the loss and gradient of G(T(x)) computed per step
+    with the original generator, for every combination of settings."""
+    t = 4.0
+    gen = emulator_g()
+    kw = dict(temperature=t, oracle_output=oracle_output, distance=distance, emulator_input=emulator_input)
+    mekd = make_mekd(gen, weight_emulation=0.7, weight_kl=1.3, **kw)
+    g = torch.Generator().manual_seed(1)
+    teacher = torch.randn(1100, C, generator=g) * 3  # more than one chunk of `prepare`
+    responses = teacher.softmax(1) if oracle_output == "probs" else teacher
+    mekd.prepare(responses)
+    idx = torch.tensor([1099, 3, 517, 512, 0, 40])
+    student = torch.randn(len(idx), C, generator=g) * 2
+
+    logits = student.clone().requires_grad_(True)
+    parts = mekd.losses(logits, responses[idx], IMAGES, 1.0, index=idx)
+    parts["loss"].backward()
+
+    ref = student.clone().requires_grad_(True)
+    raw = oracle_output == "logits"
+    t_scores = teacher[idx] if raw else teacher_log_probs(responses[idx], "probs")
+    s_scores = ref if raw else ref.log_softmax(1)
+    to_g = (lambda s: s.softmax(1)) if emulator_input == "probs" else (lambda s: s / t)
+    diff = gen(to_g(s_scores)) - gen(to_g(t_scores)).detach()
+    emulation = diff.abs().mean() if distance == "l1" else (diff**2).mean()
+    kl = kl_divergence(teacher_log_probs(responses[idx], oracle_output), ref, t)
+    (0.7 * emulation + 1.3 * kl).backward()
+
+    torch.testing.assert_close(parts["emulation"], emulation.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(parts["kl"], kl.detach())
+    torch.testing.assert_close(logits.grad, ref.grad, rtol=1e-4, atol=1e-8)
+    # Without index (or before prepare) the step computes the target itself: the same value.
+    per_step = mekd.losses(student, responses[idx], IMAGES, 1.0)
+    torch.testing.assert_close(per_step["loss"], parts["loss"].detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_mekd_prepare_on_no_answers_falls_back_to_per_step() -> None:
+    mekd = make_mekd(emulator_g())
+    mekd.prepare(torch.empty(0, C))
+    assert mekd.losses(STUDENT, TEACHER.softmax(1), IMAGES, 0)["emulation"].item() > 0
+
+
+class TinyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4 * 8 * 8, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+def test_mekd_training_with_the_cached_target_matches_the_per_step_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client's whole MEKD distill call, fixed seed: the cached, rewritten G path trains the same student
+    (to float rounding) as computing G(T(x)) every step with the original generator."""
+    from mekd_fl import edge as edge_module
+    from mekd_fl.distill import mekd as mekd_module
+
+    g = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (150, 1, 8, 8), dtype=torch.uint8, generator=g)
+    answers = (torch.randn(150, C, generator=g) * 2).softmax(1)
+    settings = edge_module.EdgeSettings(method="mekd", local_epochs=2, lr=0.05, batch_size=32, emulator_width=4)
+    edge = edge_module.EdgeClient(images, TinyNet, settings=settings, num_classes=C, device="cpu")
+    torch.manual_seed(0)
+    start = TinyNet().state_dict()
+    g_state = emulator_g(width=4).state_dict()
+
+    prepared: list[int] = []
+    real_prepare = MEKD.prepare
+    monkeypatch.setattr(MEKD, "prepare", lambda self, r: prepared.append(len(r)) or real_prepare(self, r))
+    cached, metrics, _ = edge.distill(start, images, answers, g_state)
+    assert prepared == [150] and metrics["steps"] == 10
+
+    monkeypatch.setattr(MEKD, "batch_index", False)  # no index: G(T(x)) computed every step ...
+    monkeypatch.setattr(mekd_module, "frozen_generator", lambda gen: gen)  # ... by the original generator
+    per_step, ref_metrics, _ = edge.distill(start, images, answers, g_state)
+    for key, value in per_step.items():
+        torch.testing.assert_close(cached[key], value, rtol=1e-4, atol=1e-6, msg=key)
+    assert metrics["train-loss"] == pytest.approx(ref_metrics["train-loss"], rel=1e-5)
+    assert any(not torch.equal(start[k], v) for k, v in cached.items())  # it did train
 
 
 # ---------------------------------------------------------------------------- registry

@@ -84,11 +84,17 @@ class Distiller:
     only to methods that declare `uses_labels` (the supervised reference, which breaks the rule).
     Methods with trainable parts of their own (CAN's discriminator) update them inside `losses` and
     expose them through `extra_state` so the client can keep them between rounds.
+
+    Per-round work: the client calls `prepare(responses)` once with all the round's teacher answers
+    before the steps (they are fixed within a round). A method that declares `batch_index` then also
+    gets `index=`, the rows of `responses` the batch holds, so it can read what it precomputed (MEKD's
+    G(T(x))); without a `prepare` call, or without `index`, `losses` must compute everything itself.
     """
 
     name: ClassVar[str] = ""
     needs_generator: ClassVar[bool] = False
     uses_labels: ClassVar[bool] = False
+    batch_index: ClassVar[bool] = False  # whether `losses` takes index= (rows of what `prepare` was given)
 
     def __init__(self, ctx: DistillContext) -> None:
         self.ctx = ctx
@@ -102,6 +108,9 @@ class Distiller:
         labels: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def prepare(self, responses: torch.Tensor) -> None:
+        """Once per round, before the steps: all the teacher answers that `losses` will see (default: nothing)."""
 
     def extra_state(self) -> dict[str, torch.Tensor] | None:
         """Weights of the method's own trainable parts, to persist between rounds (None: nothing)."""
