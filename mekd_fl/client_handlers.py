@@ -81,8 +81,9 @@ def mekd_handlers(edge_for: EdgeFor) -> dict[str, Handler]:
         d_state = d_start.to_torch_state_dict() if d_start is not None else None
         steps = int(extra.get(P.PHASE_STEPS, edge.settings.emulator_steps))
         metrics: dict = {P.NUM_EXAMPLES: len(edge.images)}
+        pairs = _answers(context) if extra.get(P.PAIRED, False) else None
         if steps > 0:
-            g_state, d_state, metrics = edge.train_emulator(g_state, d_state, steps)
+            g_state, d_state, metrics = edge.train_emulator(g_state, d_state, steps, pairs=pairs)
         if g_state is None or d_state is None:
             raise ValueError("no emulator weights to install and no steps to train")
         context.state[STATE_GENERATOR] = ArrayRecord(g_state)

@@ -41,8 +41,12 @@ CLIENT_SETTINGS: tuple[str, ...] = (
     "wgan-gp-lambda",
     "infogan-weight",
     "emulator-fid",
+    "emulator-pairing-lr",
+    "emulator-pairing-weight",
     "query-source",
     "query-views",
+    "query-fraction",
+    "query-selection",
     "method",
     "student-arch",
     "num-rounds",
@@ -97,9 +101,26 @@ class RunConfig:
     )
     download: bool = _opt(False, "Download the data set with torchvision when the files are missing (needs internet).")
     num_clients: int = _opt(10, "Number of simulated edge clients (SuperNodes).")
-    partition: str = _opt("dirichlet", "How the clients' share is split.", ("iid", "dirichlet", "pathological"))
+    partition: str = _opt(
+        "dirichlet", "How the clients' share is split.", ("iid", "dirichlet", "pathological", "shard")
+    )
     alpha: float = _opt(0.5, "Dirichlet concentration (smaller = more skewed); partition=dirichlet.")
+    min_partition_size: int = _opt(
+        10,
+        "Fewest images a client may get, capped at half the average client share (and at least 1); "
+        "a Dirichlet draw leaving a client with fewer is redrawn; partition=dirichlet.",
+    )
+    partition_retries: int = _opt(
+        10,
+        "Redraws allowed when a Dirichlet draw misses min-partition-size (0: one draw only); the draws "
+        "follow from the seed alone; partition=dirichlet.",
+    )
     classes_per_client: int = _opt(2, "Classes per client; partition=pathological.")
+    shards_per_client: int = _opt(
+        2,
+        "Shards per client: the images are sorted by label and cut into num-clients x shards-per-client "
+        "equal shards, dealt at random (FedAvg paper); partition=shard.",
+    )
     server_share: float = _opt(0.5, "Fraction of the training set kept labeled on the server to train the teacher.")
     client_test_fraction: float = _opt(0.1, "Fraction of each client's images held out for federated evaluation.")
     # --- teacher (server only) ---
@@ -157,6 +178,22 @@ class RunConfig:
         "part, for large populations; not with federated-emulator).",
         ("upfront", "lazy"),
     )
+    emulator_pairing: str = _opt(
+        "none",
+        "How the emulator learns: none (the paper's unconditional GAN on z ~ N(0, I_C)) or paired (queries "
+        "first, then G is trained on the client's own (T(x), x) pairs: a reconstruction term plus the GAN "
+        "term, so that G inverts the teacher); paired needs query-source=local.",
+        ("none", "paired"),
+    )
+    emulator_pairing_lr: float = _opt(
+        1e-3,
+        "Emulator Adam learning rate when emulator-pairing=paired (replaces emulator-lr): the reconstruction "
+        "converges at Adam's usual rate, not at a GAN's.",
+    )
+    emulator_pairing_weight: float = _opt(
+        100.0,
+        "Weight of the L1 reconstruction term of G(T(x)) against x, beside the GAN term; emulator-pairing=paired.",
+    )
     query_source: str = _opt(
         "local",
         "What clients send to the teacher: local (their own images, the paper), "
@@ -165,6 +202,21 @@ class RunConfig:
     )
     query_views: int = _opt(
         1, "Augmented views sent per local image (1: the image itself); all count against the query budget."
+    )
+    query_fraction: float = _opt(
+        1.0,
+        "Share of its query pool a client sends, in (0, 1]: round(query-fraction x local images x "
+        "query-views) images, capped by query-budget (the x axis of the query-efficiency curve). The count "
+        "is the same for every query-source: generated sends that many emulator samples, mixed half each.",
+    )
+    query_selection: str = _opt(
+        "random",
+        "Which images of the pool a client spends its queries on: random (a seeded random subset) or "
+        "kcenter (greedy k-center coverage of the pool in the features of the fixed, data-independent "
+        "domain-FID network: with a small budget it covers rare modes a random subset misses; reads no "
+        "label and no answer, spends no query). With generated samples kcenter picks from as many "
+        "samples as the pool holds.",
+        ("random", "kcenter"),
     )
     # --- distillation (clients) ---
     method: str = _opt(
@@ -231,6 +283,11 @@ class RunConfig:
     reply_timeout: float = _opt(600.0, "Seconds the server waits for the replies of one phase or round.")
     # --- plots ---
     num_samples: int = _opt(8, "Images shown in the emulator-samples plot (G(T(x)) beside G(S(x))).")
+    fidelity_images: int = _opt(
+        256,
+        "Query images of the first client on which the server measures the emulator's fidelity after the run "
+        "(the teacher re-classifies G(T(x)); summary and reports only, never sent to a client; 0: off).",
+    )
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -308,11 +365,21 @@ class RunConfig:
             "emulator_rounds",
             "query_views",
             "classes_per_client",
+            "shards_per_client",
+            "min_partition_size",
         )
         for name in positive_ints:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')}={getattr(self, name)} must be an integer >= 1")
-        for name in ("teacher_epochs", "emulator_steps", "num_samples", "num_malicious", "oracle_top_k"):
+        for name in (
+            "teacher_epochs",
+            "emulator_steps",
+            "num_samples",
+            "fidelity_images",
+            "num_malicious",
+            "oracle_top_k",
+            "partition_retries",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name.replace('_', '-')}={getattr(self, name)} must be an integer >= 0")
         if self.emulator_phase == "lazy" and self.federated_emulator:
@@ -320,9 +387,24 @@ class RunConfig:
                 "emulator-phase=lazy is not accepted with federated-emulator=true (averaging emulators needs "
                 "every client at once); accepted: emulator-phase=upfront, or federated-emulator=false"
             )
+        if self.emulator_pairing == "paired" and self.query_source != "local":
+            raise ConfigError(
+                f"emulator-pairing=paired is not accepted with query-source={self.query_source} (the pairs are "
+                "the client's queries with their answers, sent before G exists); accepted: query-source=local, "
+                "or emulator-pairing=none"
+            )
         if not self.alpha > 0:
             raise ConfigError(f"alpha={self.alpha} must be > 0 (Dirichlet concentration; e.g. 0.1 skewed, 100 ~ iid)")
-        for name in ("lr", "teacher_lr", "emulator_lr", "temperature", "can_lr", "reply_timeout"):
+        for name in (
+            "lr",
+            "teacher_lr",
+            "emulator_lr",
+            "temperature",
+            "can_lr",
+            "reply_timeout",
+            "emulator_pairing_lr",
+            "emulator_pairing_weight",
+        ):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name.replace('_', '-')}={getattr(self, name)} must be > 0")
         for name in (
@@ -345,7 +427,7 @@ class RunConfig:
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name.replace('_', '-')}={getattr(self, name)} must be >= 0")
-        for name in ("fraction_train", "fraction_evaluate"):
+        for name in ("fraction_train", "fraction_evaluate", "query_fraction"):
             if not 0 < getattr(self, name) <= 1:
                 raise ConfigError(f"{name.replace('_', '-')}={getattr(self, name)} must be in (0, 1]")
         if not 0 <= self.seed <= SEED_MAX:

@@ -66,8 +66,12 @@ class EdgeSettings:
     wgan_n_critic: int = RunConfig.wgan_n_critic
     wgan_gp_lambda: float = RunConfig.wgan_gp_lambda
     infogan_weight: float = RunConfig.infogan_weight
+    emulator_pairing_lr: float = RunConfig.emulator_pairing_lr
+    emulator_pairing_weight: float = RunConfig.emulator_pairing_weight
     query_source: str = RunConfig.query_source
     query_views: int = RunConfig.query_views
+    query_fraction: float = RunConfig.query_fraction
+    query_selection: str = RunConfig.query_selection
     method: str = RunConfig.method
     num_rounds: int = RunConfig.num_rounds
     local_epochs: int = RunConfig.local_epochs
@@ -118,6 +122,7 @@ class EdgeSettings:
             n_critic=self.wgan_n_critic,
             gp_lambda=self.wgan_gp_lambda,
             info_weight=self.infogan_weight,
+            pairing_weight=self.emulator_pairing_weight,
         )
 
     def round_lr(self, server_round: int) -> float:
@@ -304,29 +309,48 @@ class EdgeClient:
 
     # ------------------------------------------------------------------ stage 1: emulation
     def train_emulator(
-        self, g_state: StateDict | None = None, d_state: StateDict | None = None, steps: int | None = None
+        self,
+        g_state: StateDict | None = None,
+        d_state: StateDict | None = None,
+        steps: int | None = None,
+        pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[StateDict, StateDict, dict[str, float]]:
-        """Train (or continue from the given weights) this device's emulator GAN on its own images."""
+        """Train (or continue from the given weights) this device's emulator GAN on its own images.
+
+        With `pairs` = (query images, the teacher's answers to them) the emulator is paired: G learns to
+        map each answer back to its image (`emulator-pairing=paired`), on the query set instead of the
+        device's images; the answers enter G as the MEKD term feeds them (`emulator-input`).
+        """
         s = self.settings
+        images, codes = self.images, None
+        if pairs is not None:
+            images, responses = pairs
+            if len(images) != len(responses) or not len(images):
+                raise ValueError(f"paired emulator: {len(responses)} answers for {len(images)} query images")
+            codes = teacher_codes(responses.float(), s.oracle_output, s.emulator_input, s.temperature)
         gen = disc = None
         if g_state is not None and d_state is not None:
             gen, disc = build_emulator(self.num_classes, self.image_shape, s.emulator_width, kind=s.emulator)
             gen.load_state_dict(g_state)
             disc.load_state_dict(d_state)
         t0 = time.time()
+        cfg = s.emulator_config(steps, s.seed * 1000 + self.client_id)
+        if codes is not None:
+            cfg = dataclasses.replace(cfg, lr=s.emulator_pairing_lr)
         res = train_emulator(
-            self.images,
+            images,
             self.num_classes,
-            s.emulator_config(steps, s.seed * 1000 + self.client_id),
+            cfg,
             self.device,
             gen,
             disc,
+            codes=codes,
         )
         metrics = {
             "d-loss": res.d_loss,
             "g-loss": res.g_loss,
             "emulator-seconds": time.time() - t0,
-            "num-examples": len(self.images),
+            "num-examples": len(images),
         }
         return _cpu(res.generator.state_dict()), _cpu(res.discriminator.state_dict()), metrics
 
@@ -341,7 +365,8 @@ class EdgeClient:
 
     # ------------------------------------------------------------------ teacher queries
     def query_images(self, budget: int, g_state: StateDict | None = None) -> torch.Tensor:
-        """What this device sends to the teacher (`query-source`, `query-views`), at most `budget` images."""
+        """What this device sends to the teacher (`query-source`, `query-views`, `query-fraction`,
+        `query-selection`): round(query-fraction x images x views) images, at most `budget`."""
         s = self.settings
         return select_queries(
             s.query_source,
@@ -352,6 +377,9 @@ class EdgeClient:
             num_classes=self.num_classes,
             seed=s.seed * 1000 + self.client_id,
             generator=self.load_generator(g_state) if g_state is not None else None,
+            fraction=s.query_fraction,
+            selection=s.query_selection,
+            device=self.device,
         )
 
     # ------------------------------------------------------------------ stage 2: distillation
@@ -457,12 +485,16 @@ class EdgeClient:
         gen = self.load_generator(g_state)
         s_logits = self.predict(student_state, images).to(self.device)
         responses = responses.to(self.device)
-        raw = s.oracle_output == "logits"
-        t_scores = responses if raw else teacher_log_probs(responses, "probs")
-        s_scores = s_logits if raw else s_logits.log_softmax(1)
-        g_t = gen(generator_input(t_scores, s.emulator_input, s.temperature))
+        s_scores = s_logits if s.oracle_output == "logits" else s_logits.log_softmax(1)
+        g_t = gen(teacher_codes(responses, s.oracle_output, s.emulator_input, s.temperature))
         g_s = gen(generator_input(s_scores, s.emulator_input, s.temperature))
         return {"images": images.cpu(), "g-teacher": from_gan_range(g_t).cpu(), "g-student": from_gan_range(g_s).cpu()}
+
+
+def teacher_codes(responses: torch.Tensor, oracle_output: str, emulator_input: str, temperature: float) -> torch.Tensor:
+    """What G receives for the teacher's answers: the same input the MEKD term builds for G(T(x))."""
+    scores = responses if oracle_output == "logits" else teacher_log_probs(responses, "probs")
+    return generator_input(scores, emulator_input, temperature)
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,7 @@ class EmulatorConfig:
     n_critic: int = RunConfig.wgan_n_critic  # wgan-gp: critic steps per generator step
     gp_lambda: float = RunConfig.wgan_gp_lambda  # wgan-gp: gradient-penalty weight
     info_weight: float = RunConfig.infogan_weight  # infogan: weight of the code-reconstruction (Q) loss
+    pairing_weight: float = RunConfig.emulator_pairing_weight  # paired: weight of |G(T(x)) - x|
 
 
 @dataclass
@@ -103,13 +104,32 @@ class _Loop:
     cfg: EmulatorConfig
     rng: torch.Generator
     device: torch.device
+    codes: torch.Tensor | None = None  # paired: G's input for each image (the teacher's answer), on device
 
     def real_batch(self) -> torch.Tensor:
-        idx = torch.randint(len(self.data), (self.cfg.batch_size,), generator=self.rng)
-        return to_gan_range(self.data[idx.to(self.device)])
+        return self.batch()[0]
 
     def noise(self) -> torch.Tensor:
         return torch.randn(self.cfg.batch_size, self.generator.latent_dim, generator=self.rng).to(self.device)
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(real images, G's inputs): unpaired, noise independent of the images; paired, each image's own
+        answer, so that G(code) can be compared with its image."""
+        idx = torch.randint(len(self.data), (self.cfg.batch_size,), generator=self.rng).to(self.device)
+        real = to_gan_range(self.data[idx])
+        return real, (self.codes[idx] if self.codes is not None else self.noise())
+
+    def generator_input(self) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """For a generator update: (the images the codes belong to, or None when unpaired, codes)."""
+        if self.codes is None:
+            return None, self.noise()
+        return self.batch()
+
+    def reconstruction(self, fake: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+        """Paired: pairing_weight * mean |G(T(x)) - x| (what makes G invert the teacher); unpaired: 0."""
+        if real is None:
+            return torch.zeros((), device=fake.device)
+        return self.cfg.pairing_weight * F.l1_loss(fake, real)
 
 
 def _bce(logits: torch.Tensor, target: float) -> torch.Tensor:
@@ -123,13 +143,14 @@ def _update(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
 
 
 def _dcgan_step(loop: _Loop) -> tuple[torch.Tensor, torch.Tensor]:
-    """One discriminator and one generator update with the non-saturating GAN loss."""
-    real, z = loop.real_batch(), loop.noise()
+    """One discriminator and one generator update with the non-saturating GAN loss (plus, paired, the
+    reconstruction of each image from its own answer)."""
+    real, z = loop.batch()
     fake = loop.generator(z)
     disc = loop.discriminator
     d_loss = _bce(disc(real), 1.0) + _bce(disc(fake.detach()), 0.0)
     _update(loop.opt_d, d_loss)
-    g_loss = _bce(disc(fake), 1.0)
+    g_loss = _bce(disc(fake), 1.0) + loop.reconstruction(fake, real if loop.codes is not None else None)
     _update(loop.opt_g, g_loss)
     return d_loss.detach(), g_loss.detach()
 
@@ -141,7 +162,7 @@ def _infogan_step(loop: _Loop) -> tuple[torch.Tensor, torch.Tensor]:
     shared trunk on detached fakes) and the generator update (training G to
     keep its code recoverable).
     """
-    real, z = loop.real_batch(), loop.noise()
+    real, z = loop.batch()
     fake = loop.generator(z)
     disc: InfoDiscriminator = loop.discriminator  # type: ignore[assignment]
     weight = loop.cfg.info_weight
@@ -150,6 +171,7 @@ def _infogan_step(loop: _Loop) -> tuple[torch.Tensor, torch.Tensor]:
     _update(loop.opt_d, d_loss)
     logit, code = disc.heads(fake)
     g_loss = _bce(logit, 1.0) + weight * F.mse_loss(code, z)
+    g_loss = g_loss + loop.reconstruction(fake, real if loop.codes is not None else None)
     _update(loop.opt_g, g_loss)
     return d_loss.detach(), g_loss.detach()
 
@@ -159,14 +181,16 @@ def _wgan_gp_step(loop: _Loop) -> tuple[torch.Tensor, torch.Tensor]:
     critic, cfg = loop.discriminator, loop.cfg
     c_sum = torch.zeros((), device=loop.device)
     for _ in range(cfg.n_critic):
-        real, z = loop.real_batch(), loop.noise()
+        real, z = loop.batch()
         with torch.no_grad():
             fake = loop.generator(z)
         penalty = gradient_penalty(critic, real, fake, loop.rng)
         c_loss = critic(fake).mean() - critic(real).mean() + cfg.gp_lambda * penalty
         _update(loop.opt_d, c_loss)
         c_sum += c_loss.detach()
-    g_loss = -critic(loop.generator(loop.noise())).mean()
+    paired_real, z = loop.generator_input()
+    fake = loop.generator(z)
+    g_loss = -critic(fake).mean() + loop.reconstruction(fake, paired_real)
     _update(loop.opt_g, g_loss)
     return c_sum / cfg.n_critic, g_loss.detach()
 
@@ -222,6 +246,7 @@ def train_emulator(
     discriminator: nn.Module | None = None,
     log_every: int = 0,
     log: Callable[[str], None] = print,
+    codes: torch.Tensor | None = None,
 ) -> EmulatorResult:
     """Train (or continue training) the emulator GAN of ``cfg.kind`` on unlabeled uint8 images (N, C, H, W).
 
@@ -229,6 +254,12 @@ def train_emulator(
     average the networks across clients between phases. Optimiser state is fresh
     each call. Everything random (init, minibatches, noise, dropout, interpolates)
     derives from ``cfg.seed`` without disturbing the caller's global RNG state.
+
+    ``codes`` (N, num_classes), one per image, makes the emulator *paired*: G is fed each image's own
+    code (the teacher's answer to it, as G will receive it when distilling) instead of noise, and its
+    update adds ``cfg.pairing_weight * |G(code) - image|``. Why: an unconditional GAN on z ~ N(0, I_C)
+    ties no input direction to a class, so G(T(x)) collapses to one figure whatever T(x) says; trained
+    on the pairs, G inverts the teacher's mapping, which is what the emulation term assumes.
     """
     spec = _kind(cfg.kind)
     if images.dtype != torch.uint8 or images.dim() != 4:
@@ -237,6 +268,13 @@ def train_emulator(
         raise ValueError(f"emulator steps and n_critic must be >= 1, got {cfg.steps} and {cfg.n_critic}")
     if generator is not None and generator.latent_dim != num_classes:
         raise ValueError(f"generator input has {generator.latent_dim} dims, expected {num_classes} (one per class)")
+    if codes is not None and (
+        codes.dim() != 2 or codes.shape != (len(images), num_classes) or not torch.isfinite(codes).all()
+    ):
+        raise ValueError(
+            f"paired emulator: codes must be finite, shape ({len(images)}, {num_classes}) (one per image); "
+            f"got {tuple(codes.shape)}"
+        )
     if discriminator is not None and not isinstance(discriminator, spec.discriminator):
         raise ValueError(
             f"emulator {cfg.kind!r} needs a {spec.discriminator.__name__}, got {type(discriminator).__name__}"
@@ -249,7 +287,7 @@ def train_emulator(
             fresh_g, fresh_d = build_emulator(num_classes, tuple(images.shape[1:]), cfg.width, cfg.kind)
             generator = fresh_g if generator is None else generator
             discriminator = fresh_d if discriminator is None else discriminator
-        d_loss, g_loss = _run_gan(images, cfg, spec, device, generator, discriminator, log_every, log)
+        d_loss, g_loss = _run_gan(images, cfg, spec, device, generator, discriminator, log_every, log, codes)
 
     generator.eval()
     discriminator.eval()
@@ -265,6 +303,7 @@ def _run_gan(
     discriminator: nn.Module,
     log_every: int,
     log: Callable[[str], None],
+    codes: torch.Tensor | None = None,
 ) -> tuple[float, float]:
     """``cfg.steps`` generator steps of ``spec``; returns (d_loss, g_loss) averaged over the last 10% of steps."""
     generator.to(device).train()
@@ -279,6 +318,7 @@ def _run_gan(
         cfg=cfg,
         rng=torch.Generator().manual_seed(cfg.seed),
         device=device,
+        codes=codes.to(device=device, dtype=torch.float32) if codes is not None else None,
     )
     tail_start = cfg.steps - max(1, cfg.steps // 10)
     d_tail = torch.zeros((), device=device)

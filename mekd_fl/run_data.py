@@ -69,6 +69,9 @@ def _data_key(cfg: RunConfig) -> tuple:
         cfg.partition,
         cfg.alpha,
         cfg.classes_per_client,
+        cfg.shards_per_client,
+        cfg.min_partition_size,
+        cfg.partition_retries,
         cfg.server_share,
         cfg.client_test_fraction,
         cfg.seed,
@@ -77,7 +80,21 @@ def _data_key(cfg: RunConfig) -> tuple:
 
 @functools.lru_cache(maxsize=4)
 def _run_data(key: tuple) -> RunData:
-    dataset_name, data_dir, download, num_clients, partition, alpha, k, share, test_frac, seed = key
+    (
+        dataset_name,
+        data_dir,
+        download,
+        num_clients,
+        partition,
+        alpha,
+        k,
+        shards,
+        min_size,
+        retries,
+        share,
+        test_frac,
+        seed,
+    ) = key
     dataset = load_dataset(dataset_name, data_dir, download)
     split = split_federated(
         np.asarray(dataset.train_labels),
@@ -85,6 +102,9 @@ def _run_data(key: tuple) -> RunData:
         scheme=partition,
         alpha=alpha,
         classes_per_partition=k,
+        shards_per_partition=shards,
+        min_partition_size=min_size,
+        partition_retries=retries,
         server_share=share,
         client_test_fraction=test_frac,
         seed=seed,

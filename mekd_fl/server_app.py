@@ -26,6 +26,7 @@ from mekd_fl.device import pick_device
 from mekd_fl.distill import get_class, needs_generator
 from mekd_fl.emulator import build_emulator
 from mekd_fl.errors import ConfigError
+from mekd_fl.fidelity import emulator_fidelity
 from mekd_fl.oracle import TeacherOracle
 from mekd_fl.preflight import check_environment
 from mekd_fl.results import RunResults
@@ -99,6 +100,7 @@ def run_server(grid: Grid, cfg: RunConfig, log: Callable[[str], None] = say, *, 
         f"{cfg.num_clients} clients, partition={cfg.partition}"
         + (f" alpha={cfg.alpha}" if cfg.partition == "dirichlet" else "")
         + (f" classes-per-client={cfg.classes_per_client}" if cfg.partition == "pathological" else "")
+        + (f" shards-per-client={cfg.shards_per_client}" if cfg.partition == "shard" else "")
     )
     log(split.summary_table(names))
     results.write_json(
@@ -189,6 +191,7 @@ def run_server(grid: Grid, cfg: RunConfig, log: Callable[[str], None] = say, *, 
         federated_emulator=cfg.federated_emulator,
         emulator_rounds=cfg.emulator_rounds,
         emulator_phase=cfg.emulator_phase,
+        emulator_pairing=cfg.emulator_pairing,
         emulator_steps=cfg.emulator_steps,
         emulator_reference=emulator_reference,
         measure_fid=emulators_needed(cfg) and cfg.emulator_fid,
@@ -245,10 +248,13 @@ def run_server(grid: Grid, cfg: RunConfig, log: Callable[[str], None] = say, *, 
             "emulator-kind": cfg.emulator,
             "federated-emulator": cfg.federated_emulator,
             "emulator-phase": cfg.emulator_phase,
+            "emulator-pairing": cfg.emulator_pairing,
             "clients-prepared": len(strategy.answered),
             "emulator-fid-mean": _mean([m.get("fid") for m in strategy.emulator_metrics.values()]),
             "query-source": cfg.query_source,
             "query-views": cfg.query_views,
+            "query-fraction": cfg.query_fraction,
+            "query-selection": cfg.query_selection,
             # The supervised reference reads the clients' true labels: it breaks the source-blind rule.
             "source-blind": not get_class(cfg.method).uses_labels,
             "resumed": resume,
@@ -277,10 +283,21 @@ def run_server(grid: Grid, cfg: RunConfig, log: Callable[[str], None] = say, *, 
         results.write_jsonl("queries.jsonl", strategy.query_log)
 
     final_arrays = result.arrays if result.arrays is not None else initial
-    samples = strategy.request_samples(grid, final_arrays, ConfigRecord(dict(config)), cfg.num_samples)
+    count = max(cfg.num_samples, cfg.fidelity_images)
+    samples = strategy.request_samples(grid, final_arrays, ConfigRecord(dict(config)), count)
+    fidelity: dict[str, Any] = {}
     if samples is not None:
-        results.plot_samples(samples)
-    summary = summary_of("completed")
+        if cfg.num_samples:
+            results.plot_samples({k: v[: cfg.num_samples] for k, v in samples.items()})
+        if cfg.fidelity_images:
+            fidelity = emulator_fidelity(teacher_logits, samples["images"], samples["g-teacher"], samples["g-student"])
+            log(
+                f"[fidelity] the teacher re-classifies G(T(x)) as T(x)'s class on {fidelity['consistency']:.1%} of "
+                f"{fidelity['images']} query images; class means of G(T(x)) "
+                f"{fidelity['class-separation'] or 0:.3f} apart "
+                f"(real images {fidelity['real-class-separation'] or 0:.3f})"
+            )
+    summary = summary_of("completed", **{f"fidelity-{k}": v for k, v in fidelity.items()})
     results.write_json("summary.json", summary)
     results.plot_accuracy(
         teacher_meta["test_accuracy"], f"{cfg.method}: {ds.name}, {cfg.partition}, {cfg.num_clients} clients"

@@ -59,6 +59,7 @@ EMULATOR, QUERY, ANSWERS, SAMPLES = P.EMULATOR, P.QUERY, P.ANSWERS, P.SAMPLES
 #: When a client trains its emulator and queries the teacher: all before round 1 (the paper's protocol),
 #: or the first time it is sampled (large populations: a run's cost follows the clients that take part).
 PHASES = ("upfront", "lazy")
+PAIRINGS = ("none", "paired")
 #: Phases that ask more clients than this are sent in 10 chunks, each followed by a progress line.
 PROGRESS_ABOVE = 50
 
@@ -120,6 +121,9 @@ class MEKD(FedAvg):
     emulator_phase : "upfront" (every client trains its emulator and queries the teacher before round 1,
         the paper's protocol) or "lazy" (the first time a client is sampled; not with a federated
         emulator): the cost of a run then follows the clients that take part, not the population.
+    emulator_pairing : "none" (the paper: each emulator is an unconditional GAN, trained before the
+        queries) or "paired" (the queries first, then each client trains G on its own (answer, image)
+        pairs, so that G(T(x)) reconstructs x: G then inverts the teacher). Queries are counted alike.
     query_budget : images each client may send to the teacher (enforced here and by the oracle).
     query_teacher : False for a reference that trains on labels: the query round trip only registers
         the clients, with a budget of 0, and the oracle is never called.
@@ -162,6 +166,7 @@ class MEKD(FedAvg):
         norm_outlier_factor: float = 2.0,
         min_reply_fraction: float = 0.5,
         emulator_phase: str = "upfront",
+        emulator_pairing: str = "none",
         seed: int = 0,
         on_round: RoundCallback | None = None,
         log_fn: Callable[[str], None] = print,
@@ -188,6 +193,8 @@ class MEKD(FedAvg):
                 weighted_by_key=self.weighted_by_key,
             )
         )
+        if emulator_pairing not in PAIRINGS:
+            raise ValueError(f"emulator_pairing={emulator_pairing!r}: accepted: {', '.join(PAIRINGS)}")
         if emulator_phase not in PHASES:
             raise ValueError(f"emulator_phase={emulator_phase!r}: accepted: {', '.join(PHASES)}")
         if emulator_phase == "lazy" and federated_emulator:
@@ -210,6 +217,7 @@ class MEKD(FedAvg):
         self.norm_outlier_factor = float(norm_outlier_factor)
         self.min_reply_fraction = float(min_reply_fraction)
         self.emulator_phase = emulator_phase
+        self.emulator_pairing = emulator_pairing
         self._phase_config = ConfigRecord()
         self._lenient = False
         self.seed = seed
@@ -433,14 +441,18 @@ class MEKD(FedAvg):
         asked = list(node_ids)
         if not self.federated_emulator:
             replies = self._emulator_round(
-                grid, node_ids, config, {P.PHASE_STEPS: self.emulator_steps, P.MEASURE_FID: self.measure_fid}, {}
+                grid,
+                node_ids,
+                config,
+                {P.PHASE_STEPS: self.emulator_steps, P.MEASURE_FID: self.measure_fid, **self._pairing},
+                {},
             )
         else:
             weights: dict[str, ArrayRecord] = {}
             splits = [len(part) for part in np.array_split(np.arange(self.emulator_steps), self.emulator_rounds)]
             for r, steps in enumerate(splits):
                 replies = self._emulator_round(
-                    grid, node_ids, config, {P.PHASE_STEPS: steps, P.RETURN_WEIGHTS: True}, weights
+                    grid, node_ids, config, {P.PHASE_STEPS: steps, P.RETURN_WEIGHTS: True, **self._pairing}, weights
                 )
                 weights, contributors = self._average_emulators(replies, weights)
                 self._require("emulator", len(contributors), len(node_ids))
@@ -708,9 +720,7 @@ class MEKD(FedAvg):
         )
         self._phase_config = ConfigRecord(dict(train_config))
         if self.emulator_phase == "upfront":
-            if self.train_emulators:
-                node_ids = self.run_emulation(grid, node_ids, train_config)
-            self.run_queries(grid, node_ids, train_config)
+            self._prepare_clients(grid, node_ids, train_config)
         else:
             self.say(
                 f"[lazy] {len(node_ids)} clients: each trains its emulator and queries the teacher the first "
@@ -843,14 +853,37 @@ class MEKD(FedAvg):
         if new:
             self._lenient = True
             try:
-                ready = self.run_emulation(grid, new, self._phase_config) if self.train_emulators else new
-                if ready:
-                    self.run_queries(grid, ready, self._phase_config)
+                self._prepare_clients(grid, new, self._phase_config)
             finally:
                 self._lenient = False
         ready = [n for n in nodes if n in self.answered]
         self._require("emulator and query phases of", len(ready), len(nodes), server_round)
         return ready
+
+    @property
+    def _pairing(self) -> dict:
+        """The emulator messages' pairing key (paired emulators train on the client's answers)."""
+        return {P.PAIRED: True} if self.emulator_pairing == "paired" else {}
+
+    def _prepare_clients(self, grid: Grid, nodes: list[int], config: ConfigRecord) -> None:
+        """The emulator and query phases for `nodes`, in the order the pairing needs; the clients that
+        come through both are in `self.answered` (those eligible for rounds).
+
+        Unpaired (the paper): emulators first (generated queries need G), then the queries of the clients
+        whose emulator is ready. Paired: the queries first, then emulators trained on each client's own
+        (answer, image) pairs; a client whose emulator fails is not eligible, though its queries stay
+        counted (a later try is re-delivered the same answers without charge).
+        """
+        if self.emulator_pairing != "paired" or not self.train_emulators or not self.query_teacher:
+            ready = self.run_emulation(grid, nodes, config) if self.train_emulators else nodes
+            if ready:
+                self.run_queries(grid, ready, config)
+            return
+        self.run_queries(grid, nodes, config)
+        answered = [n for n in nodes if n in self.answered]
+        if not answered:
+            return
+        self.answered -= set(answered) - set(self.run_emulation(grid, answered, config))
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -50,7 +50,8 @@ NUM_SAMPLES = "num-samples"
 PHASE_STEPS = "phase-steps"  # emulator steps in this emulator message (federated emulator)
 RETURN_WEIGHTS = "return-weights"
 MEASURE_FID = "measure-fid"
-STRATEGY_KEYS = (SERVER_ROUND, BUDGET, NUM_SAMPLES, PHASE_STEPS, RETURN_WEIGHTS, MEASURE_FID)
+PAIRED = "paired"  # in EMULATOR: train G on the client's own (answer, query image) pairs
+STRATEGY_KEYS = (SERVER_ROUND, BUDGET, NUM_SAMPLES, PHASE_STEPS, RETURN_WEIGHTS, MEASURE_FID, PAIRED)
 
 NONCE = "nonce"  # ROLE: the challenge
 PROOF = "proof"  # ROLE reply: HMAC-SHA256(token, "nonce:node_id")

@@ -59,6 +59,10 @@ def grid_outcome(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     # Lazy phases: of the 2 clients, 1 is sampled in the one round: only it trains an emulator and queries.
     lazy = {"emulator-phase": "lazy", "fraction-train": 0.5}
     cells.append(dict(TINY, method="mekd", emulator="dcgan", **{"query-source": "local", "run-name": "lazy", **lazy}))
+    # Paired emulators (queries first, G trained on the answers), upfront and lazy.
+    for phase in ("upfront", "lazy"):
+        paired = {"emulator-pairing": "paired", "emulator-phase": phase, "fraction-train": 0.5}
+        cells.append(dict(TINY, method="mekd", emulator="wgan-gp", **{"run-name": f"paired-{phase}", **paired}))
     for aggregation, extra in AGGREGATIONS.items():
         cells.append(
             dict(
@@ -125,6 +129,18 @@ def test_lazy_phases_prepare_only_the_sampled_clients(grid_outcome: tuple[Path, 
     assert summary["status"] == "completed" and summary["emulator-phase"] == "lazy"
     assert summary["clients-prepared"] == 1 < summary["num-clients"] == 2
     assert len(summary["emulator"]) == summary["clients-prepared"]
+
+
+def test_paired_emulators_run_and_the_server_measures_their_fidelity(grid_outcome: tuple[Path, dict]) -> None:
+    runs, outcome = grid_outcome
+    for phase in ("upfront", "lazy"):
+        assert outcome.get(f"paired-{phase}") == "ok", outcome.get(f"paired-{phase}")
+        summary = json.loads((runs / f"paired-{phase}" / "summary.json").read_text())
+        assert summary["emulator-pairing"] == "paired" and summary["status"] == "completed"
+        assert 0.0 <= summary["fidelity-consistency"] <= 1.0
+        assert summary["fidelity-images"] >= 1 and summary["fidelity-student-distance"] >= 0.0
+        # Queries are counted as without pairing: the pairs are the queries already paid for.
+        assert summary["queries-total"] == sum(summary["queries-used"].values()) > 0
 
 
 # ---------------------------------------------------------------------------- the trust invariant

@@ -75,6 +75,9 @@ BAD = [
     ("alpha", -1),
     ("num-clients", 0),
     ("partition", "zipf"),
+    ("min-partition-size", 0),
+    ("partition-retries", -1),
+    ("shards-per-client", 0),
     ("dataset", "foo"),
     ("method", "foo"),
     ("teacher-arch", "resnet9"),
@@ -112,6 +115,17 @@ def test_choice_errors_list_what_is_accepted(key: str, value: str) -> None:
         "teacher-arch": "resnet20",
     }[key]
     assert expected in listed
+
+
+def test_partition_settings_accept_shard_and_large_federation_values() -> None:
+    cfg = RunConfig.from_mapping(
+        {"partition": "shard", "shards-per-client": "3", "min-partition-size": 1, "partition-retries": 0}
+    )
+    assert (cfg.partition, cfg.shards_per_client, cfg.min_partition_size, cfg.partition_retries) == ("shard", 3, 1, 0)
+    with pytest.raises(ConfigError, match=r"^partition='shards' is not accepted; accepted: .*\bshard\b"):
+        RunConfig.from_mapping({"partition": "shards"})
+    with pytest.raises(ConfigError, match=r"^partition-retries=1.5 "):
+        RunConfig.from_mapping({"partition-retries": 1.5})
 
 
 def test_validate_false_skips_checks() -> None:
@@ -309,6 +323,7 @@ EMULATOR_SETTINGS = {
     "n_critic": "wgan_n_critic",
     "gp_lambda": "wgan_gp_lambda",
     "info_weight": "infogan_weight",
+    "pairing_weight": "emulator_pairing_weight",
 }
 EMULATOR_ONLY = {"betas", "seed"}  # per-kind Adam betas; a per-client seed derived from the run's seed
 DISTILL_ONLY = {"num_classes", "generator", "device"}  # the data set's, the client's emulator, a torch device

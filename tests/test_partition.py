@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
+
+import datasets
 import numpy as np
 import pytest
+from flwr_datasets.partitioner import DirichletPartitioner
 
 from mekd_fl.data import PARTITIONS, FederatedSplit, label_counts, partition_indices, split_federated
 from mekd_fl.errors import ConfigError
@@ -92,19 +96,89 @@ def test_pathological_too_few_samples_is_a_config_error() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "setting"),
     [
-        ({"scheme": "shards"}, r"^partition='shards' is not known; accepted: iid, dirichlet, pathological$"),
+        ({"scheme": "shards"}, r"^partition='shards' is not known; accepted: iid, dirichlet, pathological, shard$"),
         ({"scheme": "dirichlet", "alpha": 0.0}, r"^alpha=0.0 must be > 0"),
         ({"scheme": "dirichlet", "alpha": -1.0}, r"^alpha=-1.0 must be > 0"),
         ({"num_partitions": 0}, r"^num-clients=0 must be at least 1$"),
         ({"num_partitions": 3001}, r"^num-clients=3001 exceeds the 3000 samples available to clients$"),
         ({"scheme": "pathological", "classes_per_partition": 0}, r"^classes-per-client=0 must be in \[1, 10\]"),
         ({"scheme": "pathological", "classes_per_partition": 11}, r"^classes-per-client=11 must be in \[1, 10\]"),
+        ({"scheme": "dirichlet", "min_partition_size": 0}, r"^min-partition-size=0 must be an integer >= 1$"),
+        ({"scheme": "dirichlet", "partition_retries": -1}, r"^partition-retries=-1 must be an integer >= 0$"),
+        ({"scheme": "shard", "shards_per_partition": 0}, r"^shards-per-client=0 must be in \[1, 300\]"),
+        ({"scheme": "shard", "shards_per_partition": 301}, r"^shards-per-client=301 must be in \[1, 300\]"),
     ],
 )
 def test_bad_settings_name_the_setting(labels: np.ndarray, kwargs: dict, setting: str) -> None:
     args = {"num_partitions": 10, "scheme": "iid"} | kwargs
     with pytest.raises(ConfigError, match=setting):
         partition_indices(labels, args.pop("num_partitions"), args.pop("scheme"), **args)
+
+
+def test_dirichlet_large_federation_with_min_partition_size_1() -> None:
+    """Issue 9: 1000 clients of 30,000 images at alpha=0.5 need a minimum below the default 10."""
+    many = np.random.default_rng(1).permutation(np.arange(30_000) % 10)
+    parts = partition_indices(many, 1000, "dirichlet", alpha=0.5, min_partition_size=1, seed=3)
+    assert len(parts) == 1000 and min(len(p) for p in parts) >= 1
+    assert np.array_equal(np.sort(assert_disjoint_sorted_nonempty(parts)), np.arange(len(many)))
+
+
+# Settings whose first Dirichlet draws leave a client short: seed 3 is accepted at the third draw
+# (2 retries), seed 4 at the ninth (8 retries), found with flwr-datasets' own partitioner.
+HARD = {"num_partitions": 30, "scheme": "dirichlet", "alpha": 0.5, "min_partition_size": 40}
+
+
+def test_partition_retries_are_honoured_and_deterministic(labels: np.ndarray) -> None:
+    with pytest.raises(ConfigError) as info:
+        partition_indices(labels, **HARD, partition_retries=1, seed=3)
+    msg = str(info.value)
+    assert msg.startswith("alpha=0.5 with num-clients=30: 2 Dirichlet draws (partition-retries=1)") and "\n" not in msg
+    for setting in ("alpha", "num-clients", "min-partition-size", "partition-retries"):
+        assert setting in msg.split(";", 1)[1], setting  # the advice names every setting that relaxes it
+    parts = partition_indices(labels, **HARD, partition_retries=2, seed=3)
+    assert min(len(p) for p in parts) >= 40
+    # More retries allowed accept the same (first good) draw: the draws follow from the seed alone.
+    for again in (
+        partition_indices(labels, **HARD, partition_retries=2, seed=3),
+        partition_indices(labels, **HARD, seed=3),
+    ):
+        assert all(np.array_equal(x, y) for x, y in zip(parts, again))
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_default_retries_give_flwr_datasets_own_partition(labels: np.ndarray, seed: int) -> None:
+    """Our redraw loop reproduces DirichletPartitioner's (so earlier runs keep their partitions)."""
+    reference = DirichletPartitioner(30, "label", alpha=0.5, min_partition_size=40, self_balancing=False, seed=seed)
+    reference.dataset = datasets.Dataset.from_dict({"label": labels, "idx": np.arange(len(labels))}).shuffle(seed=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # it warns on each redraw
+        expected = [np.sort(reference.load_partition(i)["idx"]) for i in range(30)]
+    parts = partition_indices(labels, **HARD, seed=seed)
+    assert all(np.array_equal(x, y) for x, y in zip(parts, expected))
+
+
+def test_shard_clients_hold_whole_label_sorted_shards(labels: np.ndarray) -> None:
+    # 7 clients x 2 shards: 14 shards of 3000 // 14 = 214 images; the last 4 in label order fit none.
+    with pytest.warns(UserWarning, match="14 shards of 214 samples; the last 4 samples in label order are unused"):
+        parts = partition_indices(labels, 7, "shard", shards_per_partition=2, seed=5)
+    joined = assert_disjoint_sorted_nonempty(parts)
+    assert all(len(p) == 2 * 214 for p in parts)
+    assert len(joined) == 14 * 214 and set(labels[np.setdiff1d(np.arange(3000), joined)]) == {9}
+    # Shard j holds positions [214 j, 214 (j + 1)) of the label-sorted data: its label histogram is known.
+    by_label = np.sort(labels)
+    shard_counts = [np.bincount(by_label[214 * j : 214 * (j + 1)], minlength=10) for j in range(14)]
+    pairs = [(a, b) for a in range(14) for b in range(a + 1, 14)]
+    for counts in label_counts(labels, parts, 10):
+        assert any(np.array_equal(counts, shard_counts[a] + shard_counts[b]) for a, b in pairs)
+
+
+def test_shard_with_pure_shards_gives_each_client_k_classes(labels: np.ndarray) -> None:
+    # 10 clients x 3 shards of 100: each class is exactly 3 shards, so a client has at most 3 classes
+    # and holds multiples of 100 of each.
+    parts = partition_indices(labels, 10, "shard", shards_per_partition=3, seed=1)
+    counts = label_counts(labels, parts, 10)
+    assert (counts.sum(1) == 300).all() and (counts % 100 == 0).all() and ((counts > 0).sum(1) <= 3).all()
+    assert (counts.sum(0) == 300).all()  # every image is used
 
 
 def test_label_counts(labels: np.ndarray) -> None:

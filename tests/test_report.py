@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from mekd_fl.bench.report import write_report
+from mekd_fl.bench.report import load_results, query_curves, write_report
 from mekd_fl.bench.spec import parse_spec
 from mekd_fl.cli import main
 from mekd_fl.errors import ConfigError
@@ -243,3 +243,51 @@ def test_caption_names_grid_levels_not_run_yet(bench_folder: Path) -> None:
     assert "18/27 cells finished" in markdown
     assert "Not finished: seed=3 (9 cells, not run yet)." in markdown
     assert "(n=2/3)" in row_of(markdown, "mekd")[1]
+
+
+def test_accuracy_vs_queries_is_one_curve_per_method_over_the_budget_levels(tmp_path: Path) -> None:
+    """A query-budget axis (query-fraction / query-views): one line per method, ordered by queries."""
+    spec_data = {
+        "name": "curve",
+        "description": "Written by the test.",
+        "base": {"dataset": "synthetic", "num-clients": 2},
+        "grid": {
+            "budget": [
+                {"label": "2x", "query-fraction": 1.0, "query-views": 2},  # listed first: order comes from queries
+                {"label": "f0.1", "query-fraction": 0.1},
+                {"label": "f1", "query-fraction": 1.0},
+            ],
+            "method": ["kd", "mekd"],
+            "seed": [1, 2],
+        },
+        "report": {"rows": "method", "columns": "budget", "metrics": ["student-accuracy", "queries-total"]},
+        "timing": "none",
+    }
+    folder = tmp_path / "curve"
+    folder.mkdir()
+    spec = parse_spec(spec_data, "curve.yaml", {})
+    (folder / "spec.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+    for cell in spec.cells(out_dir=str(folder)):
+        cfg = cell.config
+        queries = 1000 * cfg.query_fraction * cfg.query_views + cfg.seed  # seeds differ a little
+        acc = 0.5 + 0.1 * cfg.query_fraction * cfg.query_views + (0.05 if cfg.method == "mekd" else 0) + 0.01 * cfg.seed
+        (folder / cell.name).mkdir()
+        summary = {"student-accuracy": acc, "queries-total": queries, "source-blind": True, "wall-seconds": 1.0}
+        (folder / cell.name / "summary.json").write_text(json.dumps(summary))
+    _, results = load_results(folder)
+    curves = query_curves(spec, results)
+    assert list(curves) == ["kd", "mekd"]
+    for method, bonus in (("kd", 0.0), ("mekd", 5.0)):
+        xs, ys, sd, n = zip(*curves[method])
+        assert xs == pytest.approx((101.5, 1001.5, 2001.5)) and n == (2, 2, 2)  # means over the two seeds
+        assert ys == pytest.approx((52.5 + bonus, 61.5 + bonus, 71.5 + bonus)) and sd == pytest.approx((0.5,) * 3)
+    write_report(folder)
+    assert (folder / "accuracy_vs_queries.png").stat().st_size > 0
+    assert "accuracy_vs_queries.png" in (folder / "report.md").read_text()
+
+
+def test_without_a_budget_axis_queries_stay_one_point_per_cell(bench_folder: Path) -> None:
+    spec, results = load_results(bench_folder)
+    assert query_curves(spec, results) == {}  # the partition axis is no budget axis: no lines across it
+    write_report(bench_folder)
+    assert (bench_folder / "accuracy_vs_queries.png").is_file()

@@ -141,3 +141,18 @@ def test_shipped_specs_cover_the_promised_grids() -> None:
     assert len(noniid) == 5 * 6 * 3
     smoke = load_spec(EXPERIMENTS / "smoke.yaml").cells()
     assert len(smoke) == 4 and {c.config.dataset for c in smoke} == {"synthetic"}
+
+
+def test_query_curve_specs_sweep_the_budget_per_method() -> None:
+    curve = load_spec(EXPERIMENTS / "query-curve-fmnist.yaml").cells()
+    budgets = {(c.config.query_fraction, c.config.query_views) for c in curve}
+    assert budgets == {(0.05, 1), (0.1, 1), (0.25, 1), (0.5, 1), (1.0, 1), (1.0, 2)}
+    assert {c.labels["method"] for c in curve} == {"kd", "dkd", "mekd", "mekd-paired"}
+    assert {c.config.emulator_pairing for c in curve if c.labels["method"] == "mekd-paired"} == {"paired"}
+    assert {(c.config.partition, c.config.alpha, c.config.num_clients) for c in curve} == {("dirichlet", 0.1, 10)}
+    assert len(curve) == 6 * 4 * 3
+    selection = load_spec(EXPERIMENTS / "query-selection-fmnist.yaml").cells()
+    assert {(c.config.method, c.config.query_selection) for c in selection} == {
+        (m, s) for m in ("kd", "mekd") for s in ("random", "kcenter")
+    }
+    assert {c.config.query_fraction for c in selection} == {0.05, 0.1, 0.25}

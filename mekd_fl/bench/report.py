@@ -311,9 +311,82 @@ def plot_scatter(spec: Spec, results: list[CellResult], metric: str, xlabel: str
     return _save(fig, path)
 
 
+#: Settings that set how many teacher queries a client sends: an axis over them is a query-budget axis.
+BUDGET_SETTINGS = ("query-fraction", "query-views", "query-budget")
+QUERIES_LABEL = "teacher queries used (all clients)"
+
+
+def query_curves(spec: Spec, results: list[CellResult]) -> dict[str, list[tuple[float, float, float, int]]]:
+    """Accuracy-vs-queries curves: name -> [(mean queries, mean accuracy %, std %, cells)], ordered by queries.
+
+    A curve per rows value (and per label of any other axis that is neither a budget axis, one whose
+    levels set a setting in `BUDGET_SETTINGS`, nor a seed axis); its points are its budget levels, each
+    the mean over the level's finished cells (the seeds). Empty when the grid has no budget axis.
+    """
+    rows = spec.report.rows
+    budget = [
+        a.name for a in spec.grid if a.name != rows and any(set(lv.settings) & set(BUDGET_SETTINGS) for lv in a.levels)
+    ]
+    if not budget:
+        return {}
+    seeds = [a.name for a in spec.grid if all(set(lv.settings) == {"seed"} for lv in a.levels)]
+    other = [a.name for a in spec.grid if a.name not in (rows, *budget, *seeds)]
+    groups: dict[str, dict[tuple[str, ...], list[CellResult]]] = {}
+    for row in _labels(spec, rows):
+        for r in results:
+            if r.cell.labels[rows] != row or r.value("queries-total") is None or r.value("student-accuracy") is None:
+                continue
+            name = " / ".join([row, *(r.cell.labels[a] for a in other)])
+            groups.setdefault(name, {}).setdefault(tuple(r.cell.labels[a] for a in budget), []).append(r)
+    curves = {}
+    for name, levels in groups.items():
+        points = []
+        for members in levels.values():
+            acc = [100 * m.value("student-accuracy") for m in members]
+            points.append(
+                (
+                    float(np.mean([m.value("queries-total") for m in members])),
+                    float(np.mean(acc)),
+                    float(np.std(acc)),
+                    len(members),
+                )
+            )
+        curves[name] = sorted(points)
+    return curves
+
+
+def plot_queries(spec: Spec, results: list[CellResult], path: Path) -> Path | None:
+    """Final student accuracy against the teacher queries used: the query-efficiency curve.
+
+    With a budget axis in the grid (query-fraction, query-views or query-budget), one line per rows value
+    through its budget levels, ordered by queries (mean ± std over seeds; log x when the budgets span
+    10x or more). Without one, one point per cell, as `plot_scatter` draws it.
+    """
+    curves = query_curves(spec, results)
+    if not curves:
+        return plot_scatter(spec, results, "queries-total", QUERIES_LABEL, path)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for name, points in curves.items():
+        xs, ys, sd, _ = zip(*points)
+        ax.errorbar(xs, ys, yerr=sd, marker="o", markersize=4, capsize=3, label=name)
+    xs = [x for points in curves.values() for x, *_ in points]
+    if min(xs) > 0 and max(xs) >= 10 * min(xs):
+        ax.set_xscale("log")
+    ax.set_xlabel(QUERIES_LABEL)
+    ax.set_ylabel("student test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, title=spec.report.rows, title_fontsize=7)
+    return _save(fig, path)
+
+
 def partition_title(cell: Cell) -> str:
     cfg = cell.config
-    detail = {"dirichlet": f" alpha={cfg.alpha}", "pathological": f" {cfg.classes_per_client} classes/client"}
+    detail = {
+        "dirichlet": f" alpha={cfg.alpha}",
+        "pathological": f" {cfg.classes_per_client} classes/client",
+        "shard": f" {cfg.shards_per_client} shards/client",
+    }
     return f"{cfg.partition}{detail.get(cfg.partition, '')}, {cfg.num_clients} clients"
 
 
@@ -353,9 +426,7 @@ def write_report(folder: Path) -> str:
     plots = [
         plot_rounds(spec, results, folder / "accuracy_per_round.png"),
         plot_alpha(spec, results, folder / "accuracy_vs_alpha.png"),
-        plot_scatter(
-            spec, results, "queries-total", "teacher queries used (all clients)", folder / "accuracy_vs_queries.png"
-        ),
+        plot_queries(spec, results, folder / "accuracy_vs_queries.png"),
         plot_scatter(
             spec,
             results,

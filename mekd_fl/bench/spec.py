@@ -47,6 +47,9 @@ METRICS: dict[str, bool] = {
     "client-test-accuracy": True,
     "teacher-accuracy": True,
     "emulator-fid-mean": False,
+    "fidelity-consistency": True,
+    "fidelity-class-separation": True,
+    "fidelity-student-distance": False,
     "queries-total": False,
     "wall-seconds": False,
 }

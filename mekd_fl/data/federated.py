@@ -67,6 +67,9 @@ def split_federated(
     server_share: float,
     client_test_fraction: float,
     seed: int,
+    shards_per_partition: int = 2,
+    min_partition_size: int = 10,
+    partition_retries: int = 10,
 ) -> FederatedSplit:
     """Split train rows into server data and per-client train/test parts.
 
@@ -96,7 +99,10 @@ def split_federated(
             scheme,
             alpha=alpha,
             classes_per_partition=classes_per_partition,
+            shards_per_partition=shards_per_partition,
             seed=seed,
+            min_partition_size=min_partition_size,
+            partition_retries=partition_retries,
         )
     ]
     client_train, client_test = [], []
