@@ -86,7 +86,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             server_app=make_server_app(cfg, resume=resume),
             client_app=make_client_app(cfg.data_dir),
             num_supernodes=cfg.num_clients,
-            backend_config=backend_config(args.client_cpus, args.client_gpus),
+            backend_config=backend_config(args.client_cpus, args.client_gpus, args.ray_address),
             verbose_logging=args.verbose,
         )
     except RunFailed as exc:
@@ -97,6 +97,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"mekd-fl: error: run {state}: {line}", file=sys.stderr)
         return 1
     return 0
+
+
+def cmd_deploy_local(args: argparse.Namespace) -> int:
+    from mekd_fl.deploy.local import deploy_local
+
+    return deploy_local(
+        args.supernodes,
+        args.run_config,
+        workdir=args.workdir,
+        timeout=args.timeout,
+        port=args.port,
+        node_port=args.node_port,
+    )
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -219,7 +232,27 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN_FOLDER",
         help="continue a killed run from its last saved round (same settings, same results)",
     )
+    run.add_argument(
+        "--ray-address",
+        default="",
+        metavar="HOST:PORT",
+        help="attach to a running Ray cluster (`ray start --head`) instead of starting one; "
+        "default: $RAY_ADDRESS if set, else a private cluster",
+    )
     run.set_defaults(func=cmd_run)
+    dep = sub.add_parser(
+        "deploy-local",
+        help="one run under Flower's Deployment Engine on loopback: TLS, authenticated SuperNodes, the outcome",
+    )
+    dep.add_argument("--supernodes", type=int, required=True, metavar="N", help="SuperNodes (= num-clients)")
+    dep.add_argument(
+        "--run-config", default="", metavar="'K=V ...'", help="run settings, as for `flwr run --run-config`"
+    )
+    dep.add_argument("--workdir", default="runs/deploy-local", help="certificates, keys, FLWR_HOME and logs")
+    dep.add_argument("--timeout", type=float, default=1800.0, metavar="S", help="seconds to wait for the run")
+    dep.add_argument("--port", type=int, default=8000, help="SuperLink port on 127.0.0.1")
+    dep.add_argument("--node-port", type=int, default=9094, help="first SuperNode's port; node i takes NODE_PORT+i")
+    dep.set_defaults(func=cmd_deploy_local)
     st = sub.add_parser("status", help="a run folder's true status (exit 0 completed, 1 failed, 3 unfinished)")
     st.add_argument("folder")
     st.set_defaults(func=cmd_status)

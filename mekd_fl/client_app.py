@@ -6,8 +6,10 @@ needs arrives in the message's ConfigRecord, and only those (the server sends
 `RunConfig.client_dict()` plus the strategy's own keys). In a simulation, the message's `shard`
 record says which images of the data set files are this node's own; the node reads the files itself
 from its data folder (`make_client_app(data_dir)`, else the node-config or run-config `data-dir`,
-else the default locations). Its evaluate handler measures the global student on the node's held-out
-split (labels are read only there).
+else the default locations). Under the Deployment Engine with `client-data=node-config`, no shard
+comes: the SuperNode's node-config `partition-id` / `num-partitions` names its partition, and the node
+derives it from the run config's split (`node_config_data`). Its evaluate handler measures the global
+student on the node's held-out split (labels are read only there).
 """
 
 from __future__ import annotations
@@ -47,21 +49,44 @@ def _forget_other_runs(context: Context, run_name: str) -> None:
     context.state["mekd-run"] = ConfigRecord({"run-name": run_name})
 
 
+def node_config_data(context: Context, data_dir: str = "") -> tuple[int, LocalData]:
+    """A SuperNode's data when the server sends no shard (`client-data=node-config`): the partition its
+    node-config names (`partition-id`, `num-partitions`), cut from its own copy of the data files by the
+    split the run config defines (`run_data`, the same function the server splits with)."""
+    node = context.node_config
+    if "partition-id" not in node or "num-partitions" not in node:
+        raise ValueError(
+            "no 'shard' record and no partition-id / num-partitions in the node-config: start the SuperNode "
+            'with --node-config "partition-id=I num-partitions=N" (client-data=node-config), or let the '
+            "server send shards (client-data=shard)"
+        )
+    from mekd_fl.run_data import run_data  # the server's split; imported here: simulations never need it
+
+    run = RunConfig.from_mapping(dict(context.run_config), validate=False)
+    run = run.replace(data_dir=_data_dir(data_dir, context))
+    partition, count = int(node["partition-id"]), int(node["num-partitions"])
+    if count != run.num_clients or not 0 <= partition < count:
+        raise ValueError(
+            f"node-config partition-id={partition} num-partitions={count} does not fit the run's "
+            f"num-clients={run.num_clients}: expected num-partitions={run.num_clients} and 0 <= partition-id < it"
+        )
+    split = run_data(run).split
+    return partition, shard_data(run.dataset, run.data_dir, split.client_train[partition], split.client_test[partition])
+
+
 def _node(message: Message, context: Context, data_dir: str) -> tuple[EdgeClient, LocalData]:
     """This node's EdgeClient under the message's settings, and its local data (from its shard)."""
     limit_threads()
     raw = {k: v for k, v in dict(message.content[P.CONFIG]).items() if k not in P.STRATEGY_KEYS}
     cfg = RunConfig.from_mapping(raw, validate=False)  # server-only fields keep their defaults, unused here
     shard = message.content.array_records.get(P.SHARD)
-    if shard is None:
-        raise ValueError(
-            "no 'shard' record: this ClientApp serves simulations, where the server says which "
-            "images of the data set files are this node's own (register_mekd serves your own data)"
+    if shard is not None:
+        partition = int(shard[P.PARTITION].numpy())
+        local = shard_data(
+            cfg.dataset, _data_dir(data_dir, context), shard[P.TRAIN_INDEX].numpy(), shard[P.TEST_INDEX].numpy()
         )
-    partition = int(shard[P.PARTITION].numpy())
-    local = shard_data(
-        cfg.dataset, _data_dir(data_dir, context), shard[P.TRAIN_INDEX].numpy(), shard[P.TEST_INDEX].numpy()
-    )
+    else:
+        partition, local = node_config_data(context, data_dir)
     _forget_other_runs(context, cfg.run_name)
     edge = EdgeClient(
         local.images,

@@ -123,6 +123,14 @@ class RunConfig:
     )
     server_share: float = _opt(0.5, "Fraction of the training set kept labeled on the server to train the teacher.")
     client_test_fraction: float = _opt(0.1, "Fraction of each client's images held out for federated evaluation.")
+    client_data: str = _opt(
+        "shard",
+        "How a client finds its partition: shard (the server sends each node the image numbers of its "
+        "partition; simulations) or node-config (each SuperNode cuts the partition its node-config "
+        "`partition-id` / `num-partitions` names out of its own copy of the data files, by the split this "
+        "run config defines; the server sends no shard; Deployment Engine, see `mekd-fl deploy-local`).",
+        ("shard", "node-config"),
+    )
     # --- teacher (server only) ---
     teacher_arch: str = _opt("resnet20", "Teacher architecture (CIFAR ResNet, depth 6n+2).")
     teacher_epochs: int = _opt(5, "Teacher training epochs on the server's labeled share.")

@@ -196,7 +196,7 @@ def run_server(grid: Grid, cfg: RunConfig, log: Callable[[str], None] = say, *, 
         emulator_reference=emulator_reference,
         measure_fid=emulators_needed(cfg) and cfg.emulator_fid,
         client_config_keys=CLIENT_SETTINGS,
-        node_records=shard_records(data),
+        node_records=shard_records(data) if cfg.client_data == "shard" else None,  # node-config: nodes cut their own
         max_update_norm=cfg.max_update_norm,
         norm_outlier_factor=cfg.norm_outlier_factor,
         min_reply_fraction=cfg.min_reply_fraction,

@@ -12,15 +12,19 @@ import warnings
 from typing import Any
 
 
-def backend_config(client_cpus: float, client_gpus: float | None) -> dict[str, Any]:
-    """Ray resources per simulated client; GPUs are shared fractionally when CUDA is present."""
+def backend_config(client_cpus: float, client_gpus: float | None, ray_address: str = "") -> dict[str, Any]:
+    """Ray resources per simulated client; GPUs are shared fractionally when CUDA is present.
+
+    `ray_address` ("HOST:PORT" of a running `ray start --head`) attaches the simulation to that cluster
+    instead of starting a private one; empty leaves it to Ray, which honours `RAY_ADDRESS`.
+    """
     import torch
 
     gpus = client_gpus if client_gpus is not None else (0.25 if torch.cuda.is_available() else 0.0)
-    return {
-        "client_resources": {"num_cpus": client_cpus, "num_gpus": gpus},
-        "init_args": {"logging_level": "ERROR", "log_to_driver": True},
-    }
+    init_args: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": True}
+    if ray_address:
+        init_args["address"] = ray_address
+    return {"client_resources": {"num_cpus": client_cpus, "num_gpus": gpus}, "init_args": init_args}
 
 
 def quiet_flower(verbose: bool) -> None:
