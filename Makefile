@@ -18,12 +18,18 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# The offline default data set comes from Debian; install it when missing and we may (root, apt present).
+# The offline default data set comes from Debian, and deploy-local needs openssl and ssh-keygen
+# (TLS certificates, SuperNode keys); install what is missing when we may (root, apt present).
 data:
 	@if [ ! -f $(FMNIST) ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
 	  else echo "Fashion-MNIST missing: run 'sudo apt-get install dataset-fashion-mnist' or pass ARGS=\"download=true\""; fi; \
+	fi
+	@if ! command -v openssl >/dev/null || ! command -v ssh-keygen >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl openssh-client; \
+	  else echo "openssl or ssh-keygen missing (mekd-fl deploy-local needs them): sudo apt-get install openssl openssh-client"; fi; \
 	fi
 
 run: $(STAMP) data
