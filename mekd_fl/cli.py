@@ -73,9 +73,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.check:
         print(f"settings and data OK: {cfg.dataset}, {cfg.num_clients} clients, method={cfg.method}")
         return 0
-    from mekd_fl.simulation import backend_config, quiet_flower
+    from mekd_fl.simulation import backend_config, fast_message_polling, quiet_flower
 
     quiet_flower(args.verbose)  # before Flower's imports: our own progress lines say what happens
+    fast_message_polling()
     from flwr.simulation import run_simulation
 
     from mekd_fl.client_app import make_client_app

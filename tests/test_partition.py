@@ -272,3 +272,18 @@ def test_summary_table_with_many_classes_shows_a_digest() -> None:
     assert len(lines) == 6 and all(
         line.split()[3] == str((s.label_counts[i] > 0).sum()) for i, line in enumerate(lines[1:5])
     )
+
+
+@pytest.mark.parametrize("n,parts", [(30, 7), (3000, 1000), (1000, 1)])
+def test_iid_fast_path_equals_flwr_datasets_iid_partitioner(n: int, parts: int) -> None:
+    """The iid split is cut with numpy; it must be exactly IidPartitioner's contiguous shards of the same
+    seeded shuffle (so results made before the fast path stay the same)."""
+    import datasets
+    from flwr_datasets.partitioner import IidPartitioner
+
+    labels = np.arange(n) % 10
+    ours = partition_indices(labels, parts, "iid", seed=5)
+    partitioner = IidPartitioner(parts)
+    partitioner.dataset = datasets.Dataset.from_dict({"label": labels, "idx": np.arange(n)}).shuffle(seed=5)
+    theirs = [np.sort(partitioner.load_partition(i).with_format("numpy")["idx"][:]) for i in range(parts)]
+    assert len(ours) == len(theirs) and all(np.array_equal(a, b) for a, b in zip(ours, theirs))

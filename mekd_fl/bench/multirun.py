@@ -37,7 +37,7 @@ def run_configs(
 
     from mekd_fl.client_app import make_client_app
     from mekd_fl.server_app import prepare, run_server
-    from mekd_fl.simulation import backend_config, quiet_flower
+    from mekd_fl.simulation import backend_config, fast_message_polling, quiet_flower
 
     if not configs:
         raise ConfigError("nothing to run: the list of configurations is empty")
@@ -52,6 +52,7 @@ def run_configs(
     for cfg in configs:
         prepare(cfg)
     quiet_flower(verbose)
+    fast_message_polling()
     outcome: dict[str, dict[str, Any]] = {}
     server = ServerApp()
 

@@ -78,6 +78,13 @@ def partition_indices(
     table = datasets.Dataset.from_dict({"label": labels, "idx": np.arange(len(labels))}).shuffle(seed=seed)
     if scheme == "dirichlet":
         return _dirichlet_parts(table, labels, num_partitions, alpha, min_partition_size, partition_retries, seed)
+    if scheme == "iid":
+        # IidPartitioner's contiguous shards of the shuffled table, cut in one numpy call: the same
+        # partitions (tests/test_partition.py compares them), where reading 10,000 partitions back one
+        # by one through `datasets` took 14 s in every process that builds the split.
+        return [
+            np.sort(part) for part in np.array_split(np.asarray(table.with_format("numpy")["idx"][:]), num_partitions)
+        ]
     partitioner = _make_partitioner(num_partitions, scheme, classes_per_partition, shards_per_partition, seed)
     partitioner.dataset = table
     with warnings.catch_warnings():
