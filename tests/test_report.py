@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from mekd_fl.bench.report import load_results, query_curves, write_report
+from mekd_fl.bench.report import Stat, format_stat, load_results, query_curves, write_report
 from mekd_fl.bench.spec import parse_spec
 from mekd_fl.cli import main
 from mekd_fl.errors import ConfigError
@@ -291,3 +291,11 @@ def test_without_a_budget_axis_queries_stay_one_point_per_cell(bench_folder: Pat
     assert query_curves(spec, results) == {}  # the partition axis is no budget axis: no lines across it
     write_report(bench_folder)
     assert (bench_folder / "accuracy_vs_queries.png").is_file()
+
+
+def test_table_entries_keep_the_digits_their_metric_needs() -> None:
+    """Accuracies in % to 2 decimals; fidelity shares in [0, 1] to 3 (not rounded to 0 or 1); FID to 1."""
+    assert format_stat(Stat((0.6503,), 1, True), "student-accuracy") == "65.03"
+    assert format_stat(Stat((0.62109375,), 1, True), "fidelity-consistency") == "0.621"
+    assert format_stat(Stat((0.5, 0.7), 2, True), "fidelity-class-separation") == "0.600 ± 0.141"
+    assert format_stat(Stat((88.87,), 3, True), "emulator-fid-mean") == "88.9 (n=1/3)"

@@ -112,7 +112,12 @@ def format_stat(value: Stat, metric: str) -> str:
     if not value.values:
         return "n/a"
     percent = "accuracy" in metric or "agreement" in metric
-    scale, digits = (100.0, 2) if percent else (1.0, 1 if "fid" in metric else 0)
+    if percent:
+        scale, digits = 100.0, 2
+    elif metric.startswith("fidelity-"):  # shares and distances in [0, 2]
+        scale, digits = 1.0, 3
+    else:  # FID to one decimal, counts and seconds whole
+        scale, digits = 1.0, 1 if "fid" in metric else 0
     text = f"{value.mean * scale:.{digits}f}"
     if len(value.values) > 1:
         text += f" ± {value.std * scale:.{digits}f}"
