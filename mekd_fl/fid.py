@@ -51,7 +51,6 @@ import math
 
 import torch
 from torch import nn
-from torchmetrics.image.fid import FrechetInceptionDistance
 
 from mekd_fl.augment import to_unit
 from mekd_fl.models.gan import ImageShape
@@ -177,6 +176,11 @@ def domain_fid(
                 f"got {images.dtype} {tuple(images.shape)}"
             )
     net.eval()
+    # Imported here, not with the module: torchmetrics pulls in torchvision and torch._dynamo (seconds, and a
+    # circular-import race when two threads of one process load them at once, as Flower's app loading can),
+    # while every ClientApp imports this module and most runs never measure a FID.
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
     metric = FrechetInceptionDistance(feature=_Features(net), input_img_size=net.image_shape, normalize=True)
     metric.to(device)
     for images, real in ((real_uint8, True), (fake_uint8, False)):
