@@ -19,7 +19,8 @@ import time
 import torch
 
 from mekd_fl.config import RunConfig
-from mekd_fl.edge import EdgeClient, EdgeSettings, teacher_codes
+from mekd_fl.distill import teacher_codes
+from mekd_fl.edge import EdgeClient, EdgeSettings
 from mekd_fl.emulator import from_gan_range
 from mekd_fl.fidelity import emulator_fidelity
 from mekd_fl.run_data import run_data

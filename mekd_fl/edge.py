@@ -33,7 +33,7 @@ from torch import nn
 from mekd_fl.augment import to_unit
 from mekd_fl.config import RunConfig
 from mekd_fl.device import pick_device
-from mekd_fl.distill import DistillContext, generator_input, get_distiller, teacher_log_probs
+from mekd_fl.distill import DistillContext, generator_input, get_distiller, teacher_codes
 from mekd_fl.emulator import EmulatorConfig, build_emulator, from_gan_range, train_emulator
 from mekd_fl.errors import ConfigError
 from mekd_fl.fid import domain_fid, fixed_feature_net
@@ -489,12 +489,6 @@ class EdgeClient:
         g_t = gen(teacher_codes(responses, s.oracle_output, s.emulator_input, s.temperature))
         g_s = gen(generator_input(s_scores, s.emulator_input, s.temperature))
         return {"images": images.cpu(), "g-teacher": from_gan_range(g_t).cpu(), "g-student": from_gan_range(g_s).cpu()}
-
-
-def teacher_codes(responses: torch.Tensor, oracle_output: str, emulator_input: str, temperature: float) -> torch.Tensor:
-    """What G receives for the teacher's answers: the same input the MEKD term builds for G(T(x))."""
-    scores = responses if oracle_output == "logits" else teacher_log_probs(responses, "probs")
-    return generator_input(scores, emulator_input, temperature)
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:

@@ -11,12 +11,13 @@ from mekd_fl.distill.base import (
     needs_generator,
     teacher_log_probs,
 )
-from mekd_fl.distill.mekd import generator_input
+from mekd_fl.distill.mekd import generator_input, teacher_codes
 
 __all__ = [
     "DistillContext",
     "Distiller",
     "generator_input",
+    "teacher_codes",
     "get_class",
     "get_distiller",
     "kl_divergence",

@@ -37,6 +37,13 @@ def generator_input(scores: torch.Tensor, how: str, temperature: float) -> torch
     return scores.softmax(1) if how == "probs" else scores / temperature
 
 
+def teacher_codes(responses: torch.Tensor, oracle_output: str, emulator_input: str, temperature: float) -> torch.Tensor:
+    """What G receives for the teacher's answers, G(T(x))'s input: the one definition shared by the MEKD term
+    and the paired emulator's training (which must feed G exactly what distillation will)."""
+    scores = responses.float() if oracle_output == "logits" else teacher_log_probs(responses, oracle_output)
+    return generator_input(scores, emulator_input, temperature)
+
+
 def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """Eval-mode BatchNorm as y = x * scale + shift, per channel."""
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
@@ -144,10 +151,9 @@ class MEKD(Distiller):
     def _target(self, teacher_response: torch.Tensor) -> torch.Tensor:
         """G(T(x)), without gradient."""
         ctx = self.ctx
-        raw_logits = ctx.oracle_output == "logits"
-        t_scores = teacher_response.float() if raw_logits else teacher_log_probs(teacher_response, ctx.oracle_output)
+        codes = teacher_codes(teacher_response, ctx.oracle_output, ctx.emulator_input, ctx.temperature)
         with torch.no_grad():
-            return self._g(generator_input(t_scores, ctx.emulator_input, ctx.temperature))
+            return self._g(codes)
 
     def prepare(self, responses: torch.Tensor) -> None:
         """G(T(x)) for all the round's answers, once, in chunks (float32: 4 bytes per pixel per answer).
