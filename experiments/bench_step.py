@@ -3,7 +3,8 @@
 Both ratios are measured side by side in one process, interleaved, so machine noise hits both sides
 alike, once per torch thread count. MEKD runs as a client runs it: G(T(x)) computed once for the round's
 answers (`prepare`, timed on its own) and each step reading its rows. Usage:
-`python experiments/bench_step.py [--device cpu|cuda] [--batch-size 64] [--repeats 30] [--threads 1 2]`.
+`python experiments/bench_step.py [--device cpu|cuda] [--batch-size 64] [--repeats 30] [--threads 1 2]
+[--precision fp32 bf16]`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from mekd_fl.distill import DistillContext, get_distiller
 from mekd_fl.emulator import build_emulator
 from mekd_fl.errors import ConfigError
 from mekd_fl.oracle import TeacherOracle
+from mekd_fl.precision import PRECISIONS, autocast
 from mekd_fl.teacher import build_model
 
 
@@ -36,6 +38,7 @@ def time_steps(
     repeats: int,
     batch_size: int,
     reference: bool = False,
+    precision: str = "fp32",
 ) -> dict[str, float]:
     """Median seconds of one optimisation step per method on the same batch and the same student, and the
     seconds of MEKD's once-per-round `prepare` on all `images` (the client's query set, whose answers
@@ -74,7 +77,8 @@ def time_steps(
             _sync(device)
             t0 = time.perf_counter()
             by_index = {"index": index} if d.batch_index and method != "mekd-per-step" else {}
-            loss = d.losses(students[method](x), response[index], x, i, **by_index)["loss"]
+            with autocast(device, precision):  # as EdgeClient.distill runs a step
+                loss = d.losses(students[method](x).float(), response[index], x, i, **by_index)["loss"]
             optims[method].zero_grad(set_to_none=True)
             loss.backward()
             optims[method].step()
@@ -126,6 +130,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--reference", action="store_true", help="also time MEKD as computed before issue 9")
     parser.add_argument(
+        "--precision", nargs="+", default=["fp32"], choices=PRECISIONS, help="each measured (bf16: autocast)"
+    )
+    parser.add_argument(
         "--threads", type=int, nargs="+", default=[1, 2], help="torch CPU thread counts, each measured (0: default)"
     )
     args = parser.parse_args()
@@ -145,21 +152,23 @@ def main() -> None:
     for threads in args.threads:
         torch.set_num_threads(threads or default_threads)
         n = max(args.batch_size, args.round_images)
-        steps = time_steps(cfg, images[:n], device, args.repeats, args.batch_size, args.reference)
-        # prepare runs once per round: spread over the round's steps (local epochs x batches).
-        per_step_prepare = steps["prepare"] / (cfg.local_epochs * -(-n // args.batch_size))
-        print(
-            f"threads {torch.get_num_threads()}: KD {steps['kd'] * 1e3:.2f} ms, MEKD {steps['mekd'] * 1e3:.2f} ms "
-            f"per step, MEKD/KD = {steps['mekd'] / steps['kd']:.2f}; prepare G(T(x)) for {n} answers "
-            f"{steps['prepare'] * 1e3:.0f} ms once per round (+{per_step_prepare * 1e3:.2f} ms a step: "
-            f"{(steps['mekd'] + per_step_prepare) / steps['kd']:.2f} with it)"
-        )
-        if args.reference:
-            old = steps["mekd-per-step"]
+        for precision in args.precision:
+            steps = time_steps(cfg, images[:n], device, args.repeats, args.batch_size, args.reference, precision)
+            # prepare runs once per round: spread over the round's steps (local epochs x batches).
+            per_step_prepare = steps["prepare"] / (cfg.local_epochs * -(-n // args.batch_size))
             print(
-                f"threads {torch.get_num_threads()}: before issue 9 (G(T(x)) every step, unrewritten G): "
-                f"MEKD {old * 1e3:.2f} ms, MEKD/KD = {old / steps['kd']:.2f}"
+                f"threads {torch.get_num_threads()}, {precision}: KD {steps['kd'] * 1e3:.2f} ms, "
+                f"MEKD {steps['mekd'] * 1e3:.2f} ms per step, MEKD/KD = {steps['mekd'] / steps['kd']:.2f}; "
+                f"prepare G(T(x)) for {n} answers {steps['prepare'] * 1e3:.0f} ms once per round "
+                f"(+{per_step_prepare * 1e3:.2f} ms a step: {(steps['mekd'] + per_step_prepare) / steps['kd']:.2f} "
+                "with it)"
             )
+            if args.reference:
+                old = steps["mekd-per-step"]
+                print(
+                    f"threads {torch.get_num_threads()}, {precision}: before issue 9 (G(T(x)) every step, "
+                    f"unrewritten G): MEKD {old * 1e3:.2f} ms, MEKD/KD = {old / steps['kd']:.2f}"
+                )
         if args.oracle_images:
             rates = time_oracle(cfg, images[: args.oracle_images], device, max(3, args.repeats // 5))
             print(

@@ -30,6 +30,7 @@ CLIENT_SETTINGS: tuple[str, ...] = (
     "seed",
     "run-name",
     "device",
+    "precision",
     "dataset",
     "oracle-output",
     "emulator-steps",
@@ -91,6 +92,13 @@ class RunConfig:
     cache_dir: str = _opt("", "Teacher checkpoint cache (empty: `$MEKD_FL_CACHE` or `~/.cache/mekd-fl`).")
     device: str = _opt(
         "auto", "Torch device for server and clients: auto (cuda when present), cpu, cuda.", ("auto", "cpu", "cuda")
+    )
+    precision: str = _opt(
+        "fp32",
+        "Clients' arithmetic for the student's and the emulator's training: fp32, or bf16 (autocast: "
+        "matrix products and convolutions in bfloat16, losses, weights and G(T(x)) targets in float32). "
+        "bf16 is for GPUs with bfloat16 units (A100, H100); on most CPUs it is slower.",
+        ("fp32", "bf16"),
     )
     # --- data ---
     dataset: str = _opt("fashion-mnist", "Data set.", ("fashion-mnist", "mnist", "cifar10", "cifar100", "synthetic"))

@@ -38,6 +38,7 @@ from mekd_fl.emulator import EmulatorConfig, build_emulator, from_gan_range, tra
 from mekd_fl.errors import ConfigError
 from mekd_fl.fid import domain_fid, fixed_feature_net
 from mekd_fl.models.gan import Generator
+from mekd_fl.precision import autocast
 from mekd_fl.queries import generated, select_queries
 
 StateDict = dict[str, torch.Tensor]
@@ -57,6 +58,7 @@ class EdgeSettings:
 
     seed: int = RunConfig.seed
     device: str = RunConfig.device
+    precision: str = RunConfig.precision
     oracle_output: str = RunConfig.oracle_output
     emulator_steps: int = RunConfig.emulator_steps
     emulator_batch_size: int = RunConfig.emulator_batch_size
@@ -123,6 +125,7 @@ class EdgeSettings:
             gp_lambda=self.wgan_gp_lambda,
             info_weight=self.infogan_weight,
             pairing_weight=self.emulator_pairing_weight,
+            precision=self.precision,
         )
 
     def round_lr(self, server_round: int) -> float:
@@ -432,14 +435,15 @@ class EdgeClient:
                 # Progress in local epochs since the run began, from 1 (DKD's warm-up reads it).
                 epoch = (server_round - 1) * s.local_epochs + local_epoch + (b + 1) / batches
                 x = to_unit(images_dev[idx])
-                parts = distiller.losses(
-                    student(self.preprocess(x)),
-                    responses_dev[idx],
-                    x,
-                    epoch,
-                    labels[idx] if labels is not None else None,
-                    **({"index": idx} if distiller.batch_index else {}),
-                )
+                with autocast(self.device, s.precision):  # bf16: the student's (and G(S(x))'s) forward
+                    parts = distiller.losses(
+                        student(self.preprocess(x)).float(),
+                        responses_dev[idx],
+                        x,
+                        epoch,
+                        labels[idx] if labels is not None else None,
+                        **({"index": idx} if distiller.batch_index else {}),
+                    )
                 opt.zero_grad(set_to_none=True)
                 parts["loss"].backward()
                 opt.step()

@@ -30,6 +30,7 @@ from torch.nn import functional as F
 from mekd_fl.config import RunConfig
 from mekd_fl.errors import ConfigError
 from mekd_fl.models.gan import Critic, Discriminator, Generator, ImageShape, InfoDiscriminator, init_dcgan_weights
+from mekd_fl.precision import autocast
 
 
 @dataclass
@@ -47,6 +48,7 @@ class EmulatorConfig:
     gp_lambda: float = RunConfig.wgan_gp_lambda  # wgan-gp: gradient-penalty weight
     info_weight: float = RunConfig.infogan_weight  # infogan: weight of the code-reconstruction (Q) loss
     pairing_weight: float = RunConfig.emulator_pairing_weight  # paired: weight of |G(T(x)) - x|
+    precision: str = RunConfig.precision  # fp32, or bf16 autocast for the GAN's forward passes
 
 
 @dataclass
@@ -87,7 +89,8 @@ def gradient_penalty(
     eps_shape = (real.shape[0],) + (1,) * (real.dim() - 1)
     eps_device = generator.device if generator is not None else real.device
     eps = torch.rand(eps_shape, generator=generator, device=eps_device).to(real.device)
-    x_hat = torch.lerp(fake.detach(), real.detach(), eps).requires_grad_(True)
+    # float32 interpolates, also when G ran under bf16 autocast (lerp needs one dtype)
+    x_hat = torch.lerp(fake.detach().float(), real.detach().float(), eps).requires_grad_(True)
     (grad,) = torch.autograd.grad(critic(x_hat).sum(), x_hat, create_graph=True)
     return (grad.flatten(1).norm(2, dim=1) - 1.0).square().mean()
 
@@ -325,7 +328,8 @@ def _run_gan(
     g_tail = torch.zeros((), device=device)
 
     for step in range(cfg.steps):
-        d_loss, g_loss = spec.step(loop)
+        with autocast(device, cfg.precision):
+            d_loss, g_loss = spec.step(loop)
         if step >= tail_start:
             d_tail += d_loss
             g_tail += g_loss

@@ -324,6 +324,7 @@ EMULATOR_SETTINGS = {
     "gp_lambda": "wgan_gp_lambda",
     "info_weight": "infogan_weight",
     "pairing_weight": "emulator_pairing_weight",
+    "precision": "precision",
 }
 EMULATOR_ONLY = {"betas", "seed"}  # per-kind Adam betas; a per-client seed derived from the run's seed
 DISTILL_ONLY = {"num_classes", "generator", "device"}  # the data set's, the client's emulator, a torch device

@@ -188,7 +188,8 @@ class MEKD(Distiller):
         s_scores = student_logits if raw_logits else F.log_softmax(student_logits, dim=1)
         cached = index is not None and self._targets is not None
         target = self._targets[index] if cached else self._target(teacher_response)
-        emulated = self._g(generator_input(s_scores, ctx.emulator_input, ctx.temperature))
+        # float(): under bf16 autocast G runs in bfloat16; the distance is taken in float32 like its target
+        emulated = self._g(generator_input(s_scores, ctx.emulator_input, ctx.temperature)).float()
         dist = F.l1_loss(emulated, target) if ctx.distance == "l1" else F.mse_loss(emulated, target)
         kl = kl_divergence(t_log_p, student_logits, ctx.temperature)
         loss = ctx.weight_emulation * dist + ctx.weight_kl * kl
