@@ -97,7 +97,9 @@ def mekd_handlers(edge_for: EdgeFor) -> dict[str, Handler]:
         edge, extra = edge_for(message, context), strategy_keys(message)
         if P.BUDGET not in extra:
             raise ValueError(f"a {P.QUERY} message without '{P.BUDGET}' in its config")
-        images = edge.query_images(int(extra[P.BUDGET]), _state_dict(context, STATE_GENERATOR))
+        scorer = message.content.array_records.get(P.ARRAYS)  # query-selection=uncertainty: the global student
+        student = scorer.to_torch_state_dict() if scorer is not None else None
+        images = edge.query_images(int(extra[P.BUDGET]), _state_dict(context, STATE_GENERATOR), student)
         context.state[STATE_ANSWERS] = ArrayRecord({P.IMAGES: Array(images.numpy())})
         content = RecordDict(
             {

@@ -230,9 +230,12 @@ class RunConfig:
         "Which images of the pool a client spends its queries on: random (a seeded random subset) or "
         "kcenter (greedy k-center coverage of the pool in the features of the fixed, data-independent "
         "domain-FID network: with a small budget it covers rare modes a random subset misses; reads no "
-        "label and no answer, spends no query). With generated samples kcenter picks from as many "
-        "samples as the pool holds.",
-        ("random", "kcenter"),
+        "label and no answer, spends no query), or uncertainty (the images the current global student is "
+        "least sure of, by the entropy of its softmax; the server sends the student with the query "
+        "message; needs emulator-phase=lazy and fraction-train < 1, and the first cohort, which has no "
+        "trained student yet, chooses at random). With generated samples kcenter and uncertainty pick "
+        "from as many samples as the pool holds.",
+        ("random", "kcenter", "uncertainty"),
     )
     # --- distillation (clients) ---
     method: str = _opt(
@@ -352,8 +355,11 @@ class RunConfig:
         return {key: values[key] for key in CLIENT_SETTINGS}
 
     # ------------------------------------------------------------------ validation
-    def validate(self) -> None:
+    def validate(self, client: bool = False) -> None:
         """Reject bad settings with one line naming the setting and what is accepted.
+
+        `client=True` (an edge device checking the settings it was sent) skips the checks of combinations
+        with server settings a client is never sent (emulator-phase, fraction-train).
 
         Only cheap checks live here (no data decoding) so a run fails in well under a second; the
         checks that need the machine (device, writable folders) are in `mekd_fl.preflight`.
@@ -402,6 +408,18 @@ class RunConfig:
             raise ConfigError(
                 "emulator-phase=lazy is not accepted with federated-emulator=true (averaging emulators needs "
                 "every client at once); accepted: emulator-phase=upfront, or federated-emulator=false"
+            )
+        if (
+            not client
+            and self.query_selection == "uncertainty"
+            and (self.emulator_phase != "lazy" or self.fraction_train >= 1)
+        ):
+            raise ConfigError(
+                "query-selection=uncertainty is not accepted with "
+                + ("emulator-phase=upfront" if self.emulator_phase != "lazy" else "fraction-train=1")
+                + " (every client would query before any round has trained the student that scores its "
+                "images); accepted: emulator-phase=lazy with fraction-train < 1, or query-selection=random "
+                "or kcenter"
             )
         if self.emulator_pairing == "paired" and self.query_source != "local":
             raise ConfigError(

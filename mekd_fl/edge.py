@@ -39,7 +39,7 @@ from mekd_fl.errors import ConfigError
 from mekd_fl.fid import domain_fid, fixed_feature_net
 from mekd_fl.models.gan import Generator
 from mekd_fl.precision import autocast
-from mekd_fl.queries import generated, select_queries
+from mekd_fl.queries import entropy_scores, generated, select_queries
 
 StateDict = dict[str, torch.Tensor]
 ImageSource = torch.Tensor | np.ndarray | torch.utils.data.Dataset | Iterable
@@ -108,7 +108,7 @@ class EdgeSettings:
             if name in values:
                 values[name] = value
         try:
-            RunConfig(**values).validate()
+            RunConfig(**values).validate(client=True)
         except ConfigError as exc:
             raise ConfigError(f"edge settings: {exc}") from None
         return type(self)(**values)
@@ -367,10 +367,18 @@ class EdgeClient:
         return domain_fid(net.to(self.device), real, fake, self.device)
 
     # ------------------------------------------------------------------ teacher queries
-    def query_images(self, budget: int, g_state: StateDict | None = None) -> torch.Tensor:
+    def query_images(
+        self, budget: int, g_state: StateDict | None = None, student_state: StateDict | None = None
+    ) -> torch.Tensor:
         """What this device sends to the teacher (`query-source`, `query-views`, `query-fraction`,
-        `query-selection`): round(query-fraction x images x views) images, at most `budget`."""
+        `query-selection`): round(query-fraction x images x views) images, at most `budget`.
+
+        `student_state`: the global student that scores the images with `query-selection=uncertainty`
+        (without it, that selection is random)."""
         s = self.settings
+        scorer = None
+        if s.query_selection == "uncertainty" and student_state is not None:
+            scorer = lambda pool: entropy_scores(self.predict(student_state, pool))  # noqa: E731
         return select_queries(
             s.query_source,
             self.images,
@@ -383,6 +391,7 @@ class EdgeClient:
             fraction=s.query_fraction,
             selection=s.query_selection,
             device=self.device,
+            scorer=scorer,
         )
 
     # ------------------------------------------------------------------ stage 2: distillation

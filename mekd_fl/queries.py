@@ -14,10 +14,16 @@ k-center coverage, :func:`kcenter_indices`, in the features of the fixed, data-i
 :mod:`mekd_fl.fid`). With a small budget a random subset over-samples the client's dense modes and may
 miss rare ones entirely; the distillation set is the query set, so k-center spends the same budget on
 images spread over everything the client holds. It reads no label and no teacher answer, so nothing
-leaks and no query is spent choosing.
+leaks and no query is spent choosing. `uncertainty` sends the images the current global student is
+least sure of (the highest entropy of its softmax, :func:`entropy_scores`): the teacher's answer
+teaches the most where the student is unsure. The server sends the student in the query message (it
+is what every client already receives in a round); a client that is sent none (the first lazy cohort,
+before any round has trained it) chooses at random.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -26,7 +32,7 @@ from mekd_fl.augment import random_shift_flip, to_unit
 from mekd_fl.emulator import from_gan_range
 
 SOURCES = ("local", "generated", "mixed")
-SELECTIONS = ("random", "kcenter")
+SELECTIONS = ("random", "kcenter", "uncertainty")
 #: Seed of the fixed feature network k-center measures distances in (the domain FID's network and seed).
 KCENTER_FEATURE_SEED = 0
 
@@ -115,20 +121,42 @@ def kcenter_indices(features: torch.Tensor, k: int, gen: torch.Generator) -> tor
     return chosen.cpu()
 
 
+def entropy_scores(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of softmax(logits) per row: 0 for a certain prediction, log C for a uniform one."""
+    log_p = torch.log_softmax(logits.float(), dim=1)
+    return -(log_p.exp() * log_p).sum(1)
+
+
+def top_score_indices(scores: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """The `k` rows with the highest scores; equal scores are ordered by a seeded shuffle, not by index."""
+    shuffle = torch.randperm(len(scores), generator=gen)
+    order = torch.argsort(scores.cpu()[shuffle], descending=True, stable=True)
+    return shuffle[order[: max(0, min(k, len(scores)))]]
+
+
+#: Maps uint8 images (N, C, H, W) to one score per image; higher is sent first (`uncertainty`).
+Scorer = Callable[[torch.Tensor], torch.Tensor]
+
+
 def choose(
     pool: torch.Tensor,
     count: int,
     selection: str,
     gen: torch.Generator,
     device: torch.device | str = "cpu",
+    scorer: Scorer | None = None,
 ) -> torch.Tensor:
     """Sorted indices of the `count` images of `pool` to send (`query-selection`)."""
     if selection not in SELECTIONS:
         raise ValueError(f"query-selection={selection!r} is not accepted; accepted: {', '.join(SELECTIONS)}")
+    if selection == "uncertainty" and scorer is None:
+        raise ValueError("query-selection=uncertainty needs a scorer (the global student); none was given")
     if count >= len(pool):
         return torch.arange(len(pool))
     if selection == "random":
         return torch.randperm(len(pool), generator=gen)[:count].sort().values
+    if selection == "uncertainty":
+        return top_score_indices(scorer(pool), count, gen).sort().values
     return kcenter_indices(selection_features(pool, device), count, gen).sort().values
 
 
@@ -145,12 +173,14 @@ def select_queries(
     fraction: float = 1.0,
     selection: str = "random",
     device: torch.device | str = "cpu",
+    scorer: Scorer | None = None,
 ) -> torch.Tensor:
     """The query set: `query_count(len(images) x views, fraction, budget)` images.
 
     The count does not depend on the source: `local` picks them from the pool (the images and their
-    augmented views) by `selection`; `generated` sends that many emulator samples (with `kcenter`,
-    chosen from as many samples as the pool holds); `mixed` half of each.
+    augmented views) by `selection`; `generated` sends that many emulator samples (with `kcenter` or
+    `uncertainty`, chosen from as many samples as the pool holds); `mixed` half of each. `uncertainty`
+    without a `scorer` (no trained student yet) chooses at random.
     """
     if source not in SOURCES:
         raise ValueError(f"query-source={source!r} is not accepted; accepted: {', '.join(SOURCES)}")
@@ -158,6 +188,8 @@ def select_queries(
         raise ValueError(f"query-selection={selection!r} is not accepted; accepted: {', '.join(SELECTIONS)}")
     if source != "local" and generator is None:
         raise ValueError(f"query-source={source!r} needs the client's emulator, which this client has not trained")
+    if selection == "uncertainty" and scorer is None:
+        selection = "random"
     gen = torch.Generator().manual_seed(seed)
     pool_size = len(images) * views
     want = query_count(pool_size, fraction, budget)
@@ -165,12 +197,12 @@ def select_queries(
     parts = []
     if n_local:
         pool = local_views(images, views, mirror, gen)
-        parts.append(pool[choose(pool, n_local, selection, gen, device)])
+        parts.append(pool[choose(pool, n_local, selection, gen, device, scorer)])
     if want - n_local:
         n_gen = want - n_local
         if selection == "random":
             parts.append(generated(generator, n_gen, num_classes, gen))
         else:
             candidates = generated(generator, max(n_gen, pool_size), num_classes, gen)
-            parts.append(candidates[choose(candidates, n_gen, selection, gen, device)])
+            parts.append(candidates[choose(candidates, n_gen, selection, gen, device, scorer)])
     return torch.cat(parts) if parts else images[:0]

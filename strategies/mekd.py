@@ -231,6 +231,11 @@ class MEKD(FedAvg):
         self.example_cap: dict[int, int] = {}  # node id -> answers it holds (weight cap)
         self.queries_used: dict[str, int] = {}  # client key -> images charged
         self.query_digests: dict[str, str] = {}  # client key -> digest of the images it paid for
+        # query-selection=uncertainty: the round whose global student scored a client's queries, and those
+        # students (a resumed run sends a client the same student again, so it re-sends what it paid for)
+        self.query_rounds: dict[str, int] = {}
+        self.query_scorers: dict[int, ArrayRecord] = {}
+        self._phase_round = 0  # the round whose lazy phases are running (0: the upfront phases)
         self.query_log: list[dict] = []
         self.emulator_metrics: dict[int, dict] = {}
         self.rejected: list[dict] = []  # updates refused (kept for reports)
@@ -324,6 +329,8 @@ class MEKD(FedAvg):
             "round": self.last_round,
             "queries-used": dict(self.queries_used),
             "query-digests": dict(self.query_digests),
+            "query-rounds": dict(self.query_rounds),
+            "query-scorers": {str(r): a.to_torch_state_dict() for r, a in self.query_scorers.items()},
             "rejected": list(self.rejected),
             "clipped": list(self.clipped),
             "failures": list(self.failures),
@@ -333,6 +340,8 @@ class MEKD(FedAvg):
         self.last_round = int(state.get("round", 0))
         self.queries_used = {str(k): int(v) for k, v in dict(state.get("queries-used", {})).items()}
         self.query_digests = {str(k): str(v) for k, v in dict(state.get("query-digests", {})).items()}
+        self.query_rounds = {str(k): int(v) for k, v in dict(state.get("query-rounds", {})).items()}
+        self.query_scorers = {int(r): ArrayRecord(dict(sd)) for r, sd in dict(state.get("query-scorers", {})).items()}
         self.rejected = list(state.get("rejected", []))
         self.clipped = list(state.get("clipped", []))
         self.failures = list(state.get("failures", []))
@@ -576,18 +585,32 @@ class MEKD(FedAvg):
         """
         t0 = time.time()
         ask = []
+        scorer_round = self._phase_round - 1  # the global student after this round scores new queries
         for n in node_ids:
-            left = max(0, self.query_budget - self.queries_used.get(self.key_of(n), 0))
+            key = self.key_of(n)
+            left = max(0, self.query_budget - self.queries_used.get(key, 0))
             budget = left if self.query_teacher else 0
-            if self.query_digests.get(self.key_of(n)):  # a resumed run re-delivers what was paid for
-                budget = self.queries_used.get(self.key_of(n), 0)
-            ask.append(self._message(n, P.QUERY, {P.CONFIG: self._config_for_client(config, **{P.BUDGET: budget})}))
+            records: dict = {}
+            if self.query_digests.get(key):  # a resumed run re-delivers what was paid for
+                budget = self.queries_used.get(key, 0)
+                if key in self.query_rounds and self.query_rounds[key] in self.query_scorers:
+                    records[P.ARRAYS] = self.query_scorers[self.query_rounds[key]]  # the student that chose them
+            elif self._scores_queries(config) and scorer_round >= 1 and self._global is not None:
+                records[P.ARRAYS] = self._global
+            records[P.CONFIG] = self._config_for_client(config, **{P.BUDGET: budget})
+            ask.append(self._message(n, P.QUERY, records))
         budgets = {m.metadata.dst_node_id: int(m.content[P.CONFIG][P.BUDGET]) for m in ask}
+        scored = {m.metadata.dst_node_id for m in ask if P.ARRAYS in m.content.array_records}
         replies = self._exchange_with_progress(grid, ask, "query")
         answers: dict[int, ArrayRecord] = {}
         for reply in replies:
             node = reply.metadata.src_node_id
             entry = self._answer(node, reply, budgets[node])
+            if node in scored and entry["charged"]:  # chosen by the student of `scorer_round`: keep it
+                self.query_rounds[self.key_of(node)] = scorer_round
+                self.query_scorers[scorer_round] = self._global
+            if node in scored:
+                entry["scored-by-round"] = self.query_rounds.get(self.key_of(node), scorer_round)
             self.query_log.append(entry)
             if entry.get("responses") is not None:
                 answers[node] = entry.pop("responses")
@@ -609,6 +632,11 @@ class MEKD(FedAvg):
             self.say(f"[teacher] not queried (query_teacher=False): {len(self.answered)} clients registered")
         else:
             self.say(f"[teacher] answered {total} queries for {len(self.answered)} clients in {time.time() - t0:.0f}s")
+
+    @staticmethod
+    def _scores_queries(config: ConfigRecord | Mapping) -> bool:
+        """Whether clients choose their queries by the global student's uncertainty (`query-selection`)."""
+        return str(dict(config).get("query-selection", "random")) == "uncertainty"
 
     def _answer(self, node: int, reply: Message, budget: int) -> dict:
         """Check one client's query reply, ask the oracle, and return a query-log entry (with the answers
@@ -719,6 +747,11 @@ class MEKD(FedAvg):
             else self.wait_for_nodes(grid, self.min_available_nodes, exact=False)
         )
         self._phase_config = ConfigRecord(dict(train_config))
+        if self.emulator_phase == "upfront" and self._scores_queries(train_config):
+            self.say(
+                "[queries] query-selection=uncertainty with upfront phases: no round has trained the student "
+                "yet, so the clients choose at random (use emulator-phase=lazy with a sampled cohort)"
+            )
         if self.emulator_phase == "upfront":
             self._prepare_clients(grid, node_ids, train_config)
         else:
@@ -851,11 +884,11 @@ class MEKD(FedAvg):
         cohort raises RunFailed."""
         new = [n for n in nodes if n not in self.answered]
         if new:
-            self._lenient = True
+            self._lenient, self._phase_round = True, server_round
             try:
                 self._prepare_clients(grid, new, self._phase_config)
             finally:
-                self._lenient = False
+                self._lenient, self._phase_round = False, 0
         ready = [n for n in nodes if n in self.answered]
         self._require("emulator and query phases of", len(ready), len(nodes), server_round)
         return ready

@@ -6,7 +6,8 @@ server message of each type may carry, and `MEKD` refuses to send anything else.
 torch or the rest of the project, so a foreign Flower app can import it alone.
 
 What a client ever receives (and nothing more):
-- the global student (`ARRAYS`), in `train`, `evaluate` and `evaluate.samples` messages;
+- the global student (`ARRAYS`), in `train`, `evaluate` and `evaluate.samples` messages, and with
+  `query-selection=uncertainty` in `query.teacher` (the student that scores which images it sends);
 - with a federated emulator, the averaged emulator weights (`GENERATOR`, `DISCRIMINATOR`);
 - its own teacher answers (`ANSWERS` record, array `RESPONSES`), only in `query.answers`;
 - the settings a client needs (`CONFIG`: the run's client settings plus the keys in `STRATEGY_KEYS`);
@@ -64,7 +65,7 @@ PARTITION_ID = "partition-id"  # reported by clients: a label for logs only, nev
 #: Record names a server message of each type may carry (SHARD only in simulations).
 OUTGOING: dict[str, frozenset[str]] = {
     EMULATOR: frozenset({CONFIG, GENERATOR, DISCRIMINATOR, SHARD}),
-    QUERY: frozenset({CONFIG, SHARD}),
+    QUERY: frozenset({CONFIG, ARRAYS, SHARD}),
     ANSWERS: frozenset({CONFIG, ANSWERS_RECORD, SHARD}),
     TRAIN: frozenset({CONFIG, ARRAYS, SHARD}),
     EVALUATE: frozenset({CONFIG, ARRAYS, SHARD}),

@@ -175,7 +175,9 @@ def test_kcenter_query_selection_covers_a_clients_rare_image_kinds() -> None:
 
 
 def test_unknown_selection_is_refused_with_the_accepted_values() -> None:
-    with pytest.raises(ValueError, match="query-selection='greedy' is not accepted; accepted: random, kcenter"):
+    with pytest.raises(
+        ValueError, match="query-selection='greedy' is not accepted; accepted: random, kcenter, uncertainty"
+    ):
         select_queries("local", IMAGES, views=1, budget=3, mirror=True, num_classes=10, seed=0, selection="greedy")
 
 
@@ -186,7 +188,11 @@ def test_unknown_selection_is_refused_with_the_accepted_values() -> None:
         ("query-fraction", 1.5, r"^query-fraction=1\.5 must be in \(0, 1\]$"),
         ("query-fraction", -0.1, r"^query-fraction=-0\.1 must be in \(0, 1\]$"),
         ("query-fraction", "half", r"^query-fraction='half' is not a valid float"),
-        ("query-selection", "greedy", r"^query-selection='greedy' is not accepted; accepted: random, kcenter$"),
+        (
+            "query-selection",
+            "greedy",
+            r"^query-selection='greedy' is not accepted; accepted: random, kcenter, uncertainty$",
+        ),
     ],
 )
 def test_bad_query_settings_are_one_line_config_errors(key: str, value: object, message: str) -> None:
