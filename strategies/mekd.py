@@ -363,12 +363,7 @@ class MEKD(FedAvg):
         content = dict(records)
         if self.node_records is not None and node in self.partition_of:
             content.update(self.node_records(node, self.partition_of[node]))
-        allowed = P.OUTGOING.get(message_type)
-        if allowed is None or not set(content) <= allowed:
-            raise RuntimeError(
-                f"refusing to send {message_type} with records {sorted(content)}: allowed {sorted(allowed or [])}"
-            )
-        return Message(content=RecordDict(content), message_type=message_type, dst_node_id=node)
+        return P.checked_message(message_type, content, node)
 
     def _exchange(self, grid: Grid, messages: list[Message], phase: str, server_round: int = 0) -> list[Message]:
         """Send, wait at most `timeout`, and return the replies without error; failures are recorded."""

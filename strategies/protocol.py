@@ -3,7 +3,7 @@
 Why one module: the strategy (server side) and every client handler (ours or a user's) must agree on
 the same names, and the trust rules are stated against them: `OUTGOING` is the allow-list of what a
 server message of each type may carry, and `MEKD` refuses to send anything else. Nothing here imports
-torch or the rest of the project, so a foreign Flower app can import it alone.
+torch or the rest of the project (only Flower's message types), so a foreign Flower app can import it alone.
 
 What a client ever receives (and nothing more):
 - the global student (`ARRAYS`), in `train`, `evaluate` and `evaluate.samples` messages, and with
@@ -17,6 +17,11 @@ images and the key of the client they are charged to, never a student or another
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from flwr.app import Message, RecordDict
 
 # ---------------------------------------------------------------------------- message types
 EMULATOR = "train.emulator"  # train (or install) the client's emulator GAN
@@ -76,6 +81,20 @@ OUTGOING: dict[str, frozenset[str]] = {
 
 #: Message types that go only to a teacher node (strategies.teacher_node), never to a student client.
 TEACHER_MESSAGES = frozenset({ROLE, TEACH})
+
+
+def checked_message(message_type: str, records: Mapping[str, Any], node: int) -> Message:
+    """A server message to `node`, built only if its records are in `OUTGOING[message_type]`.
+
+    The one place the allow-list is enforced: `MEKD` and the teacher node's oracle both send through it.
+    """
+    allowed = OUTGOING.get(message_type)
+    if allowed is None or not set(records) <= allowed:
+        raise RuntimeError(
+            f"refusing to send {message_type} with records {sorted(records)}: allowed {sorted(allowed or [])}"
+        )
+    return Message(content=RecordDict(dict(records)), message_type=message_type, dst_node_id=node)
+
 
 # ---------------------------------------------------------------------------- limits on replies
 MAX_METRICS = 64  # numbers in one reply's MetricRecord; more is refused

@@ -26,7 +26,7 @@ import secrets
 from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from strategies import protocol as P
@@ -64,9 +64,7 @@ class TeacherNode:
 
     @staticmethod
     def _message(message_type: str, records: dict, node: int) -> Message:
-        if not set(records) <= P.OUTGOING[message_type]:
-            raise RuntimeError(f"refusing to send {message_type} with records {sorted(records)}")
-        return Message(RecordDict(records), message_type=message_type, dst_node_id=node)
+        return P.checked_message(message_type, records, node)
 
     # ------------------------------------------------------------------ finding the teacher
     def bind(self, grid: Grid, nodes: Iterable[int]) -> int:
