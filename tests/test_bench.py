@@ -102,6 +102,22 @@ def test_move_aside_keeps_everything(tmp_path: Path) -> None:
     assert len(list(tmp_path.glob("cell.incomplete-*"))) == 2
 
 
+def test_a_failed_cell_is_listed_and_run_again_but_a_completed_one_is_kept(tmp_path: Path) -> None:
+    folder = tmp_path / "smoke"
+    cells = [c.name for c in load_spec(SMOKE).cells()]
+    for name, status in zip(cells[:2], ("completed", "failed")):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "summary.json").write_text(json.dumps({"status": status, "reason": "no reply"}))
+    assert [cell_state(folder / c) for c in cells[:3]] == ["done", "failed", "todo"]
+    shown: list[str] = []
+    bench(str(SMOKE), str(tmp_path), dry_run=True, echo=shown.append)
+    assert shown[0].startswith("smoke: 4 cells, 1 done, 3 to run")
+    assert f"  [failed ] {cells[1]}  (failed run: moved aside, then rerun)" in shown
+    (folder / cells[2]).mkdir()
+    (folder / cells[2] / "summary.json").write_text("{not json")
+    assert cell_state(folder / cells[2]) == "partial"  # a damaged summary is not a finished cell
+
+
 def test_progress_follows_the_run_log(tmp_path: Path) -> None:
     cells = load_spec(SMOKE).cells()
     shown: list[str] = []

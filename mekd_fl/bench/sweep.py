@@ -2,7 +2,8 @@
 
 Why resumable by folder: a sweep of dozens of runs outlives terminals, machines and mistakes. A cell's
 folder with `summary.json` is finished and is never touched again; a folder without one is the trace
-of a killed or failed run, which is moved aside (nothing is deleted) and run again. Cells with the same
+of a killed run, and one whose `summary.json` says "failed" (a timeout, a crash) is a failed run: both
+are moved aside (nothing is deleted) and run again. Cells with the same
 `num-clients` share one simulation (`multirun.run_configs`), so Ray starts once per federation size.
 
 Layout of `OUT/<spec name>/`: `spec.yaml` (the resolved spec, `--set` included), one folder per cell,
@@ -35,10 +36,20 @@ _ROUND = re.compile(r"^\[round (\d+)/(\d+)\]")
 
 
 def cell_state(path: Path) -> str:
-    """done (summary.json written), partial (a run started there and never finished) or todo."""
-    if (path / "summary.json").is_file():
-        return "done"
+    """done (summary.json says completed), failed (summary.json says failed), partial (a run started there
+    and never finished) or todo. Failed and partial cells are run again by the next call."""
+    summary = path / "summary.json"
+    if summary.is_file():
+        try:
+            status = json.loads(summary.read_text()).get("status", "completed")
+        except (OSError, ValueError, AttributeError):
+            return "partial"  # unreadable: treat as the trace of an unfinished run
+        return "failed" if status == "failed" else "done"
     return "partial" if path.exists() else "todo"
+
+
+#: Cell states whose folder is moved aside and the cell run again.
+RERUN = ("partial", "failed")
 
 
 def check_finished(cells: list[Cell], folder: Path) -> None:
@@ -172,14 +183,17 @@ def bench(
     )
     if dry_run:
         for cell in selected:
-            note = "  (unfinished folder: moved aside, then rerun)" if states[cell.name] == "partial" else ""
+            note = {
+                "partial": "  (unfinished folder: moved aside, then rerun)",
+                "failed": "  (failed run: moved aside, then rerun)",
+            }.get(states[cell.name], "")
             echo(f"  [{states[cell.name]:7}] {cell.name}{note}")
         return 0
     from mekd_fl.server_app import prepare
 
     for cell in todo:  # data files and partitions checked before anything runs
         try:
-            prepare(cell.config, resume=states[cell.name] == "partial")  # a partial folder is moved aside below
+            prepare(cell.config, resume=states[cell.name] in RERUN)  # that folder is moved aside below
         except ConfigError as exc:
             raise ConfigError(f"cell {cell.name}: {exc}") from None
     folder.mkdir(parents=True, exist_ok=True)
@@ -188,10 +202,11 @@ def bench(
         record_invocation(folder, command or f"mekd-fl bench {spec_path}", only or {}, len(todo), run_kwargs)
     progress = Progress(folder, cells, len(todo), echo)
     for cell in todo:
-        if states[cell.name] == "partial":
+        if states[cell.name] in RERUN:
             moved = move_aside(folder / cell.name)
             progress.moved[cell.name] = moved.name
-            echo(f"{progress.tag(cell.name)} ... unfinished folder moved aside to {moved.name}")
+            what = "unfinished" if states[cell.name] == "partial" else "failed run's"
+            echo(f"{progress.tag(cell.name)} ... {what} folder moved aside to {moved.name}")
     try:
         for group in _by_num_clients(todo):
             _run_group(group, progress, run_kwargs)
