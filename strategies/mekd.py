@@ -601,11 +601,12 @@ class MEKD(FedAvg):
         for reply in replies:
             node = reply.metadata.src_node_id
             entry = self._answer(node, reply, budgets[node])
-            if node in scored and entry["charged"]:  # chosen by the student of `scorer_round`: keep it
-                self.query_rounds[self.key_of(node)] = scorer_round
-                self.query_scorers[scorer_round] = self._global
             if node in scored:
-                entry["scored-by-round"] = self.query_rounds.get(self.key_of(node), scorer_round)
+                key = self.key_of(node)
+                if entry["charged"]:  # newly chosen by the student of `scorer_round`: keep it for a resume
+                    self.query_rounds[key] = scorer_round
+                    self.query_scorers[scorer_round] = self._global
+                entry["scored-by-round"] = self.query_rounds.get(key, scorer_round)
             self.query_log.append(entry)
             if entry.get("responses") is not None:
                 answers[node] = entry.pop("responses")
