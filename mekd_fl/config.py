@@ -233,9 +233,10 @@ class RunConfig:
         "label and no answer, spends no query), or uncertainty (the images the current global student is "
         "least sure of, by the entropy of its softmax; the server sends the student with the query "
         "message; needs emulator-phase=lazy and fraction-train < 1, and the first cohort, which has no "
-        "trained student yet, chooses at random). With generated samples kcenter and uncertainty pick "
-        "from as many samples as the pool holds.",
-        ("random", "kcenter", "uncertainty"),
+        "trained student yet, chooses at random), or hybrid (half the budget as uncertainty, the other "
+        "half a random subset of the rest, so the query set stays representative; same needs). With "
+        "generated samples kcenter, uncertainty and hybrid pick from as many samples as the pool holds.",
+        ("random", "kcenter", "uncertainty", "hybrid"),
     )
     # --- distillation (clients) ---
     method: str = _opt(
@@ -411,11 +412,11 @@ class RunConfig:
             )
         if (
             not client
-            and self.query_selection == "uncertainty"
+            and self.query_selection in ("uncertainty", "hybrid")
             and (self.emulator_phase != "lazy" or self.fraction_train >= 1)
         ):
             raise ConfigError(
-                "query-selection=uncertainty is not accepted with "
+                f"query-selection={self.query_selection} is not accepted with "
                 + ("emulator-phase=upfront" if self.emulator_phase != "lazy" else "fraction-train=1")
                 + " (every client would query before any round has trained the student that scores its "
                 "images); accepted: emulator-phase=lazy with fraction-train < 1, or query-selection=random "

@@ -39,7 +39,7 @@ from mekd_fl.errors import ConfigError
 from mekd_fl.fid import domain_fid, fixed_feature_net
 from mekd_fl.models.gan import Generator
 from mekd_fl.precision import autocast
-from mekd_fl.queries import entropy_scores, generated, select_queries
+from mekd_fl.queries import SCORED_SELECTIONS, entropy_scores, generated, select_queries
 
 StateDict = dict[str, torch.Tensor]
 ImageSource = torch.Tensor | np.ndarray | torch.utils.data.Dataset | Iterable
@@ -374,10 +374,10 @@ class EdgeClient:
         `query-selection`): round(query-fraction x images x views) images, at most `budget`.
 
         `student_state`: the global student that scores the images with `query-selection=uncertainty`
-        (without it, that selection is random)."""
+        or `hybrid` (without it, those selections are random)."""
         s = self.settings
         scorer = None
-        if s.query_selection == "uncertainty" and student_state is not None:
+        if s.query_selection in SCORED_SELECTIONS and student_state is not None:
             scorer = lambda pool: entropy_scores(self.predict(student_state, pool))  # noqa: E731
         return select_queries(
             s.query_source,

@@ -632,7 +632,7 @@ class MEKD(FedAvg):
     @staticmethod
     def _scores_queries(config: ConfigRecord | Mapping) -> bool:
         """Whether clients choose their queries by the global student's uncertainty (`query-selection`)."""
-        return str(dict(config).get("query-selection", "random")) == "uncertainty"
+        return str(dict(config).get("query-selection", "random")) in P.SCORED_SELECTIONS
 
     def _answer(self, node: int, reply: Message, budget: int) -> dict:
         """Check one client's query reply, ask the oracle, and return a query-log entry (with the answers
@@ -745,8 +745,9 @@ class MEKD(FedAvg):
         self._phase_config = ConfigRecord(dict(train_config))
         if self.emulator_phase == "upfront" and self._scores_queries(train_config):
             self.say(
-                "[queries] query-selection=uncertainty with upfront phases: no round has trained the student "
-                "yet, so the clients choose at random (use emulator-phase=lazy with a sampled cohort)"
+                f"[queries] query-selection={dict(train_config)['query-selection']} with upfront phases: no round "
+                "has trained the student yet, so the clients choose at random (use emulator-phase=lazy with a "
+                "sampled cohort)"
             )
         if self.emulator_phase == "upfront":
             self._prepare_clients(grid, node_ids, train_config)

@@ -7,7 +7,8 @@ torch or the rest of the project (only Flower's message types), so a foreign Flo
 
 What a client ever receives (and nothing more):
 - the global student (`ARRAYS`), in `train`, `evaluate` and `evaluate.samples` messages, and with
-  `query-selection=uncertainty` in `query.teacher` (the student that scores which images it sends);
+  `query-selection=uncertainty` or `hybrid` in `query.teacher` (the student that scores which images
+  it sends);
 - with a federated emulator, the averaged emulator weights (`GENERATOR`, `DISCRIMINATOR`);
 - its own teacher answers (`ANSWERS` record, array `RESPONSES`), only in `query.answers`;
 - the settings a client needs (`CONFIG`: the run's client settings plus the keys in `STRATEGY_KEYS`);
@@ -57,6 +58,8 @@ PHASE_STEPS = "phase-steps"  # emulator steps in this emulator message (federate
 RETURN_WEIGHTS = "return-weights"
 MEASURE_FID = "measure-fid"
 PAIRED = "paired"  # in EMULATOR: train G on the client's own (answer, query image) pairs
+#: `query-selection` values for which the server sends the global student with `QUERY` (it scores the images).
+SCORED_SELECTIONS = ("uncertainty", "hybrid")
 STRATEGY_KEYS = (SERVER_ROUND, BUDGET, NUM_SAMPLES, PHASE_STEPS, RETURN_WEIGHTS, MEASURE_FID, PAIRED)
 
 NONCE = "nonce"  # ROLE: the challenge

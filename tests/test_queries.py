@@ -191,7 +191,7 @@ def test_unknown_selection_is_refused_with_the_accepted_values() -> None:
         (
             "query-selection",
             "greedy",
-            r"^query-selection='greedy' is not accepted; accepted: random, kcenter, uncertainty$",
+            r"^query-selection='greedy' is not accepted; accepted: random, kcenter, uncertainty, hybrid$",
         ),
     ],
 )

@@ -1,4 +1,5 @@
-"""`query-selection=uncertainty`: a client spends its budget on the images the global student is least sure of.
+"""`query-selection=uncertainty`: a client spends its budget on the images the global student is least sure of
+(`hybrid`: half of it, and the other half on a random subset of the rest).
 
 What must hold: the score is the softmax entropy; the images with the highest scores are sent and no more
 than the budget; the server sends the student only to clients that query after a round has trained it,
@@ -20,7 +21,7 @@ from mekd_fl.config import RunConfig
 from mekd_fl.edge import EdgeClient, EdgeSettings
 from mekd_fl.errors import ConfigError
 from mekd_fl.oracle import TeacherOracle
-from mekd_fl.queries import choose, entropy_scores, select_queries, top_score_indices
+from mekd_fl.queries import choose, entropy_scores, hybrid_indices, select_queries, top_score_indices
 from strategies import MEKD
 from strategies import protocol as P
 from tests.test_client_api import CLASSES, SHAPE, InProcessGrid, Teacher, UserNet, users_app
@@ -58,11 +59,34 @@ def test_choose_sends_the_most_uncertain_images_of_the_pool() -> None:
         choose(pool, 10, "uncertainty", torch.Generator().manual_seed(0))
 
 
-def test_without_a_student_uncertainty_is_the_seeded_random_subset() -> None:
+@pytest.mark.parametrize("k", [0, 1, 7, 10, 40])
+def test_hybrid_sends_the_top_half_and_a_seeded_random_rest(k: int) -> None:
+    scores = torch.randperm(40, generator=torch.Generator().manual_seed(5)).float()
+    picks = hybrid_indices(scores, k, torch.Generator().manual_seed(0))
+    assert len(picks) == k == len(set(picks.tolist()))  # exactly the budget, no image twice
+    top = set(torch.argsort(scores, descending=True)[: (k + 1) // 2].tolist())
+    assert top <= set(picks.tolist())
+    if 2 < k < 40:  # the rest is not simply the next-highest scores, and it follows the seed
+        assert set(picks.tolist()) != set(torch.argsort(scores, descending=True)[:k].tolist())
+        draws = {tuple(sorted(hybrid_indices(scores, k, torch.Generator().manual_seed(s)).tolist())) for s in range(6)}
+        assert len(draws) > 1
+    assert torch.equal(picks, hybrid_indices(scores, k, torch.Generator().manual_seed(0)))
+
+
+def test_choose_hybrid_needs_a_scorer_and_sends_the_most_uncertain_half() -> None:
+    pool = torch.randint(0, 256, (40, 1, 8, 8), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    chosen = set(choose(pool, 10, "hybrid", torch.Generator().manual_seed(0), scorer=brightness).tolist())
+    assert len(chosen) == 10 and set(torch.argsort(brightness(pool), descending=True)[:5].tolist()) <= chosen
+    with pytest.raises(ValueError, match="hybrid needs a scorer"):
+        choose(pool, 10, "hybrid", torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("selection", ["uncertainty", "hybrid"])
+def test_without_a_student_scored_selections_are_the_seeded_random_subset(selection: str) -> None:
     images = torch.randint(0, 256, (30, 1, 8, 8), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
     kwargs = dict(views=2, budget=1000, mirror=True, num_classes=10, seed=4, fraction=0.25)
     assert torch.equal(
-        select_queries("local", images, selection="uncertainty", **kwargs),
+        select_queries("local", images, selection=selection, **kwargs),
         select_queries("local", images, selection="random", **kwargs),
     )
 
@@ -90,12 +114,23 @@ def test_an_edge_client_queries_the_images_its_student_is_least_sure_of() -> Non
     assert not torch.equal(edge.query_images(budget=1000), sent)  # no student: the random subset
 
 
+def test_a_hybrid_edge_client_sends_its_most_uncertain_half_and_others() -> None:
+    images = torch.rand(64, *SHAPE, generator=torch.Generator().manual_seed(3))
+    settings = EdgeSettings(query_selection="hybrid", query_fraction=0.25)
+    edge = EdgeClient(images, SureOfBright, settings=settings, num_classes=CLASSES, device="cpu")
+    sent = torch.sort(edge.query_images(budget=1000, student_state=SureOfBright().state_dict()).float().mean((1, 2, 3)))
+    darkest = torch.sort(edge.images.float().mean((1, 2, 3))).values
+    assert len(sent.values) == 16 and torch.equal(sent.values[:8], darkest[:8])
+    assert not torch.equal(sent.values, darkest[:16])  # the other half is not simply the next darkest
+
+
 @pytest.mark.parametrize(
     ("settings", "words"),
     [
         ({"query-selection": "uncertainty"}, "with emulator-phase=upfront"),
         ({"query-selection": "uncertainty", "emulator-phase": "lazy"}, "with fraction-train=1"),
-        ({"query-selection": "entropy"}, "accepted: random, kcenter, uncertainty"),
+        ({"query-selection": "hybrid", "fraction-train": 0.5}, "query-selection=hybrid is not accepted with emulator"),
+        ({"query-selection": "entropy"}, "accepted: random, kcenter, uncertainty, hybrid"),
     ],
 )
 def test_settings_where_no_student_could_score_are_refused_in_one_line(settings: dict, words: str) -> None:
@@ -126,10 +161,12 @@ def queries_sent(grid: InProcessGrid) -> list:
     return [m for m in grid.sent if m.metadata.message_type == P.QUERY]
 
 
-def test_later_cohorts_are_sent_the_trained_student_and_pay_only_their_budget() -> None:
+@pytest.mark.parametrize("selection", ["uncertainty", "hybrid"])
+def test_later_cohorts_are_sent_the_trained_student_and_pay_only_their_budget(selection: str) -> None:
     grid = InProcessGrid(users_app({"train": 0, "evaluate": 0}), nodes=4)  # 96 images per node
     s = strategy()
-    s.start(grid, ArrayRecord(UserNet().state_dict()), num_rounds=4, train_config=ConfigRecord(CONFIG), num_nodes=4)
+    config = ConfigRecord({**CONFIG, "query-selection": selection})
+    s.start(grid, ArrayRecord(UserNet().state_dict()), num_rounds=4, train_config=config, num_nodes=4)
     assert s.failures == [], s.failures
     asked = queries_sent(grid)
     first = [m for m in asked if P.ARRAYS not in m.content.array_records]

@@ -153,7 +153,7 @@ def test_query_curve_specs_sweep_the_budget_per_method() -> None:
     assert len(curve) == 6 * 4 * 3
     selection = load_spec(EXPERIMENTS / "query-selection-fmnist.yaml").cells()
     assert {(c.config.method, c.config.query_selection) for c in selection} == {
-        (m, s) for m in ("kd", "mekd") for s in ("random", "kcenter", "uncertainty")
+        (m, s) for m in ("kd", "mekd") for s in ("random", "kcenter", "uncertainty", "hybrid")
     }
     # every variant under the one protocol uncertainty needs: clients joining after a round has trained
     assert {(c.config.emulator_phase, c.config.fraction_train < 1) for c in selection} == {("lazy", True)}
