@@ -378,6 +378,11 @@ def plot_queries(spec: Spec, results: list[CellResult], path: Path) -> Path | No
     xs = [x for points in curves.values() for x, *_ in points]
     if min(xs) > 0 and max(xs) >= 10 * min(xs):
         ax.set_xscale("log")
+        # Ticks at the budgets themselves (log-scale minor labels overlap between them).
+        ticks = sorted({round(x, -1) for x in xs})
+        if len(ticks) <= 8:
+            ax.set_xticks(ticks, [f"{t:,.0f}" for t in ticks], fontsize=7)
+            ax.minorticks_off()
     ax.set_xlabel(QUERIES_LABEL)
     ax.set_ylabel("student test accuracy (%)")
     ax.grid(alpha=0.3)
