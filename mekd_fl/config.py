@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mekd_fl.errors import ConfigError
+from strategies.protocol import SCORED_SELECTIONS
 
 # A run name becomes a folder under out-dir: one path component, no leading dot, no separators. '=' is
 # allowed because the bench names its cells `axis=label__axis=label`.
@@ -412,7 +413,7 @@ class RunConfig:
             )
         if (
             not client
-            and self.query_selection in ("uncertainty", "hybrid")
+            and self.query_selection in SCORED_SELECTIONS
             and (self.emulator_phase != "lazy" or self.fraction_train >= 1)
         ):
             raise ConfigError(

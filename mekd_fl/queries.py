@@ -171,10 +171,9 @@ def choose(
         return torch.arange(len(pool))
     if selection == "random":
         return torch.randperm(len(pool), generator=gen)[:count].sort().values
-    if selection == "uncertainty":
-        return top_score_indices(scorer(pool), count, gen).sort().values
-    if selection == "hybrid":
-        return hybrid_indices(scorer(pool), count, gen).sort().values
+    if selection in SCORED_SELECTIONS:
+        pick = top_score_indices if selection == "uncertainty" else hybrid_indices
+        return pick(scorer(pool), count, gen).sort().values
     return kcenter_indices(selection_features(pool, device), count, gen).sort().values
 
 
