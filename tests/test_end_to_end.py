@@ -153,14 +153,28 @@ def test_a_run_whose_updates_are_all_rejected_exits_non_zero_with_one_line(
         ("dp-noise=1.0", "dp-noise"),
     ],
 )
-def test_bad_settings_fail_fast_with_one_line(tmp_path: Path, setting: str, named: str) -> None:
-    t0 = time.time()
-    proc = mekd_fl(*SMALL, "out-dir=runs", *setting.split(), cwd=tmp_path)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
+def test_bad_settings_fail_fast_with_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], setting: str, named: str
+) -> None:
+    """In process (the CLI's own `main`): a subprocess per case cost 4 s of imports each; the test below
+    checks once that the real process prints the same single line."""
+    from mekd_fl.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", *SMALL, "out-dir=runs", *setting.split()]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and named in lines[0], lines
     assert any(word in lines[0] for word in ("accepted", "exceeds", "must")), lines
     assert not (tmp_path / "runs").exists()  # nothing started, nothing written
+
+
+def test_a_bad_setting_ends_the_real_process_with_one_line_and_nothing_written(tmp_path: Path) -> None:
+    t0 = time.time()
+    proc = mekd_fl(*SMALL, "out-dir=runs", "alpha=0", cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mekd-fl: error: ") and "alpha" in lines[0], lines
+    assert not (tmp_path / "runs").exists()
     assert time.time() - t0 < 60
 
 
