@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from mekd_fl.config import RunConfig
 from mekd_fl.distill import methods, needs_generator
+from mekd_fl.server_app import emulators_needed
 
 EMULATORS = ("dcgan", "wgan-gp", "infogan")
 SOURCES = ("local", "generated", "mixed")
@@ -64,9 +66,6 @@ def combinations() -> list[tuple[str, str, str]]:
 
 def emulator_trained(method: str, source: str) -> bool:
     """The run's own rule (`server_app.emulators_needed`), so the grid follows it if it changes."""
-    from mekd_fl.config import RunConfig
-    from mekd_fl.server_app import emulators_needed
-
     return emulators_needed(RunConfig.from_mapping(dict(TINY, method=method, **{"query-source": source})))
 
 
