@@ -61,8 +61,8 @@ def main() -> None:
     student = build_model("resnet8", 10, (1, 28, 28), (0.5,), (0.5,))
     global_state = {k: v.numpy().copy() for k, v in student.state_dict().items()}
     mekd = MEKD(lambda key, images: None, log_fn=lambda _: None)
-    mekd.partition_of = {n: n - 1 for n in range(1, args.clients + 1)}
-    mekd.example_cap = {n: 2700 for n in mekd.partition_of}
+    mekd.transport.partition_of = {n: n - 1 for n in range(1, args.clients + 1)}
+    mekd.ledger.example_cap = {n: 2700 for n in mekd.transport.partition_of}
     plain = FedAvg()
     times: dict[str, list[float]] = {"MEKD checked aggregation": [], "Flower FedAvg alone": [], "checkpoint save": []}
     with tempfile.TemporaryDirectory() as tmp:

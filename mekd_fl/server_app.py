@@ -2,7 +2,9 @@
 
 `app` reads its settings from the Flower run-config (`flwr run . --run-config "..."`); `make_server_app`
 builds one whose settings are fixed in Python, which the `mekd-fl run` command uses for in-process
-simulations. Both go through `run_server`.
+simulations. Both go through `ServerRun`, one run of the project's own ServerApp: its steps (folder,
+partition, teacher, strategy, rounds, samples, summary) are methods, and it writes a typed
+`RunSummary` that every tool reads back.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Result
 
 from mekd_fl.aggregation import build_aggregation
 from mekd_fl.answer_cache import AnswerCache
@@ -31,6 +34,7 @@ from mekd_fl.oracle import TeacherOracle
 from mekd_fl.preflight import check_environment
 from mekd_fl.results import RunResults
 from mekd_fl.run_data import RunData, run_data
+from mekd_fl.run_summary import RunSummary
 from mekd_fl.teacher import build_model, load_or_train_teacher, predict_logits
 from strategies import MEKD, RunFailed
 from strategies import protocol as P
@@ -78,95 +82,218 @@ def shard_records(data: RunData) -> Callable[[int, int], dict[str, ArrayRecord]]
     return records
 
 
-def run_server(grid: Grid, cfg: RunConfig, log: Callable[[str], None] = say, *, resume: bool = False) -> dict[str, Any]:
-    """One complete run (or the rest of a killed one, with `resume`). Returns the summary, also written
-    to `summary.json` with "status": "completed"; a run that fails writes "status": "failed" with the
-    reason and raises RunFailed."""
-    t_start = time.time()
-    prepare(cfg, resume=resume)
-    data = run_data(cfg)
-    ds, split = data.dataset, data.split
-    names = class_names(ds.name, ds.num_classes)
-    checkpoint = None
-    if resume:
-        results, checkpoint = RunResults.reopen(Path(cfg.out_dir) / cfg.run_name)
-        log(f"[setup] resuming {results.folder} after round {checkpoint['round']} of {cfg.num_rounds}")
-    else:
-        results = RunResults.claim(cfg)
-        cfg = cfg.replace(run_name=results.folder.name)  # clients key their state by it
-        log(f"[setup] run folder {results.folder}")
-    log(
-        f"[setup] {ds.name}: {len(ds.train_labels)} train / {len(ds.test_labels)} test, {ds.num_classes} classes, "
-        f"{cfg.num_clients} clients, partition={cfg.partition}"
-        + (f" alpha={cfg.alpha}" if cfg.partition == "dirichlet" else "")
-        + (f" classes-per-client={cfg.classes_per_client}" if cfg.partition == "pathological" else "")
-        + (f" shards-per-client={cfg.shards_per_client}" if cfg.partition == "shard" else "")
-    )
-    log(split.summary_table(names))
-    results.write_json(
-        "partition.json",
-        {
-            "label_counts": split.label_counts,
-            "class_names": names,
-            "client_train_sizes": [len(p) for p in split.client_train],
-            "client_test_sizes": [len(p) for p in split.client_test],
-            "server_size": len(split.server_indices),
-        },
-    )
-    results.plot_label_distribution(split.label_counts, names, f"{ds.name}: {cfg.partition} partition")
+class ServerRun:
+    """One complete run of the project's ServerApp (or the rest of a killed one, with `resume`).
 
-    device = pick_device(cfg.device)
-    server_images, server_labels = data.server_train()
-    recipe = data.teacher_recipe(cfg)
-    teacher, teacher_meta = load_or_train_teacher(
-        recipe, cfg.resolved_cache_dir(), server_images, server_labels, ds.test_images, ds.test_labels, device, log
-    )
+    `run()` returns the `RunSummary`, also written to `summary.json` with status "completed"; a run that
+    fails writes status "failed" with the reason and raises (RunFailed for too few usable replies).
+    """
 
-    def answer_cache(output: str) -> AnswerCache | None:
-        return AnswerCache(cfg.resolved_cache_dir(), recipe.key(), output) if cfg.answer_cache else None
+    def __init__(self, grid: Grid, cfg: RunConfig, log: Callable[[str], None] = say, *, resume: bool = False) -> None:
+        self.grid, self.cfg, self.log, self.resume = grid, cfg, log, resume
+        self.t_start = time.time()
+        self.checkpoint: dict | None = None
 
-    oracle = TeacherOracle(
-        teacher,
-        num_classes=ds.num_classes,
-        image_shape=ds.image_shape,
-        output=cfg.oracle_output,
-        budget=cfg.query_budget,
-        batch_size=cfg.oracle_batch_size,
-        device=device,
-        answer_cache=answer_cache(cfg.oracle_output),
-        top_k=cfg.oracle_top_k,
-        decimals=None if cfg.oracle_decimals < 0 else cfg.oracle_decimals,
-    )
-    test_cache = answer_cache("test-logits")
+    # ------------------------------------------------------------------ the steps
+    def run(self) -> RunSummary:
+        prepare(self.cfg, resume=self.resume)
+        self.data = run_data(self.cfg)
+        self.open_folder()
+        self.describe_partition()
+        self.build_teacher()
+        self.build_strategy()
+        try:
+            result = self.rounds()
+        except Exception as exc:  # recorded as the run's status, then re-raised: no failure is silent
+            reason = str(exc) if isinstance(exc, RunFailed) else f"{type(exc).__name__}: {exc}"
+            self.results.write_json("summary.json", self.summary("failed", error=reason).to_dict())
+            self.log(f"[failed] {reason} -> {self.results.folder}")
+            raise
+        finally:
+            self.results.write_jsonl("queries.jsonl", self.strategy.ledger.log)
+        return self.finish(result)
 
-    def teacher_logits(images: torch.Tensor) -> torch.Tensor:
-        return predict_logits(teacher, images, device)
+    def open_folder(self) -> None:
+        """A new run folder, or the killed run's folder and its last checkpoint."""
+        if self.resume:
+            self.results, self.checkpoint = RunResults.reopen(Path(self.cfg.out_dir) / self.cfg.run_name)
+            done = self.checkpoint["round"]
+            self.log(f"[setup] resuming {self.results.folder} after round {done} of {self.cfg.num_rounds}")
+        else:
+            self.results = RunResults.claim(self.cfg)
+            self.cfg = self.cfg.replace(run_name=self.results.folder.name)  # clients key their state by it
+            self.log(f"[setup] run folder {self.results.folder}")
 
-    test_logits = test_cache.get(ds.test_images, teacher_logits) if test_cache else teacher_logits(ds.test_images)
-    teacher_test_pred = test_logits.argmax(1)
+    def describe_partition(self) -> None:
+        cfg, ds, split = self.cfg, self.data.dataset, self.data.split
+        self.names = class_names(ds.name, ds.num_classes)
+        detail = {"dirichlet": f" alpha={cfg.alpha}", "pathological": f" classes-per-client={cfg.classes_per_client}"}
+        detail["shard"] = f" shards-per-client={cfg.shards_per_client}"
+        self.log(
+            f"[setup] {ds.name}: {len(ds.train_labels)} train / {len(ds.test_labels)} test, {ds.num_classes} classes, "
+            f"{cfg.num_clients} clients, partition={cfg.partition}{detail.get(cfg.partition, '')}"
+        )
+        self.log(split.summary_table(self.names))
+        self.results.write_json(
+            "partition.json",
+            {
+                "label_counts": split.label_counts,
+                "class_names": self.names,
+                "client_train_sizes": [len(p) for p in split.client_train],
+                "client_test_sizes": [len(p) for p in split.client_test],
+                "server_size": len(split.server_indices),
+            },
+        )
+        self.results.plot_label_distribution(split.label_counts, self.names, f"{ds.name}: {cfg.partition} partition")
 
-    torch.manual_seed(cfg.seed)
-    student = build_model(cfg.student_arch, ds.num_classes, ds.image_shape, ds.mean, ds.std)
-    initial = ArrayRecord(student.state_dict())
+    def build_teacher(self) -> None:
+        """The teacher (trained or from the cache), its oracle, and its answers on the test set."""
+        cfg, ds = self.cfg, self.data.dataset
+        self.device = pick_device(cfg.device)
+        server_images, server_labels = self.data.server_train()
+        recipe = self.data.teacher_recipe(cfg)
+        self.teacher, self.teacher_meta = load_or_train_teacher(
+            recipe, cfg.resolved_cache_dir(), server_images, server_labels, ds.test_images, ds.test_labels,
+            self.device, self.log,
+        )  # fmt: skip
 
-    def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        student.load_state_dict(arrays.to_torch_state_dict())
-        pred = predict_logits(student.to(device), ds.test_images, device).argmax(1)
+        def answer_cache(output: str) -> AnswerCache | None:
+            return AnswerCache(cfg.resolved_cache_dir(), recipe.key(), output) if cfg.answer_cache else None
+
+        self.oracle = TeacherOracle(
+            self.teacher,
+            num_classes=ds.num_classes,
+            image_shape=ds.image_shape,
+            output=cfg.oracle_output,
+            budget=cfg.query_budget,
+            batch_size=cfg.oracle_batch_size,
+            device=self.device,
+            answer_cache=answer_cache(cfg.oracle_output),
+            top_k=cfg.oracle_top_k,
+            decimals=None if cfg.oracle_decimals < 0 else cfg.oracle_decimals,
+        )
+        test_cache = answer_cache("test-logits")
+        logits = (
+            test_cache.get(ds.test_images, self.teacher_logits) if test_cache else self.teacher_logits(ds.test_images)
+        )
+        self.teacher_test_pred = logits.argmax(1)
+
+    def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
+        return predict_logits(self.teacher, images, self.device)
+
+    def build_strategy(self) -> None:
+        cfg, ds = self.cfg, self.data.dataset
+        torch.manual_seed(cfg.seed)
+        self.student = build_model(cfg.student_arch, ds.num_classes, ds.image_shape, ds.mean, ds.std)
+        self.initial = ArrayRecord(self.student.state_dict())
+        reference = {}
+        if cfg.federated_emulator:
+            gen, disc = build_emulator(ds.num_classes, ds.image_shape, cfg.emulator_width, kind=cfg.emulator)
+            reference = {P.GENERATOR: ArrayRecord(gen.state_dict()), P.DISCRIMINATOR: ArrayRecord(disc.state_dict())}
+        self.strategy = MEKD(
+            self.oracle,
+            strategy=build_aggregation(cfg),
+            query_budget=cfg.query_budget,
+            query_teacher=not get_class(cfg.method).uses_labels,  # the supervised reference spends no queries
+            train_emulators=emulators_needed(cfg),
+            federated_emulator=cfg.federated_emulator,
+            emulator_rounds=cfg.emulator_rounds,
+            emulator_phase=cfg.emulator_phase,
+            emulator_pairing=cfg.emulator_pairing,
+            emulator_steps=cfg.emulator_steps,
+            emulator_reference=reference,
+            measure_fid=emulators_needed(cfg) and cfg.emulator_fid,
+            client_config_keys=CLIENT_SETTINGS,
+            node_records=shard_records(self.data) if cfg.client_data == "shard" else None,
+            max_update_norm=cfg.max_update_norm,
+            norm_outlier_factor=cfg.norm_outlier_factor,
+            min_reply_fraction=cfg.min_reply_fraction,
+            seed=cfg.seed,
+            on_round=self.on_round,
+            log_fn=self.log,
+            failures_listed_in=f"{self.results.folder / 'summary.json'}",
+            fraction_train=cfg.fraction_train,
+            fraction_evaluate=cfg.fraction_evaluate,
+            min_train_nodes=1,
+            min_evaluate_nodes=1,
+            min_available_nodes=cfg.num_clients,
+        )
+        self.start_round = 1
+        if self.checkpoint is not None:
+            self.strategy.load_state(self.checkpoint["strategy"])
+            self.initial = ArrayRecord(self.checkpoint["student"])
+            self.start_round = self.checkpoint["round"] + 1
+
+    def rounds(self) -> Result:
+        config = ConfigRecord(self.cfg.client_dict())
+        return self.strategy.start(
+            self.grid,
+            self.initial,
+            num_rounds=self.cfg.num_rounds,
+            timeout=self.cfg.reply_timeout,
+            train_config=config,
+            evaluate_config=ConfigRecord(dict(config)),
+            evaluate_fn=self.evaluate_global,
+            num_nodes=self.cfg.num_clients,
+            start_round=self.start_round,
+        )
+
+    def finish(self, result: Result) -> RunSummary:
+        """The emulator samples and fidelity, summary.json, the accuracy plot and the last line."""
+        cfg, ds = self.cfg, self.data.dataset
+        final = result.arrays if result.arrays is not None else self.initial
+        count = max(cfg.num_samples, cfg.fidelity_images)
+        samples = self.strategy.request_samples(self.grid, final, ConfigRecord(cfg.client_dict()), count)
+        fidelity: dict[str, Any] = {}
+        if samples is not None:
+            if cfg.num_samples:
+                self.results.plot_samples({k: v[: cfg.num_samples] for k, v in samples.items()})
+            if cfg.fidelity_images:
+                fidelity = emulator_fidelity(
+                    self.teacher_logits, samples["images"], samples["g-teacher"], samples["g-student"]
+                )
+                self.log(
+                    f"[fidelity] the teacher re-classifies G(T(x)) as T(x)'s class on {fidelity['consistency']:.1%} "
+                    f"of {fidelity['images']} query images; class means of G(T(x)) "
+                    f"{fidelity['class-separation'] or 0:.3f} apart "
+                    f"(real images {fidelity['real-class-separation'] or 0:.3f})"
+                )
+        summary = self.summary("completed", fidelity=fidelity)
+        self.results.write_json("summary.json", summary.to_dict())
+        title = f"{cfg.method}: {ds.name}, {cfg.partition}, {cfg.num_clients} clients"
+        self.results.plot_accuracy(self.teacher_meta["test_accuracy"], title)
+        failed = len(summary.failures)
+        self.log(
+            f"[done] {cfg.method} on {ds.name} ({cfg.partition}, {cfg.num_clients} clients, {cfg.num_rounds} rounds): "
+            f"student {summary.student_accuracy:.4f} vs teacher {summary.teacher_accuracy:.4f} test acc, "
+            f"{summary.queries_total} teacher queries, {failed} failure{'s' * (failed != 1)}, "
+            f"{summary.wall_seconds:.0f}s -> {self.results.folder}"
+        )
+        return summary
+
+    # ------------------------------------------------------------------ callbacks
+    def evaluate_global(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        """The global student's test accuracy and its agreement with the teacher (server side)."""
+        ds = self.data.dataset
+        self.student.load_state_dict(arrays.to_torch_state_dict())
+        pred = predict_logits(self.student.to(self.device), ds.test_images, self.device).argmax(1)
         return MetricRecord(
             {
                 "accuracy": (pred == ds.test_labels).float().mean().item(),
-                "agreement": (pred == teacher_test_pred).float().mean().item(),
+                "agreement": (pred == self.teacher_test_pred).float().mean().item(),
             }
         )
 
-    def on_round(record: dict, arrays: ArrayRecord) -> None:
-        results.append_round(record)
-        results.save_checkpoint(record["round"], arrays.to_torch_state_dict(), strategy.state())
+    def on_round(self, record: dict, arrays: ArrayRecord) -> None:
+        """Append the round to metrics.jsonl, save the student (a killed run resumes), say the round."""
+        cfg = self.cfg
+        self.results.append_round(record)
+        self.results.save_checkpoint(record["round"], arrays.to_torch_state_dict(), self.strategy.state())
         if record["round"] == 0:
-            log(f"[round 0/{cfg.num_rounds}] initial student: acc {record['server/accuracy']:.4f}")
+            self.log(f"[round 0/{cfg.num_rounds}] initial student: acc {record['server/accuracy']:.4f}")
             return
         fed = record.get("fed/accuracy")
-        log(
+        self.log(
             f"[round {record['round']}/{cfg.num_rounds}] distill ({cfg.method}): "
             f"loss {record.get('train/train-loss', float('nan')):.4f}, "
             f"test acc {record['server/accuracy']:.4f}, agreement {record['server/agreement']:.4f}, "
@@ -174,147 +301,61 @@ def run_server(grid: Grid, cfg: RunConfig, log: Callable[[str], None] = say, *, 
             f"failures {len(record.get('failures', []))}, {record['elapsed-s']:.0f}s"
         )
 
-    emulator_reference = {}
-    if cfg.federated_emulator:
-        gen, disc = build_emulator(ds.num_classes, ds.image_shape, cfg.emulator_width, kind=cfg.emulator)
-        emulator_reference = {
-            P.GENERATOR: ArrayRecord(gen.state_dict()),
-            P.DISCRIMINATOR: ArrayRecord(disc.state_dict()),
-        }
-    # The supervised reference reads labels, never the teacher: it spends no queries.
-    strategy = MEKD(
-        oracle,
-        strategy=build_aggregation(cfg),
-        query_budget=cfg.query_budget,
-        query_teacher=not get_class(cfg.method).uses_labels,
-        train_emulators=emulators_needed(cfg),
-        federated_emulator=cfg.federated_emulator,
-        emulator_rounds=cfg.emulator_rounds,
-        emulator_phase=cfg.emulator_phase,
-        emulator_pairing=cfg.emulator_pairing,
-        emulator_steps=cfg.emulator_steps,
-        emulator_reference=emulator_reference,
-        measure_fid=emulators_needed(cfg) and cfg.emulator_fid,
-        client_config_keys=CLIENT_SETTINGS,
-        node_records=shard_records(data) if cfg.client_data == "shard" else None,  # node-config: nodes cut their own
-        max_update_norm=cfg.max_update_norm,
-        norm_outlier_factor=cfg.norm_outlier_factor,
-        min_reply_fraction=cfg.min_reply_fraction,
-        seed=cfg.seed,
-        on_round=on_round,
-        log_fn=log,
-        fraction_train=cfg.fraction_train,
-        fraction_evaluate=cfg.fraction_evaluate,
-        min_train_nodes=1,
-        min_evaluate_nodes=1,
-        min_available_nodes=cfg.num_clients,
-    )
-    start_round = 1
-    if checkpoint is not None:
-        strategy.load_state(checkpoint["strategy"])
-        initial = ArrayRecord(checkpoint["student"])
-        start_round = checkpoint["round"] + 1
-    config = ConfigRecord(cfg.client_dict())
-
-    def summary_of(status: str, **extra: Any) -> dict[str, Any]:
-        last = results.rounds[-1] if results.rounds else {}
-        return {
-            "status": status,
-            **extra,
-            "method": cfg.method,
-            "dataset": ds.name,
-            "partition": cfg.partition,
-            "alpha": cfg.alpha,
-            "num-clients": cfg.num_clients,
-            "num-rounds": cfg.num_rounds,
-            "rounds-done": strategy.last_round,
-            "seed": cfg.seed,
-            "teacher-arch": cfg.teacher_arch,
-            "student-arch": cfg.student_arch,
-            "aggregation": cfg.aggregation,
-            "teacher-accuracy": teacher_meta["test_accuracy"],
-            "teacher-cached": teacher_meta["cached"],
-            "student-accuracy": last.get("server/accuracy"),
-            "student-best-accuracy": max((r["server/accuracy"] for r in results.rounds), default=None),
-            "student-agreement": last.get("server/agreement"),
-            "client-test-accuracy": last.get("fed/accuracy"),
-            "student": "student.pt" if (results.folder / "student.pt").exists() else None,
-            "queries-used": strategy.queries_used,
-            "queries-total": sum(strategy.queries_used.values()),
-            "rejected-updates": strategy.rejected,
-            "clipped-updates": strategy.clipped,
-            "failures": strategy.failures,
-            "emulator": strategy.emulator_metrics,
-            "emulator-kind": cfg.emulator,
-            "federated-emulator": cfg.federated_emulator,
-            "emulator-phase": cfg.emulator_phase,
-            "emulator-pairing": cfg.emulator_pairing,
-            "clients-prepared": len(strategy.answered),
-            "emulator-fid-mean": _mean([m.get("fid") for m in strategy.emulator_metrics.values()]),
-            "query-source": cfg.query_source,
-            "query-views": cfg.query_views,
-            "query-fraction": cfg.query_fraction,
-            "query-selection": cfg.query_selection,
-            # The supervised reference reads the clients' true labels: it breaks the source-blind rule.
-            "source-blind": not get_class(cfg.method).uses_labels,
-            "resumed": resume,
-            "wall-seconds": round(time.time() - t_start, 1),
-            "folder": str(results.folder),
-        }
-
-    try:
-        result = strategy.start(
-            grid,
-            initial,
+    def summary(self, status: str, *, error: str | None = None, fidelity: dict | None = None) -> RunSummary:
+        cfg, s = self.cfg, self.strategy
+        rounds = self.results.rounds
+        last = rounds[-1] if rounds else {}
+        fids = [m.get("fid") for m in s.phases.emulator_metrics.values() if m.get("fid") is not None]
+        wall = round(time.time() - self.t_start, 1)
+        return RunSummary(
+            status=status,
+            error=error,
+            method=cfg.method,
+            dataset=self.data.dataset.name,
+            partition=cfg.partition,
+            alpha=cfg.alpha,
+            num_clients=cfg.num_clients,
             num_rounds=cfg.num_rounds,
-            timeout=cfg.reply_timeout,
-            train_config=config,
-            evaluate_config=ConfigRecord(dict(config)),
-            evaluate_fn=evaluate_global,
-            num_nodes=cfg.num_clients,
-            start_round=start_round,
+            rounds_done=s.last_round,
+            seed=cfg.seed,
+            teacher_arch=cfg.teacher_arch,
+            student_arch=cfg.student_arch,
+            aggregation=cfg.aggregation,
+            teacher_accuracy=self.teacher_meta["test_accuracy"],
+            teacher_cached=self.teacher_meta["cached"],
+            student_accuracy=last.get("server/accuracy"),
+            student_best_accuracy=max((r["server/accuracy"] for r in rounds), default=None),
+            student_agreement=last.get("server/agreement"),
+            client_test_accuracy=last.get("fed/accuracy"),
+            student="student.pt" if (self.results.folder / "student.pt").exists() else None,
+            queries_used=dict(s.ledger.queries_used),
+            queries_total=s.ledger.total,
+            rejected_updates=list(s.rejected),
+            clipped_updates=list(s.clipped),
+            failures=list(s.failures.entries),
+            emulator=s.phases.emulator_metrics,
+            emulator_kind=cfg.emulator,
+            federated_emulator=cfg.federated_emulator,
+            emulator_phase=cfg.emulator_phase,
+            emulator_pairing=cfg.emulator_pairing,
+            clients_prepared=len(s.ledger.answered),
+            emulator_fid_mean=sum(fids) / len(fids) if fids else None,
+            query_source=cfg.query_source,
+            query_views=cfg.query_views,
+            query_fraction=cfg.query_fraction,
+            query_selection=cfg.query_selection,
+            source_blind=not get_class(cfg.method).uses_labels,
+            resumed=self.resume,
+            wall_seconds=wall,
+            phase_seconds={**s.phases.seconds, "total": wall},
+            folder=str(self.results.folder),
+            fidelity=fidelity or {},
         )
-    except Exception as exc:  # recorded as the run's status, then re-raised: no failure is silent
-        reason = str(exc) if isinstance(exc, RunFailed) else f"{type(exc).__name__}: {exc}"
-        results.write_json("summary.json", summary_of("failed", error=reason))
-        log(f"[failed] {reason} -> {results.folder}")
-        raise
-    finally:
-        results.write_jsonl("queries.jsonl", strategy.query_log)
-
-    final_arrays = result.arrays if result.arrays is not None else initial
-    count = max(cfg.num_samples, cfg.fidelity_images)
-    samples = strategy.request_samples(grid, final_arrays, ConfigRecord(dict(config)), count)
-    fidelity: dict[str, Any] = {}
-    if samples is not None:
-        if cfg.num_samples:
-            results.plot_samples({k: v[: cfg.num_samples] for k, v in samples.items()})
-        if cfg.fidelity_images:
-            fidelity = emulator_fidelity(teacher_logits, samples["images"], samples["g-teacher"], samples["g-student"])
-            log(
-                f"[fidelity] the teacher re-classifies G(T(x)) as T(x)'s class on {fidelity['consistency']:.1%} of "
-                f"{fidelity['images']} query images; class means of G(T(x)) "
-                f"{fidelity['class-separation'] or 0:.3f} apart "
-                f"(real images {fidelity['real-class-separation'] or 0:.3f})"
-            )
-    summary = summary_of("completed", **{f"fidelity-{k}": v for k, v in fidelity.items()})
-    results.write_json("summary.json", summary)
-    results.plot_accuracy(
-        teacher_meta["test_accuracy"], f"{cfg.method}: {ds.name}, {cfg.partition}, {cfg.num_clients} clients"
-    )
-    failed = len(strategy.failures)
-    log(
-        f"[done] {cfg.method} on {ds.name} ({cfg.partition}, {cfg.num_clients} clients, {cfg.num_rounds} rounds): "
-        f"student {summary['student-accuracy']:.4f} vs teacher {summary['teacher-accuracy']:.4f} test acc, "
-        f"{summary['queries-total']} teacher queries, {failed} failure{'s' * (failed != 1)}, "
-        f"{summary['wall-seconds']:.0f}s -> {results.folder}"
-    )
-    return summary
 
 
-def _mean(values: list) -> float | None:
-    present = [v for v in values if v is not None]
-    return sum(present) / len(present) if present else None
+def run_server(grid: Grid, cfg: RunConfig, log: Callable[[str], None] = say, *, resume: bool = False) -> dict[str, Any]:
+    """One complete run (see `ServerRun`); returns the summary in its JSON form."""
+    return ServerRun(grid, cfg, log, resume=resume).run().to_dict()
 
 
 def make_server_app(settings: Mapping[str, Any] | RunConfig, *, resume: bool = False) -> ServerApp:

@@ -3,7 +3,9 @@
 Why one module: the strategy (server side) and every client handler (ours or a user's) must agree on
 the same names, and the trust rules are stated against them: `OUTGOING` is the allow-list of what a
 server message of each type may carry, and `MEKD` refuses to send anything else. Nothing here imports
-torch or the rest of the project (only Flower's message types), so a foreign Flower app can import it alone.
+torch, Flower or the rest of the project at import time (`checked_message` imports Flower's message types
+when called: importing any part of `flwr` loads its whole server side), so a client, a foreign Flower app
+or a tool can import it alone.
 
 What a client ever receives (and nothing more):
 - the global student (`ARRAYS`), in `train`, `evaluate` and `evaluate.samples` messages, and with
@@ -20,9 +22,10 @@ images and the key of the client they are charged to, never a student or another
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flwr.app import Message, RecordDict
+if TYPE_CHECKING:
+    from flwr.app import Message
 
 # ---------------------------------------------------------------------------- message types
 EMULATOR = "train.emulator"  # train (or install) the client's emulator GAN
@@ -61,6 +64,11 @@ PAIRED = "paired"  # in EMULATOR: train G on the client's own (answer, query ima
 #: `query-selection` values for which the server sends the global student with `QUERY` (it scores the images).
 SCORED_SELECTIONS = ("uncertainty", "hybrid")
 STRATEGY_KEYS = (SERVER_ROUND, BUDGET, NUM_SAMPLES, PHASE_STEPS, RETURN_WEIGHTS, MEASURE_FID, PAIRED)
+#: Flower FedProx's key: the client adds (mu / 2) * sum ||w - w_global|| to its distillation loss.
+PROXIMAL_MU = "proximal-mu"
+#: Keys a wrapped Flower strategy may add to a round's config that MEKD's client handlers honour. Any other
+#: key a wrapped strategy adds is refused when the run starts (it would otherwise be ignored in silence).
+WRAPPED_KEYS = (SERVER_ROUND, PROXIMAL_MU)
 
 NONCE = "nonce"  # ROLE: the challenge
 PROOF = "proof"  # ROLE reply: HMAC-SHA256(token, "nonce:node_id")
@@ -91,6 +99,8 @@ def checked_message(message_type: str, records: Mapping[str, Any], node: int) ->
 
     The one place the allow-list is enforced: `MEKD` and the teacher node's oracle both send through it.
     """
+    from flwr.app import Message, RecordDict
+
     allowed = OUTGOING.get(message_type)
     if allowed is None or not set(records) <= allowed:
         raise RuntimeError(

@@ -277,7 +277,7 @@ def test_mekd_drives_a_users_own_flower_app(oracle_kind: str) -> None:
         log_fn=lambda _: None,
     )
     result = strategy.start(grid, ArrayRecord(start), num_rounds=3, train_config=ConfigRecord({"lr": 0.05}))
-    assert strategy.failures == [], strategy.failures
+    assert strategy.failures.entries == [], strategy.failures.entries
     assert calls == {"train": 0, "evaluate": 9}
     assert result.evaluate_metrics_clientapp[3]["eval_acc"] > 0
     types = [m.metadata.message_type for m in grid.sent]

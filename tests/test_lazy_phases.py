@@ -40,9 +40,9 @@ def test_only_sampled_clients_pay_the_phases_and_each_pays_once() -> None:
     emulated = phase_targets(grid, P.EMULATOR)
     assert len(trained) <= 12 < 40  # 4 a round, some drawn twice
     assert sorted(emulated) == sorted(set(emulated)) == sorted(trained)  # each sampled client once, no other
-    assert sorted(phase_targets(grid, P.QUERY)) == sorted(trained) == sorted(s.answered)
-    assert set(phase_targets(grid, P.EVALUATE)) <= s.answered  # evaluation only where answers are held
-    assert sum(s.queries_used.values()) == 4 * len(trained)  # budgets charged for those clients alone
+    assert sorted(phase_targets(grid, P.QUERY)) == sorted(trained) == sorted(s.ledger.answered)
+    assert set(phase_targets(grid, P.EVALUATE)) <= s.ledger.answered  # evaluation only where answers are held
+    assert sum(s.ledger.queries_used.values()) == 4 * len(trained)  # budgets charged for those clients alone
 
 
 def test_lazy_and_upfront_sample_the_same_cohorts() -> None:
@@ -59,9 +59,9 @@ def test_a_client_whose_phases_fail_sits_out_and_the_run_goes_on() -> None:
     grid.nodes[node_id(2)] = crashing({P.EMULATOR}, grid.nodes[node_id(2)])
     s = mekd(n=6, emulator_phase="lazy", min_reply_fraction=0.5)
     run(s, grid, rounds=2)
-    assert node_id(2) not in s.answered and node_id(2) not in phase_targets(grid, P.TRAIN)
-    assert [f["phase"] for f in s.failures] == ["emulator", "emulator"]  # tried again when sampled again
-    assert s.answered == {node_id(i) for i in range(6)} - {node_id(2)}
+    assert node_id(2) not in s.ledger.answered and node_id(2) not in phase_targets(grid, P.TRAIN)
+    assert [f["phase"] for f in s.failures.entries] == ["emulator", "emulator"]  # tried again when sampled again
+    assert s.ledger.answered == {node_id(i) for i in range(6)} - {node_id(2)}
 
 
 def test_too_many_failed_newcomers_fail_the_run_in_one_line() -> None:
@@ -82,8 +82,7 @@ def test_bad_phase_settings_are_refused_before_any_work() -> None:
 def test_large_phases_report_progress_with_an_eta() -> None:
     lines: list[str] = []
     grid = population(60)
-    s = mekd(n=60, fraction_train=0.05, min_train_nodes=1)
-    s.say = lines.append
+    s = mekd(n=60, fraction_train=0.05, min_train_nodes=1, log_fn=lines.append)
     run(s, grid, rounds=1)
     progress = [line for line in lines if "clients asked" in line]
     assert len([line for line in progress if line.startswith("[emulator]")]) == 10

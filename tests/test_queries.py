@@ -230,6 +230,6 @@ def test_a_run_charges_exactly_the_budgeted_queries(fraction: float, budget: int
     )
     config = ConfigRecord({"lr": 0.05, "method": "kd", "query-fraction": fraction, "query-selection": "kcenter"})
     strategy.start(grid, ArrayRecord(UserNet().state_dict()), num_rounds=1, train_config=config)
-    assert strategy.failures == [], strategy.failures
-    assert [e["sent"] for e in strategy.query_log] == [expected, expected]
-    assert sorted(strategy.queries_used.values()) == [expected, expected]
+    assert strategy.failures.entries == [], strategy.failures.entries
+    assert [e["sent"] for e in strategy.ledger.log] == [expected, expected]
+    assert sorted(strategy.ledger.queries_used.values()) == [expected, expected]

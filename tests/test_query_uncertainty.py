@@ -167,28 +167,28 @@ def test_later_cohorts_are_sent_the_trained_student_and_pay_only_their_budget(se
     s = strategy()
     config = ConfigRecord({**CONFIG, "query-selection": selection})
     s.start(grid, ArrayRecord(UserNet().state_dict()), num_rounds=4, train_config=config, num_nodes=4)
-    assert s.failures == [], s.failures
+    assert s.failures.entries == [], s.failures.entries
     asked = queries_sent(grid)
     first = [m for m in asked if P.ARRAYS not in m.content.array_records]
     later = [m for m in asked if P.ARRAYS in m.content.array_records]
     assert first and later  # the first cohort had no trained student; later newcomers did
-    log = {e["node"]: e for e in s.query_log}
+    log = {e["node"]: e for e in s.ledger.log}
     for m in later:
         entry = log[m.metadata.dst_node_id]
         assert entry["scored-by-round"] >= 1 and entry["sent"] == 24 == entry["charged"]  # 0.25 x 96
-        scorer = s.query_scorers[entry["scored-by-round"]]
+        scorer = s.ledger.query_scorers[entry["scored-by-round"]]
         assert all((m.content[P.ARRAYS][k].numpy() == scorer[k].numpy()).all() for k in scorer.keys())
     assert all("scored-by-round" not in log[m.metadata.dst_node_id] for m in first)
-    assert sorted(s.queries_used.values()) == [24] * len(asked)
+    assert sorted(s.ledger.queries_used.values()) == [24] * len(asked)
 
 
 def test_a_resumed_run_resends_the_student_that_chose_and_charges_nothing_twice() -> None:
     grid = InProcessGrid(users_app({"train": 0, "evaluate": 0}), nodes=4)
     s = strategy(budget=24)
     s.start(grid, ArrayRecord(UserNet().state_dict()), num_rounds=4, train_config=ConfigRecord(CONFIG), num_nodes=4)
-    scored = {e["partition"] for e in s.query_log if "scored-by-round" in e}
+    scored = {e["partition"] for e in s.ledger.log if "scored-by-round" in e}
     assert scored
-    saved, used = s.state(), dict(s.queries_used)
+    saved, used = s.state(), dict(s.ledger.queries_used)
     # The simulation restarts: fresh client processes (no state), a new strategy loaded from the checkpoint.
     fresh = InProcessGrid(users_app({"train": 0, "evaluate": 0}), nodes=4)
     resumed = strategy(budget=24)
@@ -197,9 +197,9 @@ def test_a_resumed_run_resends_the_student_that_chose_and_charges_nothing_twice(
         fresh, ArrayRecord(UserNet().state_dict()), num_rounds=8, train_config=ConfigRecord(CONFIG), num_nodes=4,
         start_round=5,
     )  # fmt: skip
-    assert resumed.failures == [], resumed.failures
-    again = {e["partition"]: e for e in resumed.query_log}
+    assert resumed.failures.entries == [], resumed.failures.entries
+    again = {e["partition"]: e for e in resumed.ledger.log}
     assert scored & set(again)  # some client whose queries a student chose came back
     for partition in scored & set(again):
         assert again[partition]["redelivered"] and again[partition]["charged"] == 0
-    assert resumed.queries_used == used  # the budget of 24 each was never spent twice
+    assert resumed.ledger.queries_used == used  # the budget of 24 each was never spent twice

@@ -97,8 +97,8 @@ def said() -> list[str]:
 def make_strategy(said: list[str] | None = None, **kwargs) -> MEKD:
     s = MEKD(refuse_all, log_fn=(said.append if said is not None else lambda _: None), **kwargs)
     s._global = ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})
-    s.partition_of = dict(NODES)
-    s.example_cap = {n: CAP for n in NODES}
+    s.transport.partition_of = dict(NODES)
+    s.ledger.example_cap = {n: CAP for n in NODES}
     return s
 
 
@@ -300,7 +300,7 @@ def test_refused_update_leaves_exactly_the_good_average(said: list[str], kind: s
     assert entry["round"] == 2 and entry["node"] == 303 and entry["partition"] == NODES[303]
     assert re.search(REFUSED[kind], entry["reason"]), entry["reason"]
     assert any("client 2" in line and entry["reason"] in line for line in said)
-    assert strategy.failures[-1]["phase"] == "train" and strategy.failures[-1]["node"] == 303
+    assert strategy.failures.entries[-1]["phase"] == "train" and strategy.failures.entries[-1]["node"] == 303
     for key in GLOBAL:
         assert np.array_equal(arrays[key].numpy(), clean[key].numpy()), key
 
@@ -407,8 +407,8 @@ def test_every_attack_at_once_leaves_a_finite_model_and_the_honest_accepted() ->
         attackers[i] = Message(
             content=msg.content, reply_to=Message(content=RecordDict(), dst_node_id=node, message_type="train")
         )
-        strategy.partition_of[node] = 10 + i
-        strategy.example_cap[node] = CAP
+        strategy.transport.partition_of[node] = 10 + i
+        strategy.ledger.example_cap[node] = CAP
     honest = [reply(101, state(1, 3), {"num-examples": 10}), reply(202, state(2, 5), {"num-examples": 30})]
     for rnd in (1, 2):
         arrays, _ = strategy.aggregate_train(
@@ -444,7 +444,7 @@ def test_all_refused_gives_nothing(strategy: MEKD) -> None:
     result = strategy.aggregate_train(3, [_refused("nan"), _refused("num-examples-0"), _refused("extra-key")])
     assert result == (None, None)
     assert len(strategy.rejected) == 3
-    assert strategy._round_rejections == strategy.rejected
+    assert [f["reason"] for f in strategy.failures.current] == [f"update rejected: {r['reason']}" for r in strategy.rejected]
 
 
 def test_empty_round_gives_nothing(strategy: MEKD) -> None:
@@ -478,13 +478,13 @@ def _cohort(attacker_scale: float) -> list[Message]:
 def test_robust_flower_aggregators_compose_and_resist_an_attacker(inner) -> None:
     strategy = make_strategy(strategy=inner(), norm_outlier_factor=0)  # the robust rule alone
     for n in (505, 606, 707):
-        strategy.partition_of[n] = n // 101
-        strategy.example_cap[n] = CAP
+        strategy.transport.partition_of[n] = n // 101
+        strategy.ledger.example_cap[n] = CAP
     arrays, _ = strategy.aggregate_train(1, _cohort(attacker_scale=1000))
     plain = make_strategy(norm_outlier_factor=0)
     for n in (505, 606, 707):
-        plain.partition_of[n] = n // 101
-        plain.example_cap[n] = CAP
+        plain.transport.partition_of[n] = n // 101
+        plain.ledger.example_cap[n] = CAP
     poisoned, _ = plain.aggregate_train(1, _cohort(attacker_scale=1000))
     assert finite(arrays)
     assert as_numpy(arrays)["1.num_batches_tracked"].dtype == np.int64
@@ -499,7 +499,7 @@ def test_dp_wrapper_composes_and_keeps_dtypes() -> None:
         num_sampled_clients=2,
     )
     strategy = make_strategy(strategy=dp)
-    strategy.answered = set(NODES)
+    strategy.ledger.answered = set(NODES)
     messages = list(strategy.configure_train(1, strategy._global, ConfigRecord(), grid=None))
     assert {m.metadata.dst_node_id for m in messages} == set(NODES)
     arrays, _ = strategy.aggregate_train(1, good_pair())
@@ -513,7 +513,7 @@ def test_round_messages_carry_only_allowed_settings_and_records() -> None:
         client_config_keys={"lr", "method"},
         node_records=lambda node, pid: {P.SHARD: ArrayRecord({P.PARTITION: Array(np.array(pid))})},
     )
-    strategy.answered = set(NODES)
+    strategy.ledger.answered = set(NODES)
     config = ConfigRecord({"lr": 0.1, "method": "kd", "teacher-arch": "resnet56", "cache-dir": "/srv/secret"})
     for msg in strategy.configure_train(3, strategy._global, config, grid=None):
         assert set(msg.content.keys()) == {P.CONFIG, P.ARRAYS, P.SHARD}
@@ -524,15 +524,15 @@ def test_round_messages_carry_only_allowed_settings_and_records() -> None:
 def test_a_record_outside_the_allow_list_is_never_sent() -> None:
     strategy = make_strategy()
     with pytest.raises(RuntimeError, match="refusing to send train"):
-        strategy._message(101, P.TRAIN, {P.ARRAYS: strategy._global, "fid-net": strategy._global})
+        strategy.transport.message(101, P.TRAIN, {P.ARRAYS: strategy._global, "fid-net": strategy._global})
 
 
 # ---------------------------------------------------------------------------- sampling
 def sampler(seed: int, n: int = 10) -> MEKD:
     s = MEKD(refuse_all, seed=seed, log_fn=lambda _: None)
     nodes = [(7919 * (i + 3)) % 10_007 for i in range(n)]  # node ids unrelated to the labels
-    s.partition_of = {node: n - 1 - i for i, node in enumerate(nodes)}
-    s.answered = set(nodes)
+    s.transport.partition_of = {node: n - 1 - i for i, node in enumerate(nodes)}
+    s.ledger.answered = set(nodes)
     return s
 
 
@@ -550,10 +550,10 @@ def test_sample_ordered_by_partition_and_only_answered_nodes() -> None:
     s = sampler(seed=1)
     chosen = s._sample(2, 0.5, 2, 0)
     assert len(chosen) == 5 and len(set(chosen)) == 5
-    assert set(chosen) <= s.answered
-    pids = [s.partition_of[n] for n in chosen]
+    assert set(chosen) <= s.ledger.answered
+    pids = [s.transport.partition_of[n] for n in chosen]
     assert pids == sorted(pids)
-    assert [s.partition_of[n] for n in s._sample(2, 1.0, 2, 0)] == list(range(10))
+    assert [s.transport.partition_of[n] for n in s._sample(2, 1.0, 2, 0)] == list(range(10))
 
 
 @pytest.mark.parametrize(
@@ -595,5 +595,5 @@ def test_bad_strategy_settings_are_refused(kwargs: dict, named: str) -> None:
 def test_run_failed_is_one_line() -> None:
     s = make_strategy(min_reply_fraction=0.5)
     with pytest.raises(RunFailed) as info:
-        s._require("train", 1, 4, server_round=2)
+        s.failures.require("train", 1, 4, server_round=2)
     assert "\n" not in str(info.value) and "min-reply-fraction=0.5" in str(info.value)

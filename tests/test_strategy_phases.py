@@ -143,10 +143,10 @@ def test_budgets_are_keyed_by_the_node_not_by_the_claimed_partition() -> None:
     s, _ = make()
     grid = FakeGrid({11: honest(0), 22: honest(1, claim=0), 33: honest(2, claim=0)})  # two liars claim 0
     run(s, grid, rounds=1)
-    assert s.partition_of == {11: 0, 22: 1, 33: 2}
-    assert s.queries_used == {"client-0": 6, "client-1": 6, "client-2": 6}
-    assert s.answered == {11, 22, 33}
-    assert s.failures == []
+    assert s.transport.partition_of == {11: 0, 22: 1, 33: 2}
+    assert s.ledger.queries_used == {"client-0": 6, "client-1": 6, "client-2": 6}
+    assert s.ledger.answered == {11, 22, 33}
+    assert s.failures.entries == []
 
 
 # ---------------------------------------------------------------------------- hostile query replies
@@ -218,10 +218,10 @@ def test_malformed_query_reply_is_refused_and_the_run_goes_on(kind: str) -> None
     grid = FakeGrid({11: honest(0), 22: _query_reply(kind), 33: honest(2)})
     result = run(s, grid, rounds=1)
     assert result.arrays is not None
-    assert s.answered == {11, 33}
-    assert "client-1" not in s.queries_used or s.queries_used["client-1"] == 0
-    assert [f["phase"] for f in s.failures if f["node"] == 22] == ["query"]
-    assert s.failures[0]["partition"] == 1 and s.failures[0]["reason"]
+    assert s.ledger.answered == {11, 33}
+    assert "client-1" not in s.ledger.queries_used or s.ledger.queries_used["client-1"] == 0
+    assert [f["phase"] for f in s.failures.entries if f["node"] == 22] == ["query"]
+    assert s.failures.entries[0]["partition"] == 1 and s.failures.entries[0]["reason"]
     assert not any(m.metadata.dst_node_id == 22 and m.metadata.message_type == P.TRAIN for m in grid.sent)
 
 
@@ -229,7 +229,7 @@ def test_malformed_query_reply_is_refused_and_the_run_goes_on(kind: str) -> None
 def test_odd_metrics_in_a_query_reply_do_not_matter(kind: str) -> None:
     s, _ = make()
     run(s, FakeGrid({11: honest(0), 22: _query_reply(kind), 33: honest(2)}), rounds=1)
-    assert s.answered == {11, 22, 33} and s.queries_used["client-1"] == 4
+    assert s.ledger.answered == {11, 22, 33} and s.ledger.queries_used["client-1"] == 4
 
 
 def test_a_failing_teacher_charges_nothing_and_the_run_goes_on() -> None:
@@ -244,19 +244,19 @@ def test_a_failing_teacher_charges_nothing_and_the_run_goes_on() -> None:
 
     s, _ = make(oracle=flaky)
     run(s, FakeGrid({11: honest(0), 22: honest(1), 33: honest(2)}), rounds=1)
-    assert "client-1" not in s.queries_used and real.used("client-1") == 0
-    assert s.answered == {11, 33}
-    assert "RuntimeError: GPU fell off the bus" in s.failures[0]["reason"]
-    log = {e["partition"]: e for e in s.query_log}
+    assert "client-1" not in s.ledger.queries_used and real.used("client-1") == 0
+    assert s.ledger.answered == {11, 33}
+    assert "RuntimeError: GPU fell off the bus" in s.failures.entries[0]["reason"]
+    log = {e["partition"]: e for e in s.ledger.log}
     assert log[1]["answered"] == 0 and log[0]["charged"] == 6
-    assert all("images" not in e and "responses" not in e for e in s.query_log)
+    assert all("images" not in e and "responses" not in e for e in s.ledger.log)
 
 
 def test_an_oracle_answering_garbage_is_refused() -> None:
     s, _ = make(oracle=lambda key, images: np.full((len(images), CLASSES), np.nan))
     with pytest.raises(RunFailed, match="query phase: 0 of 3"):
         run(s, FakeGrid({11: honest(0), 22: honest(1), 33: honest(2)}), rounds=1)
-    assert len(s.failures) == 3 and all("non-finite" in f["reason"] for f in s.failures)
+    assert len(s.failures.entries) == 3 and all("non-finite" in f["reason"] for f in s.failures.entries)
 
 
 # ---------------------------------------------------------------------------- failures and minimums
@@ -279,7 +279,7 @@ def test_crashes_in_every_phase_are_recorded_and_the_run_completes() -> None:
         num_nodes=4,
     )
     assert result.arrays is not None
-    phases = sorted((f["phase"], f["partition"], f["round"]) for f in s.failures)
+    phases = sorted((f["phase"], f["partition"], f["round"]) for f in s.failures.entries)
     assert phases == [("answers", 3, 0), ("evaluate", 2, 1), ("evaluate", 2, 2), ("train", 1, 1), ("train", 1, 2)]
 
 
@@ -308,8 +308,8 @@ def test_a_resumed_run_gets_its_paid_answers_again_without_paying_twice() -> Non
     resumed, _ = make()  # a fresh process: new oracle, new node ids
     resumed.load_state(state)
     run(resumed, FakeGrid({71: honest(0), 72: honest(1), 73: honest(2)}), rounds=2, start_round=2)
-    assert resumed.queries_used == state["queries-used"]
-    assert all(e["redelivered"] and e["charged"] == 0 for e in resumed.query_log)
+    assert resumed.ledger.queries_used == state["queries-used"]
+    assert all(e["redelivered"] and e["charged"] == 0 for e in resumed.ledger.log)
     assert resumed.last_round == 2
 
 
@@ -317,8 +317,8 @@ def test_a_resumed_client_sending_other_images_is_held_to_its_budget() -> None:
     s, _ = make()
     s.load_state({"queries-used": {"client-0": 10}, "query-digests": {"client-0": "not-these-images"}})
     run(s, FakeGrid({11: honest(0, images=10), 22: honest(1), 33: honest(2)}), rounds=1)
-    assert s.queries_used["client-0"] == 10  # not charged again: refused, over what it paid for
-    entry = next(e for e in s.query_log if e["partition"] == 0)
+    assert s.ledger.queries_used["client-0"] == 10  # not charged again: refused, over what it paid for
+    entry = next(e for e in s.ledger.log if e["partition"] == 0)
     assert entry["answered"] == 0 and "0 of query-budget=10 left" in entry["reason"]
 
 
@@ -358,20 +358,20 @@ def _emulator_strategy() -> MEKD:
         P.DISCRIMINATOR: ArrayRecord({"conv.weight": Array(np.zeros((2, 2), np.float32))}),
     }
     s, _ = make(federated_emulator=True, emulator_reference=reference)
-    s.partition_of = {1: 0, 2: 1, 3: 2, 4: 3}
+    s.transport.partition_of = {1: 0, 2: 1, 3: 2, 4: 3}
     return s
 
 
 @pytest.mark.parametrize("poison", ["nan", "float64-1e40", "missing", "int"])
 def test_a_poisoned_emulator_is_refused_from_the_average(poison: str) -> None:
     s = _emulator_strategy()
-    clean, nodes = s._average_emulators([_emulator_reply(n, n) for n in (1, 2, 3)], {})
+    clean, nodes = s.phases._average([_emulator_reply(n, n) for n in (1, 2, 3)], {})
     s2 = _emulator_strategy()
-    averaged, nodes2 = s2._average_emulators(
+    averaged, nodes2 = s2.phases._average(
         [*(_emulator_reply(n, n) for n in (1, 2, 3)), _emulator_reply(4, 4, poison)], {}
     )
     assert nodes == nodes2 == [1, 2, 3]
-    assert s2.failures[0]["phase"] == "emulator" and s2.failures[0]["partition"] == 3
+    assert s2.failures.entries[0]["phase"] == "emulator" and s2.failures.entries[0]["partition"] == 3
     for key in (P.GENERATOR, P.DISCRIMINATOR):
         for k in clean[key].keys():
             np.testing.assert_array_equal(averaged[key][k].numpy(), clean[key][k].numpy())
@@ -380,8 +380,8 @@ def test_a_poisoned_emulator_is_refused_from_the_average(poison: str) -> None:
 def test_emulators_are_averaged_uniformly_and_a_long_one_is_bounded() -> None:
     s = _emulator_strategy()
     replies = [*(_emulator_reply(n, n) for n in (1, 2, 3)), _emulator_reply(4, 4, "scaled")]
-    averaged, nodes = s._average_emulators(replies, {})
-    assert nodes == [1, 2, 3, 4] and s.failures == []
+    averaged, nodes = s.phases._average(replies, {})
+    assert nodes == [1, 2, 3, 4] and s.failures.entries == []
     assert [c["partition"] for c in s.clipped] == [3]
     disc = averaged[P.DISCRIMINATOR]["conv.weight"].numpy()
     assert np.isfinite(disc).all() and np.abs(disc).max() < 10  # not 1e6 / 4

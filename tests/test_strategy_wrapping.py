@@ -127,9 +127,8 @@ def mekd(inner=None, n: int = 3, **kwargs) -> MEKD:
         query_budget=10,
         train_emulators=True,
         emulator_steps=1,
-        log_fn=lambda _: None,
         min_available_nodes=n,
-        **kwargs,
+        **{"log_fn": lambda _: None, **kwargs},
     )
 
 
@@ -151,8 +150,8 @@ class Run:
         )
         self.final = {k: self.result.arrays[k].numpy() for k in self.result.arrays.keys()}
         assert s.last_round == rounds and sorted(self.globals) == list(range(rounds + 1))
-        assert len(grid.sent_of(P.EMULATOR)) == len(grid.nodes) == len(s.emulator_metrics)  # every phase ran
-        assert s.answered == set(grid.nodes) and len(grid.sent_of(P.ANSWERS)) == len(grid.nodes)
+        assert len(grid.sent_of(P.EMULATOR)) == len(grid.nodes) == len(s.phases.emulator_metrics)  # every phase ran
+        assert s.ledger.answered == set(grid.nodes) and len(grid.sent_of(P.ANSWERS)) == len(grid.nodes)
         np.testing.assert_array_equal(self.final["weight"], self.globals[rounds]["weight"])
 
 
@@ -176,7 +175,7 @@ def ungated(**kwargs) -> dict:
 @pytest.mark.parametrize("inner", [lambda: None, lambda: FedAvg()], ids=["default", "explicit"])
 def test_fedavg_gives_the_example_weighted_mean_of_the_updates(inner) -> None:
     run = Run(mekd(inner()), grid_of(3), rounds=3)
-    assert run.s.failures == [] and run.s.clipped == []
+    assert run.s.failures.entries == [] and run.s.clipped == []
     for rnd in (1, 2, 3):
         updates = sorted(run.grid.updates[rnd], key=lambda u: u[0])  # Flower's sampling shuffles the cohort
         assert [n for n, _, _ in updates] == [node_id(i) for i in range(3)]
@@ -218,7 +217,7 @@ def test_fedprox_mu_reaches_the_clients_when_the_run_config_also_names_it() -> N
 def test_fedadam_takes_a_server_side_adam_step_on_the_averaged_pseudo_gradient() -> None:
     eta, beta_1, beta_2, tau = 0.05, 0.9, 0.99, 1e-3
     run = Run(mekd(FedAdam(eta=eta, beta_1=beta_1, beta_2=beta_2, tau=tau)), grid_of(3), rounds=3)
-    assert run.s.failures == []
+    assert run.s.failures.entries == []
     m = v = None
     for rnd in (1, 2, 3):
         current = {k: x.astype(np.float64) for k, x in run.globals[rnd - 1].items()}
@@ -309,9 +308,9 @@ def _train_cohorts(seed: int, caller_seed: int) -> tuple[list[list[int]], list[l
     cohorts = [[], [], []]
     evaluated = [[], [], []]
     for m in run.grid.sent_of(P.TRAIN):
-        cohorts[int(m.content[P.CONFIG][P.SERVER_ROUND]) - 1].append(run.s.partition_of[m.metadata.dst_node_id])
+        cohorts[int(m.content[P.CONFIG][P.SERVER_ROUND]) - 1].append(run.s.transport.partition_of[m.metadata.dst_node_id])
     for m in run.grid.sent_of(P.EVALUATE):
-        evaluated[int(m.content[P.CONFIG][P.SERVER_ROUND]) - 1].append(run.s.partition_of[m.metadata.dst_node_id])
+        evaluated[int(m.content[P.CONFIG][P.SERVER_ROUND]) - 1].append(run.s.transport.partition_of[m.metadata.dst_node_id])
     for rnd, cohort in enumerate(cohorts, start=1):  # and the round aggregated exactly that cohort
         assert sorted(n for n, _, _ in run.grid.updates[rnd]) == sorted(node_id(p) for p in cohort)
     return [sorted(c) for c in cohorts], [sorted(c) for c in evaluated]

@@ -79,14 +79,14 @@ def test_queries_are_answered_by_the_teacher_node_which_is_never_a_student() -> 
     start = UserNet().state_dict()
     s = strategy(TeacherNode(token=TOKEN))
     result = s.start(grid, ArrayRecord(start), num_rounds=3, train_config=ConfigRecord({"lr": 0.05}))
-    assert s.failures == [] and s.teacher_node == TEACHER
-    assert TEACHER not in s.partition_of and sorted(s.partition_of) == [100, 101, 102]
+    assert s.failures.entries == [] and s.transport.teacher_node == TEACHER
+    assert TEACHER not in s.transport.partition_of and sorted(s.transport.partition_of) == [100, 101, 102]
     to_teacher = [m.metadata.message_type for m in grid.sent if m.metadata.dst_node_id == TEACHER]
     assert set(to_teacher) == {P.ROLE, P.TEACH} and to_teacher.count(P.TEACH) == 3  # one per student
     for m in grid.sent:
         if m.metadata.dst_node_id == TEACHER:
             assert set(m.content.keys()) <= P.OUTGOING[m.metadata.message_type]
-    assert s.queries_used == {"client-0": 96, "client-1": 96, "client-2": 96}
+    assert s.ledger.queries_used == {"client-0": 96, "client-1": 96, "client-2": 96}
     held = node_images(98, 256)
     assert agreement(result.arrays.to_torch_state_dict(), held) > 0.6
 
@@ -96,9 +96,9 @@ def test_the_teacher_nodes_own_budget_holds_beside_the_strategys() -> None:
     s = strategy(TeacherNode(token=TOKEN), min_reply_fraction=0.0)
     with pytest.raises(RunFailed):  # every client asks 96 > 50: the teacher refuses each, nothing is answered
         s.start(grid, ArrayRecord(UserNet().state_dict()), num_rounds=1)
-    assert [f["phase"] for f in s.failures] == ["query"] * 3
-    assert all("budget" in f["reason"] for f in s.failures)
-    assert s.queries_used == {}
+    assert [f["phase"] for f in s.failures.entries] == ["query"] * 3
+    assert all("budget" in f["reason"] for f in s.failures.entries)
+    assert s.ledger.queries_used == {}
 
 
 def test_an_impostor_without_the_token_is_not_taken_for_the_teacher() -> None:
@@ -112,7 +112,7 @@ def test_an_impostor_without_the_token_is_not_taken_for_the_teacher() -> None:
     grid = federation(**{"600": impostor})
     s = strategy(TeacherNode(token=TOKEN))
     s.start(grid, ArrayRecord(UserNet().state_dict()), num_rounds=1, num_nodes=4)
-    assert s.teacher_node == TEACHER and 600 in s.partition_of  # a student like any other, never the teacher
+    assert s.transport.teacher_node == TEACHER and 600 in s.transport.partition_of  # a student like any other, never the teacher
 
 
 def test_a_replayed_proof_does_not_pass_for_another_node() -> None:
@@ -143,7 +143,7 @@ def test_a_pinned_teacher_node_needs_no_token_and_a_student_app_refuses_the_role
     grid.contexts[TEACHER].node_config["mekd-role"] = "teacher"
     s = strategy(TeacherNode(node_id=TEACHER))
     s.start(grid, ArrayRecord(UserNet().state_dict()), num_rounds=1, num_nodes=3)
-    assert s.teacher_node == TEACHER and s.failures == []
+    assert s.transport.teacher_node == TEACHER and s.failures.entries == []
     other = Message(RecordDict({P.CONFIG: ConfigRecord({P.CLIENT: "x"})}), message_type=P.TEACH, dst_node_id=100)
     with pytest.raises(PermissionError):
         both(other, grid.contexts[100])  # a student node never answers as the teacher
