@@ -1,6 +1,7 @@
 # Two entry points, each bootstrapping its own virtual environment (.venv) from pyproject.toml.
 #   make run   - the default federated MEKD run on Fashion-MNIST (extra settings: make run ARGS="alpha=0.1")
-#   make test  - lint (ruff check + format check), then the test suite (fast tests and end-to-end simulations)
+#   make test  - lint (ruff check + format check), the import contracts (lint-imports, pyproject's
+#                [tool.importlinter]), then the test suite (fast tests and end-to-end simulations)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -38,6 +39,7 @@ run: $(STAMP) data
 test: $(STAMP) data
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache --no-logo
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP) data

@@ -23,7 +23,6 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -40,6 +39,8 @@ from mekd_fl.fid import domain_fid, fixed_feature_net
 from mekd_fl.models.gan import Generator
 from mekd_fl.precision import autocast
 from mekd_fl.queries import SCORED_SELECTIONS, entropy_scores, generated, select_queries
+from mekd_fl.settings.schema import Setting
+from mekd_fl.settings.values import SettingValues
 
 StateDict = dict[str, torch.Tensor]
 ImageSource = torch.Tensor | np.ndarray | torch.utils.data.Dataset | Iterable
@@ -51,48 +52,17 @@ IMAGE_KEYS = ("img", "image", "images", "pixel_values", "x")
 
 
 # ---------------------------------------------------------------------------- settings
-@dataclass(frozen=True)
-class EdgeSettings:
-    """The settings of one edge device: the client fields of RunConfig, with RunConfig's names, defaults
-    (read from it: there is one source) and checks. See the README's settings table for each."""
+class EdgeSettings(SettingValues):
+    """The settings of one edge device: the declared settings a client receives (audience "client" or
+    "both"), less those only the project's own Flower client reads to build its data and model
+    (`Setting.edge`: dataset, student-arch, run-name, emulator-fid), with the schema's names, defaults
+    and checks. A registered method's own settings are in it. See the README's settings table for each."""
 
-    seed: int = RunConfig.seed
-    device: str = RunConfig.device
-    precision: str = RunConfig.precision
-    oracle_output: str = RunConfig.oracle_output
-    emulator_steps: int = RunConfig.emulator_steps
-    emulator_batch_size: int = RunConfig.emulator_batch_size
-    emulator_lr: float = RunConfig.emulator_lr
-    emulator_width: int = RunConfig.emulator_width
-    emulator: str = RunConfig.emulator
-    wgan_n_critic: int = RunConfig.wgan_n_critic
-    wgan_gp_lambda: float = RunConfig.wgan_gp_lambda
-    infogan_weight: float = RunConfig.infogan_weight
-    emulator_pairing_lr: float = RunConfig.emulator_pairing_lr
-    emulator_pairing_weight: float = RunConfig.emulator_pairing_weight
-    query_source: str = RunConfig.query_source
-    query_views: int = RunConfig.query_views
-    query_fraction: float = RunConfig.query_fraction
-    query_selection: str = RunConfig.query_selection
-    method: str = RunConfig.method
-    num_rounds: int = RunConfig.num_rounds
-    local_epochs: int = RunConfig.local_epochs
-    batch_size: int = RunConfig.batch_size
-    lr: float = RunConfig.lr
-    momentum: float = RunConfig.momentum
-    weight_decay: float = RunConfig.weight_decay
-    distance: str = RunConfig.distance
-    temperature: float = RunConfig.temperature
-    emulator_input: str = RunConfig.emulator_input
-    weight_emulation: float = RunConfig.weight_emulation
-    weight_kl: float = RunConfig.weight_kl
-    dkd_alpha: float = RunConfig.dkd_alpha
-    dkd_beta: float = RunConfig.dkd_beta
-    dkd_warmup: float = RunConfig.dkd_warmup
-    cdl_weight: float = RunConfig.cdl_weight
-    cdl_margin: float = RunConfig.cdl_margin
-    can_weight: float = RunConfig.can_weight
-    can_lr: float = RunConfig.can_lr
+    __slots__ = ()
+
+    @classmethod
+    def select(cls) -> tuple[Setting, ...]:
+        return tuple(s for s in RunConfig.declared() if s.sent and s.edge)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | None = None, **overrides: Any) -> EdgeSettings:
@@ -102,31 +72,21 @@ class EdgeSettings:
 
     def updated(self, config: Mapping[str, Any] | None = None, **overrides: Any) -> EdgeSettings:
         """A copy with the known keys of `config` (kebab- or snake-case) and `overrides` applied, checked."""
-        values = dataclasses.asdict(self)
+        values = {s.attr: self._values.get(s.attr, s.default) for s in self.declared()}
         for key, value in {**dict(config or {}), **overrides}.items():
             name = str(key).replace("-", "_")
             if name in values:
                 values[name] = value
+        settings = type(self)(**values)
         try:
-            RunConfig(**values).validate(client=True)
+            settings.check()
         except ConfigError as exc:
             raise ConfigError(f"edge settings: {exc}") from None
-        return type(self)(**values)
+        return settings
 
     def emulator_config(self, steps: int | None, seed: int) -> EmulatorConfig:
-        return EmulatorConfig(
-            steps=self.emulator_steps if steps is None else steps,
-            batch_size=self.emulator_batch_size,
-            lr=self.emulator_lr,
-            width=self.emulator_width,
-            seed=seed,
-            kind=self.emulator,
-            n_critic=self.wgan_n_critic,
-            gp_lambda=self.wgan_gp_lambda,
-            info_weight=self.infogan_weight,
-            pairing_weight=self.emulator_pairing_weight,
-            precision=self.precision,
-        )
+        """The emulator's hyper-parameters from these settings, with this call's steps (None: emulator-steps)."""
+        return EmulatorConfig.from_settings(self, seed=seed, **({} if steps is None else {"steps": steps}))
 
     def round_lr(self, server_round: int) -> float:
         """Cosine decay of the student's learning rate over the rounds (round 1 gets the full `lr`).

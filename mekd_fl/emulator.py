@@ -21,34 +21,50 @@ downstream:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mekd_fl.config import RunConfig
 from mekd_fl.errors import ConfigError
 from mekd_fl.models.gan import Critic, Discriminator, Generator, ImageShape, InfoDiscriminator, init_dcgan_weights
 from mekd_fl.precision import autocast
+from mekd_fl.settings.run import run_setting
+
+
+def _from_setting(name: str) -> Any:
+    """A field that is the run setting `name`: its default is the setting's, `from_settings` reads it."""
+    return field(default=run_setting(name).default, metadata={"setting": name})
 
 
 @dataclass
 class EmulatorConfig:
-    """Hyper-parameters of one emulator training phase; the defaults are RunConfig's emulator settings."""
+    """Hyper-parameters of one emulator training phase.
 
-    steps: int = RunConfig.emulator_steps  # generator updates
-    batch_size: int = RunConfig.emulator_batch_size
-    lr: float = RunConfig.emulator_lr
+    Short field names for the GAN code; each field that is a run setting names it (`_from_setting`), so
+    its default is the schema's and `from_settings` fills it from a RunConfig or EdgeSettings.
+    """
+
+    steps: int = _from_setting("emulator-steps")  # generator updates
+    batch_size: int = _from_setting("emulator-batch-size")
+    lr: float = _from_setting("emulator-lr")
     betas: tuple[float, float] | None = None  # Adam betas; None: the kind's usual ones (see _KINDS)
-    width: int = RunConfig.emulator_width
-    seed: int = 0  # no RunConfig default: a run gives each client its own seed, derived from `seed`
-    kind: str = RunConfig.emulator  # one of EMULATORS
-    n_critic: int = RunConfig.wgan_n_critic  # wgan-gp: critic steps per generator step
-    gp_lambda: float = RunConfig.wgan_gp_lambda  # wgan-gp: gradient-penalty weight
-    info_weight: float = RunConfig.infogan_weight  # infogan: weight of the code-reconstruction (Q) loss
-    pairing_weight: float = RunConfig.emulator_pairing_weight  # paired: weight of |G(T(x)) - x|
-    precision: str = RunConfig.precision  # fp32, or bf16 autocast for the GAN's forward passes
+    width: int = _from_setting("emulator-width")
+    seed: int = 0  # not a setting: a run gives each client its own seed, derived from `seed`
+    kind: str = _from_setting("emulator")  # one of EMULATORS
+    n_critic: int = _from_setting("wgan-n-critic")  # wgan-gp: critic steps per generator step
+    gp_lambda: float = _from_setting("wgan-gp-lambda")  # wgan-gp: gradient-penalty weight
+    info_weight: float = _from_setting("infogan-weight")  # infogan: weight of the code-reconstruction (Q) loss
+    pairing_weight: float = _from_setting("emulator-pairing-weight")  # paired: weight of |G(T(x)) - x|
+    precision: str = _from_setting("precision")  # fp32, or bf16 autocast for the GAN's forward passes
+
+    @classmethod
+    def from_settings(cls, values: Any, **overrides: Any) -> EmulatorConfig:
+        """The fields that are settings read from `values` (a RunConfig or EdgeSettings), then `overrides`."""
+        read = {f.name: getattr(values, f.metadata["setting"].replace("-", "_")) for f in fields(cls) if f.metadata}
+        return cls(**{**read, **overrides})
 
 
 @dataclass

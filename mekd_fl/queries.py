@@ -34,10 +34,10 @@ from torch import nn
 
 from mekd_fl.augment import random_shift_flip, to_unit
 from mekd_fl.emulator import from_gan_range
-from strategies.protocol import SCORED_SELECTIONS  # the selections that read the global student
+from mekd_fl.settings.run import SCORED_SELECTIONS, run_setting
 
-SOURCES = ("local", "generated", "mixed")
-SELECTIONS = ("random", "kcenter", "uncertainty", "hybrid")
+SOURCES: tuple[str, ...] = run_setting("query-source").accepted()
+SELECTIONS: tuple[str, ...] = run_setting("query-selection").accepted()
 #: Seed of the fixed feature network k-center measures distances in (the domain FID's network and seed).
 KCENTER_FEATURE_SEED = 0
 

@@ -24,11 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from mekd_fl import plots
 from mekd_fl.config import RunConfig
 from mekd_fl.errors import ConfigError
-
-#: Above this many clients the label plot is a heatmap of class shares instead of one bar per client.
-MAX_BARS = 100
+from mekd_fl.plots import MAX_BARS as MAX_BARS  # re-exported: callers and tests read it here
 
 
 def _jsonable(value: Any) -> Any:
@@ -154,103 +153,13 @@ class RunResults:
         with self.metrics_path.open("a") as fh:
             fh.write(json.dumps(_jsonable(record)) + "\n")
 
-    # ------------------------------------------------------------------ plots
+    # ------------------------------------------------------------------ plots (drawn by mekd_fl.plots)
     def plot_accuracy(self, teacher_accuracy: float | None, title: str) -> Path:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4))
-        rounds = [r["round"] for r in self.rounds]
-        for key, label in (
-            ("server/accuracy", "global student, server test set"),
-            ("fed/accuracy", "global student, client test splits"),
-            ("server/agreement", "agreement with teacher"),
-        ):
-            pts = [(r["round"], r[key]) for r in self.rounds if r.get(key) is not None]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=label)
-        if teacher_accuracy is not None:
-            ax.axhline(teacher_accuracy, color="grey", linestyle="--", label="teacher, server test set")
-        ax.set_xlabel("round")
-        ax.set_ylabel("accuracy")
-        ax.set_xticks(rounds)
-        ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
-        ax.set_title(title)
-        ax.legend(loc="lower right", fontsize=8)
-        return self._save(fig, "accuracy.png")
+        return plots.run_accuracy(self.rounds, teacher_accuracy, title, self.folder / "accuracy.png")
 
     def plot_label_distribution(self, counts: np.ndarray, class_names: list[str], title: str) -> Path:
-        """Stacked bars per client, or above MAX_BARS clients a heatmap of each client's class shares:
-        bars for 10,000 clients made a 550,000-pixel-wide figure (160 s and 2 GiB in bench_scale.py)."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        counts = np.asarray(counts)
-        if len(counts) > MAX_BARS:
-            shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)
-            fig, ax = plt.subplots(figsize=(10, 4))
-            image = ax.imshow(shares.T, aspect="auto", interpolation="antialiased", cmap="viridis", vmin=0, vmax=1)
-            ax.set_yticks(range(counts.shape[1]))
-            ax.set_yticklabels(list(class_names[: counts.shape[1]]), fontsize=7)
-            ax.set_xlabel(f"client (0-{len(counts) - 1})")
-            ax.set_title(title)
-            fig.colorbar(image, ax=ax, label="share of the client's images")
-            return self._save(fig, "label_distribution.png")
-        fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(counts) + 2), 4))
-        bottom = np.zeros(len(counts))
-        cmap = plt.get_cmap("tab10" if counts.shape[1] <= 10 else "tab20")
-        for c in range(counts.shape[1]):
-            ax.bar(
-                range(len(counts)),
-                counts[:, c],
-                bottom=bottom,
-                color=cmap(c % cmap.N),
-                label=class_names[c] if c < 20 else None,
-            )
-            bottom += counts[:, c]
-        ax.set_xlabel("client")
-        ax.set_ylabel("images")
-        ax.set_xticks(range(len(counts)))
-        ax.set_title(title)
-        if counts.shape[1] <= 20:
-            ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
-        return self._save(fig, "label_distribution.png")
+        return plots.label_distribution(counts, class_names, title, self.folder / "label_distribution.png")
 
     def plot_samples(self, samples: dict[str, np.ndarray]) -> Path:
         """Rows: real x, G(T(x)), G(S(x)); one column per image."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        rows = [("images", "x"), ("g-teacher", "G(T(x))"), ("g-student", "G(S(x))")]
-        n = len(samples["images"])
-        fig, axes = plt.subplots(3, n, figsize=(1.2 * n, 3.9), squeeze=False)
-        for r, (key, label) in enumerate(rows):
-            for c in range(n):
-                img = samples[key][c]
-                ax = axes[r][c]
-                if img.shape[0] == 1:
-                    ax.imshow(img[0], cmap="gray", vmin=0, vmax=255)
-                else:
-                    ax.imshow(np.transpose(img, (1, 2, 0)))
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if c == 0:
-                    ax.set_ylabel(label, fontsize=9)
-        fig.suptitle("emulator samples: teacher vs student through G")
-        return self._save(fig, "emulator_samples.png")
-
-    def _save(self, fig: Any, name: str) -> Path:
-        import matplotlib.pyplot as plt
-
-        path = self.folder / name
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
+        return plots.emulator_samples(samples, self.folder / "emulator_samples.png")

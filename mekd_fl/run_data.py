@@ -28,15 +28,6 @@ class RunData:
         """The client's unlabeled training images (uint8). Labels never leave this module for training."""
         return self.dataset.train_images[torch.as_tensor(self.split.client_train[partition_id])]
 
-    def client_labels(self, partition_id: int) -> torch.Tensor:
-        """True labels of the client's training images: only for the `supervised` reference method,
-        which breaks the source-blind rule on purpose (an upper bound), and is marked so in every table."""
-        return self.dataset.train_labels[torch.as_tensor(self.split.client_train[partition_id])]
-
-    def client_test(self, partition_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.as_tensor(self.split.client_test[partition_id])
-        return self.dataset.train_images[idx], self.dataset.train_labels[idx]
-
     def server_train(self) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.as_tensor(self.split.server_indices)
         return self.dataset.train_images[idx], self.dataset.train_labels[idx]

@@ -206,15 +206,8 @@ def test_every_message_to_a_client_fits_the_allow_list(grid_outcome: tuple[Path,
     # query.role and query.teach go only to a teacher node (tests/test_teacher_node.py), never to these clients
     assert {m["type"] for m in sent} == set(P.OUTGOING) - P.TEACHER_MESSAGES, "a message type was never exercised"
     ds = load_dataset("synthetic")
-    student = _state_shapes(
-        build_model(
-            TINY["student-arch"] if "student-arch" in TINY else "resnet8",
-            ds.num_classes,
-            ds.image_shape,
-            ds.mean,
-            ds.std,
-        )
-    )
+    arch = RunConfig.from_mapping(TINY).student_arch  # the cells' student (TINY keeps the default)
+    student = _state_shapes(build_model(arch, ds.num_classes, ds.image_shape, ds.mean, ds.std))
     gen, disc = build_emulator(ds.num_classes, ds.image_shape, TINY["emulator-width"], kind="dcgan")
     emulator = {P.GENERATOR: _state_shapes(gen), P.DISCRIMINATOR: _state_shapes(disc)}
     allowed_config = set(CLIENT_SETTINGS) | set(P.STRATEGY_KEYS)

@@ -8,13 +8,13 @@ tests exercise exactly what a user runs: settings -> data split -> teacher -> em
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import run_mekd_fl
 
 SMALL = [
     "dataset=synthetic",
@@ -30,22 +30,10 @@ SMALL = [
 ]
 
 
-def mekd_fl(*args: str, cwd: Path, command: str = "run") -> subprocess.CompletedProcess:
-    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", OMP_NUM_THREADS="1")
-    return subprocess.run(
-        [sys.executable, "-m", "mekd_fl.cli", command, *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-
-
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
     work = tmp_path_factory.mktemp("e2e")
-    proc = mekd_fl(*SMALL, "out-dir=runs", "cache-dir=cache", "run-name=first", cwd=work)
+    proc = run_mekd_fl(*SMALL, "out-dir=runs", "cache-dir=cache", "run-name=first", cwd=work)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return work, proc
 
@@ -80,7 +68,7 @@ def test_mekd_run_writes_every_result_file(first_run: tuple[Path, subprocess.Com
 
 def test_second_run_reuses_teacher_and_runs_kd(first_run: tuple[Path, subprocess.CompletedProcess]) -> None:
     work, _ = first_run
-    proc = mekd_fl(*SMALL, "method=kd", "num-rounds=1", "out-dir=runs", "cache-dir=cache", "run-name=kd", cwd=work)
+    proc = run_mekd_fl(*SMALL, "method=kd", "num-rounds=1", "out-dir=runs", "cache-dir=cache", "run-name=kd", cwd=work)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((work / "runs" / "kd" / "summary.json").read_text())
     assert summary["teacher-cached"] is True
@@ -92,7 +80,7 @@ def test_existing_run_folder_is_refused_and_kept(first_run: tuple[Path, subproce
     work, _ = first_run
     summary = work / "runs" / "first" / "summary.json"
     before = summary.read_bytes(), summary.stat().st_mtime_ns
-    proc = mekd_fl(*SMALL, "out-dir=runs", "cache-dir=cache", "run-name=first", cwd=work)
+    proc = run_mekd_fl(*SMALL, "out-dir=runs", "cache-dir=cache", "run-name=first", cwd=work)
     assert proc.returncode == 2
     assert "already exists" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert (summary.read_bytes(), summary.stat().st_mtime_ns) == before
@@ -108,12 +96,12 @@ def test_the_student_is_saved_and_can_be_evaluated_later(first_run: tuple[Path, 
     checkpoint = torch.load(folder / "checkpoint.pt", weights_only=True)
     assert checkpoint["round"] == 3 and checkpoint["strategy"]["round"] == 3
     summary = json.loads((folder / "summary.json").read_text())
-    proc = mekd_fl(str(folder), "--json", cwd=work, command="evaluate")
+    proc = run_mekd_fl(str(folder), "--json", cwd=work, command="evaluate")
     assert proc.returncode == 0, proc.stderr
     figures = json.loads(proc.stdout.strip().splitlines()[-1])
     assert figures["accuracy"] == pytest.approx(summary["student-accuracy"])
     assert figures["agreement"] == pytest.approx(summary["student-agreement"])
-    status = mekd_fl(str(folder), cwd=work, command="status")
+    status = run_mekd_fl(str(folder), cwd=work, command="status")
     assert status.returncode == 0 and "completed" in status.stdout
 
 
@@ -121,7 +109,7 @@ def test_a_run_whose_updates_are_all_rejected_exits_non_zero_with_one_line(
     first_run: tuple[Path, subprocess.CompletedProcess],
 ) -> None:
     work, _ = first_run
-    proc = mekd_fl(
+    proc = run_mekd_fl(
         *SMALL, "method=kd", "num-rounds=2", "lr=1e30", "out-dir=runs", "cache-dir=cache", "run-name=diverges", cwd=work
     )
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -130,7 +118,7 @@ def test_a_run_whose_updates_are_all_rejected_exits_non_zero_with_one_line(
     summary = json.loads((work / "runs" / "diverges" / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["error"] in last
     assert all("contains NaN or inf" in r["reason"] for r in summary["rejected-updates"])
-    status = mekd_fl(str(work / "runs" / "diverges"), cwd=work, command="status")
+    status = run_mekd_fl(str(work / "runs" / "diverges"), cwd=work, command="status")
     assert status.returncode == 1 and "failed" in status.stdout
 
 
@@ -170,7 +158,7 @@ def test_bad_settings_fail_fast_with_one_line(
 
 def test_a_bad_setting_ends_the_real_process_with_one_line_and_nothing_written(tmp_path: Path) -> None:
     t0 = time.time()
-    proc = mekd_fl(*SMALL, "out-dir=runs", "alpha=0", cwd=tmp_path)
+    proc = run_mekd_fl(*SMALL, "out-dir=runs", "alpha=0", cwd=tmp_path)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("mekd-fl: error: ") and "alpha" in lines[0], lines
@@ -179,6 +167,6 @@ def test_a_bad_setting_ends_the_real_process_with_one_line_and_nothing_written(t
 
 
 def test_missing_data_files_name_the_fix(tmp_path: Path) -> None:
-    proc = mekd_fl("dataset=mnist", f"data-dir={tmp_path / 'nothing'}", cwd=tmp_path)
+    proc = run_mekd_fl("dataset=mnist", f"data-dir={tmp_path / 'nothing'}", cwd=tmp_path)
     assert proc.returncode == 2
     assert "data-dir" in proc.stderr and "download=true" in proc.stderr

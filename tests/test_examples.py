@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_flwr_run import _stop_superlink, flwr_env
+from tests.helpers import flwr_env, stop_superlink
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -91,7 +91,7 @@ def test_the_example_apps_run_and_mekd_distills_the_blind_teacher(tmp_path: Path
             ),
         }
     finally:
-        _stop_superlink(tmp_path / "flwr-home")
+        stop_superlink(tmp_path / "flwr-home")
     for name, proc in procs.items():  # `flwr run --stream` exits 0 on failure: check the files it writes
         assert proc.returncode == 0 and out[name].is_file(), name + proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[teacher] answered" in procs["mekd"].stdout and "[emulator]" in procs["mekd"].stdout

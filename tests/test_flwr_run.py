@@ -7,42 +7,17 @@ test's own FLWR_HOME, and stops exactly that process tree afterwards.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import flwr_env, stop_superlink
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _stop_superlink(flwr_home: Path) -> None:
-    found = subprocess.run(["pgrep", "-f", str(flwr_home / "local-superlink")], capture_output=True, text=True)
-    for pid in found.stdout.split():
-        children = subprocess.run(["pgrep", "-P", pid], capture_output=True, text=True).stdout.split()
-        for p in [*children, pid]:
-            try:
-                os.kill(int(p), signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-
-
-def flwr_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    """The environment for `flwr` commands: this test's own FLWR_HOME (so its SuperLink can be found and
-    stopped), no telemetry, no dependency installs (offline), the venv's bin on PATH."""
-    bin_dir = Path(sys.executable).parent
-    return dict(
-        os.environ,
-        FLWR_HOME=str(tmp_path / "flwr-home"),
-        FLWR_TELEMETRY_ENABLED="0",
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-        PATH=f"{bin_dir}:{os.environ['PATH']}",
-        **extra,
-    )
 
 
 @pytest.mark.skipif(shutil.which("flwr", path=str(Path(sys.executable).parent)) is None, reason="flwr CLI missing")
@@ -72,7 +47,7 @@ def test_flwr_run_distills_on_synthetic_data(tmp_path: Path) -> None:
             timeout=600,
         )
     finally:
-        _stop_superlink(tmp_path / "flwr-home")
+        stop_superlink(tmp_path / "flwr-home")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "flwr" / "summary.json").read_text())
     assert summary["num-clients"] == 2 and summary["method"] == "mekd"

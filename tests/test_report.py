@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import yaml
 
-from mekd_fl.bench.report import Stat, format_stat, load_results, query_curves, write_report
+from mekd_fl.bench.cells import load_results
+from mekd_fl.bench.figures import query_curves
+from mekd_fl.bench.report import Stat, format_stat, write_report
 from mekd_fl.bench.spec import parse_spec
 from mekd_fl.cli import main
 from mekd_fl.errors import ConfigError

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mekd_fl.data import DEBIAN_FASHION_MNIST
-from tests.test_end_to_end import mekd_fl
+from tests.helpers import run_mekd_fl
 
 pytestmark = [
     pytest.mark.slow,
@@ -20,7 +20,7 @@ pytestmark = [
 
 @pytest.mark.parametrize("method, partition", [("mekd", "iid"), ("kd", "iid")])
 def test_short_fashion_mnist_federation_learns(tmp_path: Path, method: str, partition: str) -> None:
-    proc = mekd_fl(
+    proc = run_mekd_fl(
         f"method={method}",
         f"partition={partition}",
         "num-clients=4",

@@ -444,7 +444,9 @@ def test_all_refused_gives_nothing(strategy: MEKD) -> None:
     result = strategy.aggregate_train(3, [_refused("nan"), _refused("num-examples-0"), _refused("extra-key")])
     assert result == (None, None)
     assert len(strategy.rejected) == 3
-    assert [f["reason"] for f in strategy.failures.current] == [f"update rejected: {r['reason']}" for r in strategy.rejected]
+    assert [f["reason"] for f in strategy.failures.current] == [
+        f"update rejected: {r['reason']}" for r in strategy.rejected
+    ]
 
 
 def test_empty_round_gives_nothing(strategy: MEKD) -> None:

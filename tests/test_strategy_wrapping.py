@@ -308,9 +308,13 @@ def _train_cohorts(seed: int, caller_seed: int) -> tuple[list[list[int]], list[l
     cohorts = [[], [], []]
     evaluated = [[], [], []]
     for m in run.grid.sent_of(P.TRAIN):
-        cohorts[int(m.content[P.CONFIG][P.SERVER_ROUND]) - 1].append(run.s.transport.partition_of[m.metadata.dst_node_id])
+        cohorts[int(m.content[P.CONFIG][P.SERVER_ROUND]) - 1].append(
+            run.s.transport.partition_of[m.metadata.dst_node_id]
+        )
     for m in run.grid.sent_of(P.EVALUATE):
-        evaluated[int(m.content[P.CONFIG][P.SERVER_ROUND]) - 1].append(run.s.transport.partition_of[m.metadata.dst_node_id])
+        evaluated[int(m.content[P.CONFIG][P.SERVER_ROUND]) - 1].append(
+            run.s.transport.partition_of[m.metadata.dst_node_id]
+        )
     for rnd, cohort in enumerate(cohorts, start=1):  # and the round aggregated exactly that cohort
         assert sorted(n for n, _, _ in run.grid.updates[rnd]) == sorted(node_id(p) for p in cohort)
     return [sorted(c) for c in cohorts], [sorted(c) for c in evaluated]

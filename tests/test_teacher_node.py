@@ -112,7 +112,9 @@ def test_an_impostor_without_the_token_is_not_taken_for_the_teacher() -> None:
     grid = federation(**{"600": impostor})
     s = strategy(TeacherNode(token=TOKEN))
     s.start(grid, ArrayRecord(UserNet().state_dict()), num_rounds=1, num_nodes=4)
-    assert s.transport.teacher_node == TEACHER and 600 in s.transport.partition_of  # a student like any other, never the teacher
+    assert (
+        s.transport.teacher_node == TEACHER and 600 in s.transport.partition_of
+    )  # a student like any other, never the teacher
 
 
 def test_a_replayed_proof_does_not_pass_for_another_node() -> None:

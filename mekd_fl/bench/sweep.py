@@ -23,7 +23,8 @@ from typing import Any
 
 import yaml
 
-from mekd_fl.bench.report import INVOCATIONS_FILE, SPEC_FILE, write_report
+from mekd_fl.bench.cells import SPEC_FILE
+from mekd_fl.bench.report import INVOCATIONS_FILE, write_report
 from mekd_fl.bench.spec import Cell, load_spec
 from mekd_fl.errors import ConfigError
 

@@ -1,56 +1,63 @@
 """One interface for every distillation method, and the registry that finds them by name.
 
 Why a registry: the client and the strategy never branch on the method's name. A method is a class
-with `losses(student_logits, teacher_response, images, epoch, labels=None)`; adding one is a new file with
-`@register("name")`, nothing else changes.
+with `losses(student_logits, teacher_response, images, epoch, labels=None)` and the hyperparameters it
+reads declared beside it (`settings = (Setting("dkd-alpha", ...), ...)`); adding one is a new file with
+`@register("name")`, nothing else changes: the registration puts its settings in the schema, so
+RunConfig, the pyproject and README tables, the clients' settings and DistillContext all carry them.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mekd_fl.config import RunConfig
 from mekd_fl.errors import ConfigError
+from mekd_fl.settings.methods import declare, method_settings, withdraw
+from mekd_fl.settings.run import RUN_SETTINGS
+from mekd_fl.settings.schema import Setting
+from mekd_fl.settings.values import SettingValues
 
 
-@dataclass(frozen=True)
-class DistillContext:
+class DistillContext(SettingValues):
     """What a method may use besides the batch: settings, and the client's own emulator if any.
 
-    The settings' defaults are RunConfig's (fields of the same name), so there is one place they live.
+    The settings are those the methods read: the run's shared ones (`distill=True`: temperature, what
+    the oracle answers) and every registered method's own, with their declared defaults; a method reads
+    them as attributes (`ctx.dkd_alpha`). Besides: `num_classes`, `generator` (the client's frozen
+    emulator G, for MEKD) and `device` (a torch device).
     """
 
+    __slots__ = ()
+    extras = ("num_classes", "generator", "device")
     num_classes: int
-    temperature: float = RunConfig.temperature
-    oracle_output: str = RunConfig.oracle_output  # what the teacher's responses are: probs or logits
-    distance: str = RunConfig.distance
-    emulator_input: str = RunConfig.emulator_input
-    weight_emulation: float = RunConfig.weight_emulation
-    weight_kl: float = RunConfig.weight_kl
-    generator: nn.Module | None = None  # the client's frozen emulator G (MEKD)
-    dkd_alpha: float = RunConfig.dkd_alpha
-    dkd_beta: float = RunConfig.dkd_beta
-    dkd_warmup: float = RunConfig.dkd_warmup
-    cdl_weight: float = RunConfig.cdl_weight
-    cdl_margin: float = RunConfig.cdl_margin
-    can_weight: float = RunConfig.can_weight
-    can_lr: float = RunConfig.can_lr
-    device: torch.device | str = "cpu"
+    generator: nn.Module | None
+    device: torch.device | str
+
+    @classmethod
+    def select(cls) -> tuple[Setting, ...]:
+        return (*(s for s in RUN_SETTINGS if s.distill), *method_settings())
+
+    def __init__(
+        self,
+        num_classes: int,
+        generator: nn.Module | None = None,
+        device: torch.device | str = "cpu",
+        **settings: Any,
+    ) -> None:
+        super().__init__(num_classes=num_classes, generator=generator, device=device, **settings)
 
     @classmethod
     def from_config(
         cls, cfg: Any, num_classes: int, generator: nn.Module | None = None, device: torch.device | str = "cpu"
     ) -> DistillContext:
-        """Take every field of the same name from a RunConfig."""
-        names = {f.name for f in dataclasses.fields(cls)} - {"num_classes", "generator", "device"}
-        return cls(num_classes=num_classes, generator=generator, device=device, **{n: getattr(cfg, n) for n in names})
+        """Take every setting of the context from a RunConfig or EdgeSettings (attributes of the same name)."""
+        values = {s.attr: getattr(cfg, s.attr) for s in cls.declared()}
+        return cls(num_classes=num_classes, generator=generator, device=device, **values)
 
 
 def teacher_log_probs(response: torch.Tensor, oracle_output: str) -> torch.Tensor:
@@ -92,6 +99,9 @@ class Distiller:
     """
 
     name: ClassVar[str] = ""
+    #: The method's own hyperparameters, declared here and nowhere else (audience "client": the losses
+    #: run on the clients); `register` adds them to the settings schema.
+    settings: ClassVar[tuple[Setting, ...]] = ()
     needs_generator: ClassVar[bool] = False
     uses_labels: ClassVar[bool] = False
     batch_index: ClassVar[bool] = False  # whether `losses` takes index= (rows of what `prepare` was given)
@@ -124,12 +134,22 @@ _REGISTRY: dict[str, type[Distiller]] = {}
 
 
 def register(name: str) -> Callable[[type[Distiller]], type[Distiller]]:
+    """Class decorator: make a Distiller available as `method=name`, with the settings it declares itself
+    (`vars(cls)`, so a subclass of another method does not declare its parent's settings twice)."""
+
     def wrap(cls: type[Distiller]) -> type[Distiller]:
+        declare(name, tuple(vars(cls).get("settings", ())), taken={s.name for s in RUN_SETTINGS})
         cls.name = name
         _REGISTRY[name] = cls
         return cls
 
     return wrap
+
+
+def unregister(name: str) -> None:
+    """Remove a method and its settings (a test's toy method, a plug-in being unloaded)."""
+    _REGISTRY.pop(name, None)
+    withdraw(name)
 
 
 def methods() -> tuple[str, ...]:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mekd_fl.distill.base import DistillContext, Distiller, kl_divergence, register, teacher_log_probs
+from mekd_fl.settings.schema import Setting
 
 # D is initialised from a fixed seed (without touching the global RNG) so a run is reproducible whatever
 # else drew random numbers before the first batch.
@@ -41,6 +42,13 @@ def _bce(scores: torch.Tensor, real: bool) -> torch.Tensor:
 @register("can")
 class CAN(Distiller):
     """L = KL(T || S) * T^2 + can_weight * BCE(D(softmax(z_S)), 1), after one update of D."""
+
+    settings = (
+        Setting(
+            "can-weight", 1.0, "CAN weight of the student's adversarial term (added to KD).", "client", within=">= 0"
+        ),
+        Setting("can-lr", 1e-4, "CAN discriminator Adam learning rate.", "client", within="> 0"),
+    )
 
     def __init__(self, ctx: DistillContext) -> None:
         super().__init__(ctx)

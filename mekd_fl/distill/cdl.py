@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from mekd_fl.distill.base import Distiller, kl_divergence, register, teacher_log_probs
+from mekd_fl.settings.schema import Setting
 
 
 def class_centres(vectors: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
@@ -52,6 +53,13 @@ def cdl_parts(
 @register("cdl")
 class CDL(Distiller):
     """L = KL(T || S) * T^2 + cdl_weight * (intra + inter); see the module docstring for the definition."""
+
+    settings = (
+        Setting("cdl-weight", 1.0, "CDL weight of the class-distance term (added to KD).", "client", within=">= 0"),
+        Setting(
+            "cdl-margin", 0.5, "CDL margin between class centres of the student's outputs.", "client", within=">= 0"
+        ),
+    )
 
     def losses(
         self,

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from mekd_fl.distill.base import Distiller, register, teacher_log_probs
+from mekd_fl.settings.schema import Setting
 
 # Added below the target's scaled logit to drop it from the non-target softmax; as in the reference
 # implementation (mdistiller), large enough that its softmax weight underflows to 0 in float32.
@@ -62,6 +63,18 @@ def warmup_weight(epoch: float, warmup: float) -> float:
 @register("dkd")
 class DKD(Distiller):
     """L = min(epoch / warmup, 1) * (alpha * TCKD + beta * NCKD)."""
+
+    settings = (
+        Setting("dkd-alpha", 1.0, "DKD weight of the target-class term TCKD.", "client", within=">= 0"),
+        Setting("dkd-beta", 8.0, "DKD weight of the non-target term NCKD.", "client", within=">= 0"),
+        Setting(
+            "dkd-warmup",
+            20.0,
+            "DKD linear warm-up length in local epochs (weight min(epoch / warmup, 1)).",
+            "client",
+            within=">= 0",
+        ),
+    )
 
     def losses(
         self,

@@ -20,6 +20,7 @@ from torch import nn
 
 from mekd_fl.distill.base import DistillContext, Distiller, kl_divergence, register, teacher_log_probs
 from mekd_fl.models.gan import Generator
+from mekd_fl.settings.schema import Setting
 
 # Rows: the 4 taps of the transposed kernel; columns: the 3 taps of the original kernel (see FrozenGenerator).
 _UPSAMPLE_TAPS = ((0.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 1.0, 0.0), (1.0, 0.0, 0.0))
@@ -136,6 +137,20 @@ def frozen_generator(g: nn.Module) -> nn.Module:
 
 @register("mekd")
 class MEKD(Distiller):
+    """L = weight_emulation * d(G(S(x)), G(T(x))) + weight_kl * KL(T(x) || S(x)), G frozen (module docstring)."""
+
+    settings = (
+        Setting("distance", "l1", "MEKD image distance d(G(S(x)), G(T(x))).", "client", choices=("l1", "l2")),
+        Setting(
+            "emulator-input",
+            "probs",
+            "What G receives: probs (softmax at T=1) or logits (logits / T).",
+            "client",
+            choices=("probs", "logits"),
+        ),
+        Setting("weight-emulation", 1.0, "Weight of the emulation term d(G(S(x)), G(T(x))).", "client", within=">= 0"),
+        Setting("weight-kl", 1.0, "Weight of the KL term.", "client", within=">= 0"),
+    )
     needs_generator = True
     batch_index = True
 
