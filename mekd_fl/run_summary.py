@@ -59,6 +59,9 @@ class RunSummary:
     wall_seconds: float = 0.0
     #: Seconds spent in the server-driven phases and the rounds (`emulator`, `query`, `rounds`).
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    #: When each step ended, in seconds since the run began: folder-ready, teacher-loaded, strategy-start,
+    #: round-0 (the upfront phases are before it), round-1, ..., samples-done.
+    timeline: dict[str, float] = field(default_factory=dict)
     folder: str = ""
     error: str | None = None
     #: The emulator's fidelity after the run (`mekd_fl.fidelity`), empty when not measured.

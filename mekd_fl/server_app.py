@@ -93,15 +93,22 @@ class ServerRun:
         self.grid, self.cfg, self.log, self.resume = grid, cfg, log, resume
         self.t_start = time.time()
         self.checkpoint: dict | None = None
+        self.timeline: dict[str, float] = {}  # event -> seconds since the run began (RunSummary.timeline)
+
+    def mark(self, event: str) -> None:
+        self.timeline[event] = round(time.time() - self.t_start, 2)
 
     # ------------------------------------------------------------------ the steps
     def run(self) -> RunSummary:
         prepare(self.cfg, resume=self.resume)
         self.data = run_data(self.cfg)
         self.open_folder()
+        self.mark("folder-ready")
         self.describe_partition()
         self.build_teacher()
+        self.mark("teacher-loaded")
         self.build_strategy()
+        self.mark("strategy-start")
         try:
             result = self.rounds()
         except Exception as exc:  # recorded as the run's status, then re-raised: no failure is silent
@@ -258,6 +265,7 @@ class ServerRun:
                     f"{fidelity['class-separation'] or 0:.3f} apart "
                     f"(real images {fidelity['real-class-separation'] or 0:.3f})"
                 )
+        self.mark("samples-done")
         summary = self.summary("completed", fidelity=fidelity)
         self.results.write_json("summary.json", summary.to_dict())
         title = f"{cfg.method}: {ds.name}, {cfg.partition}, {cfg.num_clients} clients"
@@ -287,6 +295,7 @@ class ServerRun:
     def on_round(self, record: dict, arrays: ArrayRecord) -> None:
         """Append the round to metrics.jsonl, save the student (a killed run resumes), say the round."""
         cfg = self.cfg
+        self.mark(f"round-{record['round']}")
         self.results.append_round(record)
         self.results.save_checkpoint(record["round"], arrays.to_torch_state_dict(), self.strategy.state())
         if record["round"] == 0:
@@ -348,6 +357,7 @@ class ServerRun:
             resumed=self.resume,
             wall_seconds=wall,
             phase_seconds={**s.phases.seconds, "total": wall},
+            timeline=dict(self.timeline),
             folder=str(self.results.folder),
             fidelity=fidelity or {},
         )

@@ -24,7 +24,8 @@ from mekd_fl.errors import ConfigError
 from mekd_fl.oracle import TeacherOracle
 from strategies import MEKD
 from strategies import protocol as P
-from tests.test_strategy_phases import task_identity  # noqa: F401  (autouse fixture: Flower's task identity)
+
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 torch.set_num_threads(1)
 SHAPE = (1, 8, 8)

@@ -8,8 +8,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from strategies import MEKD, RunFailed
 from strategies import protocol as P
-from tests.test_strategy_phases import crashing, honest, student, task_identity  # noqa: F401  (autouse fixture)
-from tests.test_strategy_wrapping import RecordingGrid, mekd, node_id, with_emulator
+from tests.scripted_clients import RecordingGrid, crashing, honest, mekd, node_id, student, with_emulator
+
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def population(n: int) -> RecordingGrid:

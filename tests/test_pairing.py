@@ -20,8 +20,9 @@ from mekd_fl.emulator import EmulatorConfig, from_gan_range, train_emulator
 from mekd_fl.errors import ConfigError
 from mekd_fl.fidelity import class_separation, emulator_fidelity
 from strategies import protocol as P
-from tests.test_strategy_phases import honest, student, task_identity  # noqa: F401  (autouse fixture)
-from tests.test_strategy_wrapping import RecordingGrid, mekd, node_id, with_emulator
+from tests.scripted_clients import RecordingGrid, honest, mekd, node_id, student, with_emulator
+
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 CPU = torch.device("cpu")
 C = 6

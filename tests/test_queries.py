@@ -11,7 +11,8 @@ from mekd_fl.config import RunConfig
 from mekd_fl.edge import EdgeSettings
 from mekd_fl.errors import ConfigError
 from mekd_fl.queries import kcenter_indices, local_views, query_count, select_queries
-from tests.test_strategy_phases import task_identity  # noqa: F401  (autouse fixture: Flower's task identity)
+
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 torch.set_num_threads(1)
 IMAGES = (torch.arange(6 * 28 * 28) % 251).to(torch.uint8).view(6, 1, 28, 28)

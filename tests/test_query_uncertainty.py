@@ -25,7 +25,8 @@ from mekd_fl.queries import choose, entropy_scores, hybrid_indices, select_queri
 from strategies import MEKD
 from strategies import protocol as P
 from tests.test_client_api import CLASSES, SHAPE, InProcessGrid, Teacher, UserNet, users_app
-from tests.test_strategy_phases import task_identity  # noqa: F401  (autouse fixture: Flower's task identity)
+
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 torch.set_num_threads(1)
 

@@ -22,7 +22,6 @@ from flwr.serverapp.strategy import (
     Krum,
     MultiKrum,
 )
-from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
 from strategies import MEKD, RunFailed
@@ -32,12 +31,7 @@ from strategies.updates import distance
 torch.set_num_threads(1)
 
 
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Instruction messages read the run/node/task id of the current process; give them one."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 0)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def refuse_all(key: str, images: torch.Tensor) -> torch.Tensor:

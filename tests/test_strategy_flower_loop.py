@@ -23,7 +23,8 @@ from strategies import MEKD, RunFailed
 from strategies import protocol as P
 from strategies.divergence import DivergenceWatch
 from tests.test_client_api import CLASSES, SHAPE, InProcessGrid, Teacher, UserNet, users_app
-from tests.test_strategy_phases import task_identity  # noqa: F401  (autouse fixture: Flower's task identity)
+
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def run(strategy: MEKD, rounds: int = 2, nodes: int = 3, **kwargs) -> tuple[InProcessGrid, object]:

@@ -7,117 +7,19 @@ or crash. The run must go on, record every failure, and key everything by the no
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
-from torch import nn
 
 from mekd_fl.oracle import TeacherOracle
 from strategies import MEKD, RunFailed
 from strategies import protocol as P
+from tests.scripted_clients import CLASSES, SHAPE, FakeGrid, Handler, Teacher, crashing, honest, student
+
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 torch.set_num_threads(1)
-SHAPE = (1, 4, 4)
-CLASSES = 3
-
-
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 0)
-
-
-class Teacher(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.fc = nn.Linear(16, CLASSES)
-        self.calls = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return self.fc(x.flatten(1))
-
-
-def student() -> dict[str, np.ndarray]:
-    torch.manual_seed(1)
-    return {k: v.numpy().copy() for k, v in nn.Linear(16, CLASSES).state_dict().items()}
-
-
-Handler = Callable[[Message], "Message | None"]
-
-
-class FakeGrid:
-    """Delivers each message to the function playing its node; records everything sent."""
-
-    def __init__(self, nodes: dict[int, Handler]) -> None:
-        self.nodes = nodes
-        self.sent: list[Message] = []
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.nodes)
-
-    def send_and_receive(self, messages, timeout=None):
-        out = []
-        for m in messages:
-            self.sent.append(m)
-            r = self.nodes[m.metadata.dst_node_id](m)
-            if r is not None:
-                out.append(r)
-        return out
-
-
-def honest(seed: int, *, images: int = 6, claim: int | None = None) -> Handler:
-    """A node that behaves like the project's ClientApp (reporting `claim` as its partition-id)."""
-    rng = np.random.default_rng(seed)
-    own = rng.integers(0, 256, size=(images, *SHAPE), dtype=np.uint8)
-
-    def handle(m: Message) -> Message:
-        pid = float(claim if claim is not None else seed)
-        kind = m.metadata.message_type
-        if kind == P.QUERY:
-            budget = int(m.content[P.CONFIG][P.BUDGET])
-            return Message(
-                RecordDict(
-                    {
-                        P.QUERIES: ArrayRecord({P.IMAGES: Array(own[:budget])}),
-                        P.METRICS: MetricRecord({P.PARTITION_ID: pid}),
-                    }
-                ),
-                reply_to=m,
-            )
-        if kind == P.ANSWERS:
-            return Message(RecordDict({P.METRICS: MetricRecord({P.NUM_EXAMPLES: images})}), reply_to=m)
-        if kind == P.TRAIN:
-            sd = {k: m.content[P.ARRAYS][k].numpy() + 0.01 * (seed + 1) for k in m.content[P.ARRAYS].keys()}
-            return Message(
-                RecordDict(
-                    {
-                        P.ARRAYS: ArrayRecord({k: Array(v.astype(np.float32)) for k, v in sd.items()}),
-                        P.METRICS: MetricRecord({P.NUM_EXAMPLES: images, "train-loss": 1.0, P.PARTITION_ID: pid}),
-                    }
-                ),
-                reply_to=m,
-            )
-        if kind == P.EVALUATE:
-            return Message(RecordDict({P.METRICS: MetricRecord({P.NUM_EXAMPLES: 2, "accuracy": 0.5})}), reply_to=m)
-        raise AssertionError(kind)
-
-    return handle
-
-
-def crashing(on: set[str], inner: Handler) -> Handler:
-    def handle(m: Message) -> Message:
-        if m.metadata.message_type in on:
-            return Message(Error(code=0, reason="simulated crash"), reply_to=m)
-        return inner(m)
-
-    return handle
 
 
 def make(oracle=None, **kwargs) -> tuple[MEKD, Teacher]:

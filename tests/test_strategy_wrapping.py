@@ -31,81 +31,26 @@ from flwr.serverapp.strategy import (
     MultiKrum,
 )
 
-from mekd_fl.oracle import TeacherOracle
 from strategies import MEKD, RunFailed
 from strategies import protocol as P
 from strategies.updates import distance
-from tests.test_strategy_phases import (
-    CLASSES,
-    SHAPE,
-    FakeGrid,
+from tests.scripted_clients import (
+    IMAGES,
+    Arrays,
     Handler,
-    Teacher,
+    RecordingGrid,
     honest,
+    mekd,
+    node_id,
+    scaled,
     student,
-    task_identity,  # noqa: F401  (autouse: messages need a task identity)
+    with_emulator,
 )
 
-Arrays = dict[str, np.ndarray]
-IMAGES = (2, 5, 9, 4, 7, 3, 6)  # each client's examples: its weight (the server caps it at the answers it holds)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 # ---------------------------------------------------------------------------- clients and the grid
-def with_emulator(inner: Handler) -> Handler:
-    """A client that also trains a local emulator (the first phase) and reports its losses."""
-
-    def handle(m: Message) -> Message:
-        if m.metadata.message_type == P.EMULATOR:
-            return Message(RecordDict({P.METRICS: MetricRecord({"d-loss": 0.5, "g-loss": 0.7})}), reply_to=m)
-        return inner(m)
-
-    return handle
-
-
-def scaled(factor: float, inner: Handler) -> Handler:
-    """An attacker: its honest update's distance from the global model, times `factor`."""
-
-    def handle(m: Message) -> Message:
-        r = inner(m)
-        if m.metadata.message_type != P.TRAIN:
-            return r
-        g = m.content[P.ARRAYS]
-        sent = r.content[P.ARRAYS]
-        arrays = {k: (g[k].numpy() + factor * (sent[k].numpy() - g[k].numpy())).astype(np.float32) for k in g.keys()}
-        return Message(
-            RecordDict(
-                {P.ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()}), P.METRICS: r.content[P.METRICS]}
-            ),
-            reply_to=m,
-        )
-
-    return handle
-
-
-class RecordingGrid(FakeGrid):
-    """The fake Grid, also keeping a copy of every train update as sent (MEKD rewrites replies in place)."""
-
-    def __init__(self, nodes: dict[int, Handler]) -> None:
-        super().__init__(nodes)
-        self.updates: dict[int, list[tuple[int, Arrays, float]]] = {}  # round -> [(node, arrays, weight)]
-
-    def send_and_receive(self, messages, timeout=None):
-        replies = super().send_and_receive(messages, timeout)
-        if messages and messages[0].metadata.message_type == P.TRAIN:
-            rnd = int(messages[0].content[P.CONFIG][P.SERVER_ROUND])
-            for r in replies:
-                if not r.has_error():
-                    arrays = {k: r.content[P.ARRAYS][k].numpy().copy() for k in r.content[P.ARRAYS].keys()}
-                    weight = float(r.content[P.METRICS][P.NUM_EXAMPLES])
-                    self.updates.setdefault(rnd, []).append((r.metadata.src_node_id, arrays, weight))
-        return replies
-
-    def sent_of(self, message_type: str) -> list[Message]:
-        return [m for m in self.sent if m.metadata.message_type == message_type]
-
-
-def node_id(i: int) -> int:
-    return 11 * (i + 1)
 
 
 def grid_of(n: int, *, attacker: int | None = None, factor: float = 1000.0) -> RecordingGrid:
@@ -119,17 +64,6 @@ def grid_of(n: int, *, attacker: int | None = None, factor: float = 1000.0) -> R
 
 
 # ---------------------------------------------------------------------------- the run
-def mekd(inner=None, n: int = 3, **kwargs) -> MEKD:
-    oracle = TeacherOracle(Teacher(), num_classes=CLASSES, image_shape=SHAPE, budget=10)
-    return MEKD(
-        oracle,
-        strategy=inner,
-        query_budget=10,
-        train_emulators=True,
-        emulator_steps=1,
-        min_available_nodes=n,
-        **{"log_fn": lambda _: None, **kwargs},
-    )
 
 
 class Run:

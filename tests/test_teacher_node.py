@@ -18,7 +18,8 @@ from strategies import MEKD, RunFailed, TeacherNode
 from strategies import protocol as P
 from strategies.teacher_node import role_proof
 from tests.test_client_api import CLASSES, SHAPE, Teacher, UserNet, agreement, node_images, users_app
-from tests.test_strategy_phases import task_identity  # noqa: F401  (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 TOKEN = "s3cret-teacher-token"
 TEACHER = 500
