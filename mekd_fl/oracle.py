@@ -4,24 +4,44 @@ Why a class of its own: the oracle is the only door to the teacher. Everything t
 setting promises is enforced here: callers get probabilities (or logits when configured), never
 weights, features or gradients; every answered image is counted against the asking client's budget;
 and a malformed query is refused as a whole, before any forward pass, with a message the client can
-act on.
+act on. The teacher behind it may be any callable (a torch module, an exported program, a function on
+NumPy arrays) returning logits, probabilities or log-probabilities, as its owner declares; its answers
+are checked too, so a teacher that answers something else is refused in one line instead of
+distilled from in silence.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 import threading
 from collections.abc import Callable
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
+from torch.export import ExportedProgram
 
 from mekd_fl.answer_cache import AnswerCache
 from mekd_fl.augment import to_unit
 
+__all__ = ["BudgetExceeded", "QueryError", "TeacherAnswerError", "TeacherOracle"]
+
 OUTPUTS = ("probs", "logits")
 FLOAT_DTYPES = (torch.float32, torch.float64)
 ACCEPTED_DTYPES = "uint8 (0..255), or float32 / float64 in [0, 1]"
+#: What a teacher callable takes: torch tensors on `device`, or float32 NumPy arrays on the CPU.
+TEACHER_INPUTS = ("torch", "numpy")
+#: What a teacher callable returns, one row per image.
+TEACHER_OUTPUTS = ("logits", "probs", "log-probs")
+#: How far a row of probabilities may sum from 1: float16 or lightly rounded answers still pass, while
+#: logits that happen to be non-negative and sum to 1 in every row of a batch are not a real risk.
+PROB_SUM_TOL = 1e-2
+#: The floor for log(p) of a probability teacher, as `mekd_fl.distill.base.teacher_log_probs` uses:
+#: only an exact zero (what float32 cannot represent) is lifted, to log(tiny) = -87.3, never a real p.
+PROB_FLOOR = torch.finfo(torch.float32).tiny
+LOG_PROB_FLOOR = math.log(PROB_FLOOR)
 
 
 class QueryError(ValueError):
@@ -31,6 +51,16 @@ class QueryError(ValueError):
 
 class BudgetExceeded(QueryError):
     """The client asked for more images than its remaining budget."""
+
+
+class TeacherAnswerError(QueryError):
+    """The teacher's own answer is unusable: not a float tensor or array, the wrong shape, NaN or inf,
+    or not the kind `teacher_output` declares.
+
+    Why a QueryError: the query is refused like any other (the strategy records it for that client and
+    the run goes on) and the client is not charged; why a class of its own: the fault is the teacher
+    owner's, so a caller can tell it from a client's malformed query.
+    """
 
 
 def _is_int(value: object) -> bool:
@@ -44,6 +74,30 @@ def _int_setting(name: str, value: object, minimum: int, accepted: str) -> int:
     return int(value)
 
 
+def _choice(name: str, value: object, accepted: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in accepted:
+        raise ValueError(f"{name}={value!r} is not accepted; accepted: {', '.join(accepted)}")
+    return value
+
+
+def _not_probs(rows: torch.Tensor) -> str | None:
+    """Why `rows` are not probabilities (a negative value, or a row summing away from 1), or None."""
+    if bool((rows < 0).any()):
+        return f"a value is negative ({rows.min().item():.4g})"
+    sums = rows.double().sum(1)
+    worst = int((sums - 1).abs().argmax())
+    if abs(sums[worst].item() - 1) > PROB_SUM_TOL:
+        return f"a row sums to {sums[worst].item():.4g}, not 1 (+-{PROB_SUM_TOL})"
+    return None
+
+
+def _numpy_input(x: object) -> np.ndarray:
+    """The teacher's input as a float32 NumPy array of its own (a copy: the teacher may write to it)."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return np.array(x, dtype=np.float32, order="C")
+
+
 class TeacherOracle:
     """Soft outputs of a hidden teacher for batches of query images.
 
@@ -55,6 +109,30 @@ class TeacherOracle:
     exact repeat of an earlier query (another run of a sweep) is answered from disk, after the same
     validation and budget accounting. The teacher is fed the queries as floats in [0, 1], through
     `preprocess` when given (the teacher's own normalisation, e.g. torchvision's Normalize).
+
+    The teacher (`model`) is any callable from a batch of images to one row of `num_classes` outputs
+    per image: an `nn.Module` (put in eval mode and moved to `device`), a `torch.export`
+    ExportedProgram (its `.module()` is called), or a plain function. What it takes is declared, never
+    guessed: `teacher_input="torch"` (default) passes a float32 tensor (B, C, H, W) on `device`;
+    `teacher_input="numpy"` passes a float32 NumPy array of its own, on the CPU (so `device` must be
+    "cpu"), for a teacher that is not written in torch (ONNX Runtime, JAX, scikit-learn, a remote
+    endpoint). Trying torch first and falling back would call the teacher twice and hide the real
+    error of the first call. It may return a tensor or a NumPy array of floats, shape
+    (B, num_classes), on any device. What it returns is declared too, by `teacher_output`: "logits"
+    (default), "probs" or "log-probs"; the oracle converts to `output`. Probabilities become logits as
+    log p, which are the logits up to a per-row constant, so `softmax(log p / T)` equals
+    `softmax(logits / T)` and every distillation loss reads them the same (see
+    `mekd_fl.distill.base.teacher_log_probs`); an exact zero is lifted to float32's smallest
+    probability first, as there. Each batch the teacher answers is checked before anything is
+    answered: a wrong type, dtype or shape, NaN or inf (log-probs may be -inf, a zero probability),
+    or answers that are not the declared kind raise `TeacherAnswerError` (a `QueryError`: the query is
+    refused and not charged). Declared "probs" and "log-probs" are checked on every batch (rows of p
+    non-negative and summing to 1 within `PROB_SUM_TOL`): a logits teacher declared as probabilities
+    would otherwise answer log(logits), garbage. Declared "logits" are checked once, on the first batch
+    the teacher answers: if every row is already a probability vector, the teacher returns
+    probabilities, and a softmax over them would flatten every answer towards uniform in silence.
+    Log-probabilities declared as "logits" are not refused: they are logits (the per-row constant is
+    the log-normaliser), so every answer is right either way.
 
     Budget: the images of a query are reserved against the client's `budget` under a lock before the
     forward pass, so concurrent queries can never overspend it, and the reservation is given back if
@@ -72,11 +150,16 @@ class TeacherOracle:
     decision function, and distillation itself depends on what is left), and it costs the students
     some of the dark knowledge they learn from. Hardening is applied after the answer cache, which
     always stores the raw answers, so a cache filled under one setting stays valid under any other.
+    The cache must be one made for this `output` (its file names carry the output kind, and probs and
+    logits must never answer for each other). Its teacher key must name the teacher and its
+    `preprocess`; it need not name `teacher_output` or `teacher_input`, which change no answer: a
+    teacher returns one kind, and any other declaration is refused before an answer is stored (the one
+    accepted alternative, log-probs declared as logits, answers the same).
     """
 
     def __init__(
         self,
-        model: nn.Module,
+        model: nn.Module | ExportedProgram | Callable[[Any], Any],
         *,
         num_classes: int,
         image_shape: tuple[int, int, int],
@@ -88,9 +171,13 @@ class TeacherOracle:
         top_k: int = 0,
         decimals: int | None = None,
         preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        teacher_input: str = "torch",
+        teacher_output: str = "logits",
     ) -> None:
         if output not in OUTPUTS:
             raise ValueError(f"oracle-output={output!r} is not accepted; accepted: {', '.join(OUTPUTS)}")
+        teacher_input = _choice("teacher_input", teacher_input, TEACHER_INPUTS)
+        teacher_output = _choice("teacher_output", teacher_output, TEACHER_OUTPUTS)
         budget = _int_setting("query-budget", budget, 0, "an int >= 0 (images per client)")
         batch_size = _int_setting("oracle-batch-size", batch_size, 1, "an int >= 1")
         num_classes = _int_setting("num-classes", num_classes, 1, "an int >= 1")
@@ -111,13 +198,18 @@ class TeacherOracle:
             raise ValueError(f"oracle-decimals={decimals!r} is not accepted; accepted: None (off) or an int >= 0")
         if preprocess is not None and not callable(preprocess):
             raise ValueError("preprocess: a callable (images as floats in [0, 1]) -> the teacher's input is accepted")
-        try:
-            model = model.eval()
-        except NotImplementedError:  # a torch.export program: its mode was fixed when it was exported
-            pass
-        self._model = model.to(device)
-        self.preprocess = preprocess
+        cache_output = getattr(answer_cache, "output", output)
+        if answer_cache is not None and cache_output != output:
+            raise ValueError(
+                f"answer_cache holds {cache_output!r} answers but oracle-output={output!r}; "
+                f"accepted: None or an AnswerCache made with output={output!r}"
+            )
         self._device = torch.device(device)
+        self._model = self._prepare_teacher(model, teacher_input, self._device)
+        self.teacher_input = teacher_input
+        self.teacher_output = teacher_output
+        self._kind_checked = teacher_output != "logits"  # probs and log-probs are checked every batch
+        self.preprocess = preprocess
         self.num_classes = num_classes
         self.image_shape = image_shape
         self.output = output
@@ -128,6 +220,34 @@ class TeacherOracle:
         self.answer_cache = answer_cache  # checked only after a query was validated and reserved
         self._used: dict[str, int] = {}
         self._lock = threading.Lock()
+
+    @staticmethod
+    def _prepare_teacher(model: object, teacher_input: str, device: torch.device) -> Callable[[Any], Any]:
+        """The callable the oracle will ask: an nn.Module in eval mode on `device`, or `model` itself."""
+        if isinstance(model, ExportedProgram):  # it refuses to be called itself; its module answers
+            model = model.module()
+        if isinstance(model, nn.Module):
+            if teacher_input != "torch":
+                raise ValueError(
+                    f"teacher_input={teacher_input!r} is not accepted for an nn.Module, which takes torch "
+                    f"tensors; accepted: torch (numpy is for a plain function)"
+                )
+            try:
+                model = model.eval()
+            except NotImplementedError:  # a torch.export module: its mode was fixed when it was exported
+                pass
+            return model.to(device)
+        if not callable(model):
+            raise ValueError(
+                f"model={type(model).__name__} is not accepted; accepted: an nn.Module, a torch.export "
+                f"ExportedProgram, or a callable (images) -> (B, num_classes) answers"
+            )
+        if teacher_input == "numpy" and device.type != "cpu":
+            raise ValueError(
+                f"device={str(device)!r} is not accepted with teacher_input='numpy' (NumPy arrays live on the "
+                f"CPU); accepted: cpu"
+            )
+        return model
 
     @staticmethod
     def _check_image_shape(image_shape: object) -> tuple[int, int, int]:
@@ -249,9 +369,61 @@ class TeacherOracle:
 
     @torch.no_grad()
     def _answer(self, images: torch.Tensor) -> torch.Tensor:
+        """Ask the teacher in batches of `batch_size`; check each answer and convert it to `output`."""
         out = []
         for start in range(0, len(images), self.batch_size):
             batch = to_unit(images[start : start + self.batch_size].to(self._device, non_blocking=True))
-            logits = self._model(self.preprocess(batch) if self.preprocess is not None else batch).float()
-            out.append((logits.softmax(1) if self.output == "probs" else logits).cpu())
+            x = self.preprocess(batch) if self.preprocess is not None else batch
+            raw = self._model(_numpy_input(x) if self.teacher_input == "numpy" else x)
+            out.append(self._convert(self._check_answer(raw, len(batch))).cpu())
         return torch.cat(out)
+
+    def _check_answer(self, raw: object, n: int) -> torch.Tensor:
+        """The teacher's answer to `n` images as a float32 tensor, or TeacherAnswerError saying what is wrong."""
+        accepted = "accepted: a torch.Tensor or NumPy array of floats, shape (images, num-classes)"
+        if isinstance(raw, np.ndarray):
+            if raw.dtype.kind != "f":
+                raise TeacherAnswerError(f"the teacher answered a NumPy array of dtype {raw.dtype}; {accepted}")
+            raw = torch.from_numpy(np.array(raw, dtype=np.float32))
+        elif not isinstance(raw, torch.Tensor):
+            raise TeacherAnswerError(f"the teacher answered a {type(raw).__name__}; {accepted}")
+        elif not raw.dtype.is_floating_point:
+            raise TeacherAnswerError(f"the teacher answered dtype {raw.dtype}; {accepted}")
+        if tuple(raw.shape) != (n, self.num_classes):
+            raise TeacherAnswerError(
+                f"the teacher answered shape {tuple(raw.shape)} for {n} images; accepted: ({n}, {self.num_classes}) "
+                f"(images, num-classes={self.num_classes})"
+            )
+        raw = raw.detach().float()
+        declared = f"teacher_output={self.teacher_output!r}"
+        log_probs = self.teacher_output == "log-probs"
+        bad = raw.isnan() | (raw == math.inf) if log_probs else ~raw.isfinite()
+        if bool(bad.any()):
+            allowed = "finite values, or -inf for a zero probability" if log_probs else "finite values"
+            raise TeacherAnswerError(f"the teacher answered NaN or inf values ({declared}); accepted: {allowed}")
+        kinds = ", ".join(repr(k) for k in TEACHER_OUTPUTS)
+        if self.teacher_output != "logits":
+            why = _not_probs(raw.exp() if log_probs else raw)
+            if why is not None:
+                of = "exp(answer): " if log_probs else ""
+                raise TeacherAnswerError(
+                    f"{declared} does not fit the teacher's answers ({of}{why}); accepted: teacher_output={kinds}, "
+                    f"whichever the teacher returns"
+                )
+        elif not self._kind_checked:
+            if _not_probs(raw) is None:
+                raise TeacherAnswerError(
+                    f"{declared} does not fit the teacher's answers: every row is non-negative and sums to 1, so "
+                    f"they are probabilities, which a softmax would flatten; accepted: teacher_output={kinds}, "
+                    f"here 'probs'"
+                )
+            self._kind_checked = True
+        return raw
+
+    def _convert(self, raw: torch.Tensor) -> torch.Tensor:
+        """The teacher's checked answer in the oracle's `output` kind (see the class docstring)."""
+        if self.teacher_output == "logits":
+            return raw.softmax(1) if self.output == "probs" else raw
+        if self.teacher_output == "probs":
+            return raw if self.output == "probs" else raw.clamp_min(PROB_FLOOR).log()
+        return raw.exp() if self.output == "probs" else raw.clamp_min(LOG_PROB_FLOOR)

@@ -1,5 +1,6 @@
 """The blind teacher oracle: what it answers, what it refuses, and how it counts each client's budget."""
 
+import math
 import threading
 import warnings
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from mekd_fl.oracle import BudgetExceeded, QueryError, TeacherOracle
+from mekd_fl.oracle import BudgetExceeded, QueryError, TeacherAnswerError, TeacherOracle
 
 torch.set_num_threads(1)
 
@@ -525,3 +526,338 @@ def test_constructor_accepts_numpy_ints_and_lists(model: nn.Module) -> None:
     assert (oracle.budget, oracle.batch_size, oracle.num_classes, oracle.image_shape) == (5, 2, C, SHAPE)
     assert all(type(v) is int for v in (oracle.budget, oracle.batch_size, oracle.num_classes, *oracle.image_shape))
     assert oracle.query("a", images(3)).shape == (3, C)
+
+
+# ---------------------------------------------------------------------------- any callable as the teacher
+WEIGHT = tiny_model()[1].weight.detach().numpy().T.copy()  # (784, C): the tiny model, written in NumPy
+BIAS = tiny_model()[1].bias.detach().numpy().copy()
+
+
+def numpy_logits(x: np.ndarray) -> np.ndarray:
+    """The tiny model's logits, computed without torch (as an ONNX Runtime or JAX teacher would)."""
+    return x.reshape(len(x), -1) @ WEIGHT + BIAS
+
+
+def numpy_probs(x: np.ndarray) -> np.ndarray:
+    z = numpy_logits(x).astype(np.float64)
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def expected_probs(x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return tiny_model()(x.float() / 255.0).softmax(1)
+
+
+def test_plain_function_on_torch_tensors_is_a_teacher(model: nn.Module) -> None:
+    oracle = make(lambda x: model(x), batch_size=3)  # once: AttributeError 'function' has no 'eval'
+    x = images(7)
+    torch.testing.assert_close(oracle.query("a", x), expected_probs(x))
+
+
+def test_numpy_teacher_returning_probs_answers_within_budget() -> None:
+    seen: list[np.ndarray] = []
+
+    def teacher(x: np.ndarray) -> np.ndarray:
+        seen.append(x)
+        return numpy_probs(x)
+
+    oracle = make(teacher, teacher_input="numpy", teacher_output="probs", budget=10, batch_size=4)
+    x = images(6)
+    out = oracle.query("a", x)
+    assert out.dtype == torch.float32 and out.device.type == "cpu" and out.shape == (6, C)
+    torch.testing.assert_close(out, expected_probs(x))
+    # what the teacher was given: float32 NumPy arrays (B, C, H, W) in [0, 1], in batches of batch_size
+    assert [type(b) for b in seen] == [np.ndarray, np.ndarray]
+    assert [b.shape for b in seen] == [(4, *SHAPE), (2, *SHAPE)]
+    assert all(b.dtype == np.float32 and b.min() >= 0 and b.max() <= 1 for b in seen)
+    np.testing.assert_allclose(np.concatenate(seen), x.numpy() / 255.0, rtol=0, atol=1e-7)
+    # budgets exactly as for a torch module
+    with pytest.raises(BudgetExceeded, match=r"client a asked for 5 answers but has 4 of its query-budget=10 left"):
+        oracle.query("a", images(5))
+    assert len(seen) == 2  # the refused query never reached the teacher
+    assert oracle.query("a", images(4)).shape == (4, C)
+    assert oracle.query("b", images(10)).shape == (10, C)
+    assert oracle.usage() == {"a": 10, "b": 10} and oracle.remaining("a") == 0
+    with pytest.raises(BudgetExceeded):
+        oracle.query("b", images(1))
+
+
+def test_numpy_teacher_may_write_to_its_input_without_touching_the_query() -> None:
+    def teacher(x: np.ndarray) -> np.ndarray:
+        x -= 0.5  # a teacher that normalises in place
+        return numpy_logits(x + 0.5)
+
+    x = torch.full((2, *SHAPE), 0.25)
+    out = make(teacher, teacher_input="numpy").query("a", x)
+    assert torch.equal(x, torch.full((2, *SHAPE), 0.25))
+    torch.testing.assert_close(out, expected_probs(x * 255.0))
+
+
+def test_numpy_teacher_gets_preprocessed_images() -> None:
+    got: list[float] = []
+
+    def teacher(x: np.ndarray) -> np.ndarray:
+        got.append(float(x.min()))
+        return numpy_logits(x)
+
+    make(teacher, teacher_input="numpy", preprocess=lambda x: x - 10).query("a", torch.zeros(2, *SHAPE))
+    assert got == [-10.0]
+
+
+@pytest.mark.parametrize("answer_as", ["tensor", "numpy-float64", "numpy-float16"])
+def test_a_teacher_may_answer_tensors_or_numpy_arrays(answer_as: str) -> None:
+    def teacher(x: np.ndarray):
+        z = numpy_logits(x)
+        if answer_as == "tensor":
+            return torch.from_numpy(z)
+        return z.astype(np.float64 if answer_as == "numpy-float64" else np.float16)
+
+    out = make(teacher, teacher_input="numpy").query("a", images(5))
+    assert out.dtype == torch.float32
+    half = {"atol": 2e-3, "rtol": 0} if answer_as == "numpy-float16" else {}  # float16 logits: 3 digits
+    torch.testing.assert_close(out, expected_probs(images(5)), **half)
+
+
+def test_exported_program_itself_is_a_teacher(model: nn.Module) -> None:
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(model, (torch.rand(2, *SHAPE),), dynamic_shapes=({0: batch},))
+    x = images(5)
+    torch.testing.assert_close(make(program).query("a", x), expected_probs(x))  # not only program.module()
+
+
+# ---------------------------------------------------------------------------- declared teacher output
+def softmax_teacher(x: torch.Tensor) -> torch.Tensor:
+    return tiny_model()(x).softmax(1)
+
+
+def log_softmax_teacher(x: torch.Tensor) -> torch.Tensor:
+    return tiny_model()(x).log_softmax(1)
+
+
+@pytest.mark.parametrize("output", ["probs", "logits"])
+@pytest.mark.parametrize("teacher_output", ["probs", "log-probs"])
+def test_declared_probs_answer_like_the_logits_teacher(model: nn.Module, output: str, teacher_output: str) -> None:
+    x = images(9)
+    reference = make(model, output=output).query("a", x)
+    teacher = softmax_teacher if teacher_output == "probs" else log_softmax_teacher
+    out = make(teacher, output=output, teacher_output=teacher_output, batch_size=4).query("a", x)
+    assert out.dtype == torch.float32 and out.shape == (9, C)
+    if output == "probs":
+        torch.testing.assert_close(out, reference)
+    else:  # log p: the logits up to a per-row constant, which no softmax (at any temperature) can see
+        shift = reference - out
+        torch.testing.assert_close(shift, shift[:, :1].expand_as(shift))
+        for t in (1.0, 4.0):
+            torch.testing.assert_close((out / t).softmax(1), (reference / t).softmax(1))
+
+
+def test_probs_teacher_declared_as_logits_is_refused_in_one_line() -> None:
+    calls = []
+
+    def teacher(x: torch.Tensor) -> torch.Tensor:
+        calls.append(len(x))
+        return softmax_teacher(x)
+
+    oracle = make(teacher, budget=10)  # teacher_output defaults to logits
+    for _ in range(2):  # refused every time, never answered with a second softmax
+        with pytest.raises(QueryError, match=r"teacher_output='logits' does not fit .* probabilities") as info:
+            oracle.query("a", images(3))
+        message = str(info.value)
+        assert "\n" not in message
+        assert "accepted: teacher_output='logits', 'probs', 'log-probs'" in message
+    assert calls == [3, 3]
+    assert oracle.usage() == {} and oracle.remaining("a") == 10  # refused, so not charged
+
+
+def test_log_probs_declared_as_logits_are_answered_correctly(model: nn.Module) -> None:
+    # log p is a valid choice of logits (per-row constant = the log-normaliser), so nothing is refused
+    x = images(6)
+    out = make(log_softmax_teacher).query("a", x)
+    torch.testing.assert_close(out, make(model).query("a", x))
+
+
+def test_logits_teacher_checked_once_then_trusted() -> None:
+    rows = {"n": 0}
+
+    def teacher(x: torch.Tensor) -> torch.Tensor:
+        rows["n"] += 1
+        z = tiny_model()(x)
+        return z if rows["n"] == 1 else z.softmax(1)  # only the first answered batch is looked at
+
+    oracle = make(teacher)
+    oracle.query("a", images(2))
+    oracle.query("a", images(2))
+    assert oracle.used("a") == 4
+
+
+@pytest.mark.parametrize(
+    ("teacher_output", "teacher", "pattern"),
+    [
+        ("probs", lambda x: tiny_model()(x), r"teacher_output='probs' does not fit .*a value is negative"),
+        ("probs", lambda x: tiny_model()(x).softmax(1) * 2, r"teacher_output='probs' does not fit .*a row sums to 2"),
+        (
+            "log-probs",
+            lambda x: tiny_model()(x),
+            r"teacher_output='log-probs' does not fit .*exp\(answer\): a row sums",
+        ),
+    ],
+)
+def test_answers_that_are_not_the_declared_kind_are_refused(teacher_output, teacher, pattern) -> None:
+    oracle = make(teacher, teacher_output=teacher_output, budget=10)
+    for _ in range(2):  # probs and log-probs are checked on every batch, not only the first
+        with pytest.raises(TeacherAnswerError, match=pattern) as info:
+            oracle.query("a", images(3))
+    assert "\n" not in str(info.value) and "accepted: teacher_output='logits', 'probs', 'log-probs'" in str(info.value)
+    assert oracle.usage() == {}  # refused, so not charged
+
+
+def test_probabilities_with_exact_zeros_give_finite_logits() -> None:
+    def teacher(x: torch.Tensor) -> torch.Tensor:
+        p = torch.zeros(len(x), C)
+        p[:, 0] = 1.0
+        return p
+
+    out = make(teacher, output="logits", teacher_output="probs").query("a", images(2))
+    assert torch.isfinite(out).all()
+    assert (out[:, 0] == 0).all()
+    torch.testing.assert_close(out[:, 1:], torch.full((2, C - 1), math.log(torch.finfo(torch.float32).tiny)))
+    lp = make(lambda x: teacher(x).log(), output="logits", teacher_output="log-probs").query("a", images(2))
+    torch.testing.assert_close(lp, out)  # -inf (log of a zero probability) is accepted for log-probs
+
+
+# ---------------------------------------------------------------------------- the teacher's answer is checked
+def _wrong_batch(x: torch.Tensor) -> torch.Tensor:
+    """Right answers for the first batch of a query, NaN in the second."""
+    z = tiny_model()(x)
+    return z if x[0, 0, 0, 0] == 0 else z.fill_(float("nan"))
+
+
+BAD_ANSWERS = {
+    "too-few-classes": (lambda x: tiny_model()(x)[:, :-1], r"shape \(4, 9\) for 4 images; accepted: \(4, 10\)"),
+    "too-few-rows": (lambda x: tiny_model()(x)[:-1], r"shape \(3, 10\) for 4 images"),
+    "flat": (lambda x: tiny_model()(x).flatten(), r"shape \(40,\) for 4 images"),
+    "labels": (lambda x: tiny_model()(x).argmax(1), r"dtype torch\.int64; accepted: a torch\.Tensor or NumPy array"),
+    "numpy-int": (lambda x: np.zeros((len(x), C), dtype=np.int32), r"NumPy array of dtype int32"),
+    "list": (lambda x: tiny_model()(x).tolist(), r"the teacher answered a list; accepted: a torch\.Tensor"),
+    "tuple": (lambda x: (tiny_model()(x), None), r"the teacher answered a tuple"),
+    "none": (lambda x: None, r"the teacher answered a NoneType"),
+    "nan": (lambda x: tiny_model()(x).fill_(float("nan")), r"NaN or inf values \(teacher_output='logits'\)"),
+    "inf": (lambda x: tiny_model()(x).index_fill_(0, torch.tensor([1]), float("inf")), r"NaN or inf"),
+    "minus-inf-logits": (lambda x: tiny_model()(x).index_fill_(1, torch.tensor([1]), -math.inf), r"NaN or inf"),
+    "float64-overflow": (lambda x: tiny_model()(x).double() * 1e300, r"NaN or inf"),
+    "nan-in-second-batch": (_wrong_batch, r"NaN or inf"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ANSWERS))
+def test_unusable_teacher_answer_refuses_the_query_and_charges_nothing(case: str) -> None:
+    teacher, pattern = BAD_ANSWERS[case]
+    x = images(4)
+    if case == "nan-in-second-batch":
+        x[2:, 0, 0, 0] = 1  # the second batch of 2 starts with a non-zero pixel
+        x[:2, 0, 0, 0] = 0
+    calls: list[int] = []
+
+    def first_good_then(q: torch.Tensor) -> object:
+        calls.append(len(q))
+        return tiny_model()(q) if len(calls) == 1 else teacher(q)
+
+    oracle = make(first_good_then, budget=10, batch_size=2 if case == "nan-in-second-batch" else 1024)
+    oracle.query("a", images(1))  # already paid for one answer: that stays
+    with pytest.raises(TeacherAnswerError, match=pattern) as info:
+        oracle.query("a", x)
+    assert isinstance(info.value, QueryError) and not isinstance(info.value, BudgetExceeded)
+    assert "\n" not in str(info.value)
+    assert oracle.usage() == {"a": 1} and oracle.remaining("a") == 9
+
+
+def test_a_refused_answer_is_not_stored_in_the_answer_cache(tmp_path) -> None:
+    from mekd_fl.answer_cache import AnswerCache
+
+    cache = AnswerCache(tmp_path, "t", "probs")
+    with pytest.raises(TeacherAnswerError):
+        make(softmax_teacher, answer_cache=cache).query("a", images(3))
+    assert not cache.path_for(images(3)).exists() and not list(tmp_path.rglob("*.pt"))
+
+
+# ---------------------------------------------------------------------------- the answer cache, any teacher
+def test_answer_cache_serves_one_teacher_whatever_its_form(model: nn.Module, tmp_path) -> None:
+    from mekd_fl.answer_cache import AnswerCache
+
+    x = images(6)
+    first = make(model, answer_cache=AnswerCache(tmp_path, "teacher", "probs")).query("c", x)
+    calls = []
+
+    def teacher(q: np.ndarray) -> np.ndarray:
+        calls.append(len(q))
+        return numpy_probs(q)
+
+    cache = AnswerCache(tmp_path, "teacher", "probs")  # the same teacher, now a NumPy function of probs
+    oracle = make(teacher, teacher_input="numpy", teacher_output="probs", budget=6, answer_cache=cache)
+    assert torch.equal(oracle.query("c", x), first) and cache.hits == 1 and calls == []
+    assert oracle.used("c") == 6
+    with pytest.raises(BudgetExceeded):  # the cache is still no way around the budget
+        oracle.query("c", x)
+    # its logits are another entry (the file name carries the output kind), never the probs
+    logits_cache = AnswerCache(tmp_path, "teacher", "logits")
+    assert logits_cache.path_for(x) != cache.path_for(x)
+    logits = make(teacher, output="logits", teacher_input="numpy", teacher_output="probs", answer_cache=logits_cache)
+    out = logits.query("c", x)
+    assert logits_cache.misses == 1 and calls == [6]
+    torch.testing.assert_close(out.softmax(1), first)
+    assert not torch.allclose(out, first)
+
+
+def test_answer_cache_of_another_output_is_refused(model: nn.Module, tmp_path) -> None:
+    from mekd_fl.answer_cache import AnswerCache
+
+    with pytest.raises(ValueError, match=r"answer_cache holds 'logits' answers but oracle-output='probs'; accepted"):
+        make(model, answer_cache=AnswerCache(tmp_path, "t", "logits"))
+    make(model, output="logits", answer_cache=AnswerCache(tmp_path, "t", "logits"))  # the right one is fine
+
+
+# ---------------------------------------------------------------------------- teacher settings refused
+# case -> (teacher factory, settings, pattern the one-line refusal must match)
+TEACHER_REFUSALS = {
+    "input-jax": (
+        tiny_model,
+        dict(teacher_input="jax"),
+        r"teacher_input='jax' is not accepted; accepted: torch, numpy",
+    ),
+    "input-none": (tiny_model, dict(teacher_input=None), r"teacher_input=None is not accepted"),
+    "output-softmax": (
+        tiny_model,
+        dict(teacher_output="softmax"),
+        r"teacher_output='softmax' is not accepted; accepted: logits, probs, log-probs",
+    ),
+    "module-numpy": (
+        tiny_model,
+        dict(teacher_input="numpy"),
+        r"teacher_input='numpy' is not accepted for an nn\.Module.*accepted: torch",
+    ),
+    "numpy-on-gpu": (
+        lambda: numpy_logits,
+        dict(teacher_input="numpy", device="cuda"),
+        r"device='cuda' is not accepted with teacher_input='numpy'.*accepted: cpu",
+    ),
+    "not-callable": (
+        lambda: 42,
+        {},
+        r"model=int is not accepted; accepted: an nn\.Module, a torch\.export ExportedProgram, or a callable",
+    ),
+    "a-path": (lambda: "teacher.pt2", {}, r"model=str is not accepted"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TEACHER_REFUSALS))
+def test_teacher_settings_refused_in_one_line(case: str) -> None:
+    teacher, kw, pattern = TEACHER_REFUSALS[case]
+    with pytest.raises(ValueError, match=pattern) as info:
+        make(teacher(), **kw)
+    assert "\n" not in str(info.value)
+
+
+def test_teacher_defaults_are_torch_and_logits(model: nn.Module) -> None:
+    oracle = make(model)
+    assert (oracle.teacher_input, oracle.teacher_output) == ("torch", "logits")
