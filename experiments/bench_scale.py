@@ -6,21 +6,26 @@ settings but `num-clients`: a fixed cohort of `--cohort` clients per round (`fra
 sampled), `--rounds` rounds (1), `partition=iid`, the default Fashion-MNIST data and the default teacher
 (cached for seed 42, so nothing retrains), `emulator-steps=20`, no emulator FID, no samples, no fidelity.
 
-Measured per population, from outside the run: its wall time; the time of each phase, from the moment each of
-the run's own progress lines arrives ("[setup] run folder", "[emulator] training ...", "[emulator] ... done",
-"[teacher] answered ...", "[round r/R] ...", "[done] ...") and from its `metrics.jsonl` (`elapsed-s` per round)
-and `summary.json` (`wall-seconds`, `clients-prepared`, `queries-total`); and the peak, over samples every
-`--interval` seconds, of the PSS summed over the run's whole process tree (the `mekd-fl` process and every
-descendant, Ray's gcs_server, raylet and workers included: /proc/*/stat parent links, /proc/PID/smaps_rollup),
-so pages shared between processes count once. Columns: wall (the subprocess, start to exit); setup (start to the
-first phase: imports, settings and data checks, the split, Flower's and Ray's start, the server's set-up, the
-initial evaluation), of which "to first line" (start to "[setup] run folder"), "server setup" (from there to the
-strategy's start: split table, partition.json, label_distribution.png, teacher, test logits) and "initial eval"
-(round 0: the global student on the test set, the checkpoint); emulator+query (the lazy phases, by the clock
-of the lines); s/round (`elapsed-s` differences in metrics.jsonl: round 1 holds the lazy phases) and s/round
-without them; after last round (the last round's line to exit: summary, plots, Flower's and Ray's shutdown).
-results.jsonl also holds each process's PSS at the peak. At the end, the ratio of each population's wall time to
-the smallest population's (the issue's target: 1,000 clients <= 2 x 10 clients on CPU, 1 round, cohort 10).
+Measured per population, from outside the run: its wall time (the subprocess, start to exit), the time to its
+first console line, and the peak, over samples every `--interval` seconds, of the PSS summed over the run's whole
+process tree (the `mekd-fl` process and every descendant, Ray's gcs_server, raylet and workers included:
+/proc/*/stat parent links, /proc/PID/smaps_rollup), so pages shared between processes count once. Measured by
+the run itself: its typed summary (`mekd_fl.run_summary.RunSummary` read from summary.json: `timeline`, when each
+step ended; `phase-seconds`, the time spent in the emulator and query phases; `wall-seconds`, `clients-prepared`,
+`queries-total`) and its `metrics.jsonl` (`elapsed-s` per round). The run's times count from the moment the run
+began (the ServerApp's start, after the imports and Flower's start), not from the process's start; the rest of
+the wall time (imports, Flower's and Ray's start and shutdown, the plots after the summary) is `outside-run-s`
+in results.jsonl (wall minus the run's `wall-seconds`). Columns: wall (the subprocess, start to exit); setup
+(since the run began, to the first phase: settings and data checks, the split, the server's set-up, waiting for
+the nodes, and with lazy phases the initial evaluation), of which "to first line" (since the run began, to the
+run folder being ready: the run says its first line, "[setup] run folder", there), "server setup" (from there
+to the nodes being ready: split table, partition.json, label_distribution.png, teacher, test logits, the
+strategy, waiting for the nodes) and "initial eval" (round 0: the global student on the test set); emulator+query
+(`phase-seconds`: the lazy phases, or the upfront ones); s/round (`elapsed-s` differences in metrics.jsonl: with
+lazy phases round 1 holds them) and s/round without the lazy phases; after last round (the last round's end to
+the run's own end: samples, summary.json). results.jsonl also holds each process's PSS at the peak. At the end,
+the ratio of each population's wall time to the smallest population's (the issue's target: 1,000 clients <= 2 x
+10 clients on CPU, 1 round, cohort 10).
 
 The data set is fixed, so a client's share shrinks as N grows (2,700 images at N=10, 30 at N=1,000), and with it
 the cohort's work: 10 clients of N=10 query 19,800 images and distill on them, 10 of N=1,000 only 200.
@@ -54,7 +59,6 @@ import argparse
 import json
 import math
 import os
-import re
 import shlex
 import signal
 import subprocess
@@ -63,21 +67,12 @@ import threading
 import time
 from pathlib import Path
 
+from mekd_fl.run_summary import RunSummary
+
 ROOT = Path(__file__).resolve().parent.parent
 MEKD_FL = ROOT / ".venv" / "bin" / "mekd-fl"
-
-# The run's own progress lines (mekd_fl/server_app.py, strategies/mekd.py), in the order they come.
-EVENTS = {
-    "setup": re.compile(r"^\[setup\] run folder"),
-    "teacher-loaded": re.compile(r"^\[teacher\] (?:loaded|test acc)"),
-    "lazy": re.compile(r"^\[lazy\] "),
-    "emulator-start": re.compile(r"^\[emulator\] training "),
-    "emulator-done": re.compile(r"^\[emulator\] \d+/\d+ clients done in (\d+)s"),
-    "teacher": re.compile(r"^\[teacher\] (?:answered (\d+) queries for (\d+) clients in (\d+)s|not queried)"),
-    "round": re.compile(r"^\[round (\d+)/(\d+)\]"),
-    "done": re.compile(r"^\[done\] .* (\d+)s -> "),
-    "failed": re.compile(r"^\[failed\] |^mekd-fl: error: "),
-}
+#: How a run's console says it failed (its error, when it wrote no summary.json).
+FAILED_LINES = ("[failed] ", "mekd-fl: error: ")
 
 
 # ---------------------------------------------------------------------------------------------- process tree
@@ -218,67 +213,62 @@ def settings_for(n: int, args: argparse.Namespace, out_dir: Path) -> list[str]:
     return [f"{k}={v}" for k, v in settings.items()]
 
 
-def parse_events(lines: list[tuple[float, str]]) -> dict:
-    """Phase times from the (seconds since start, line) pairs of the run's console."""
-    first: dict[str, float] = {}
-    emulator = query = 0.0
-    emulator_log = query_log = 0.0
-    start = done_at = None
-    round_lines: dict[int, float] = {}
-    for t, line in lines:
-        for name, pattern in EVENTS.items():
-            m = pattern.search(line)
-            if not m:
-                continue
-            first.setdefault(name, t)
-            if name == "emulator-start":
-                start = t
-            elif name == "emulator-done" and start is not None:
-                emulator += t - start
-                emulator_log += float(m.group(1))
-                done_at = t
-            elif name == "teacher" and done_at is not None:
-                query += t - done_at
-                query_log += float(m.group(3) or 0)
-                start = done_at = None
-            elif name == "round":
-                round_lines[int(m.group(1))] = t
-    phase_start = first.get("emulator-start", round_lines.get(0))
-    return {
-        "first-line-s": lines[0][0] if lines else None,
-        "setup-line-s": first.get("setup"),
-        "teacher-loaded-s": first.get("teacher-loaded"),
-        "lazy-line-s": first.get("lazy"),
-        "setup-s": phase_start,
-        "emulator-s": emulator,
-        "query-s": query,
-        "emulator-log-s": emulator_log,
-        "query-log-s": query_log,
-        "round-lines-s": {str(k): v for k, v in sorted(round_lines.items())},
-        "last-round-line-s": round_lines[max(round_lines)] if round_lines else None,
-        "done-line-s": first.get("done"),
-        "failed-line": next((line for _, line in lines if EVENTS["failed"].search(line)), None),
-    }
-
-
 def read_run(folder: Path) -> dict:
-    """metrics.jsonl and summary.json of the run folder (what exists)."""
+    """The run's own numbers: metrics.jsonl (`elapsed-s` per round) and its typed summary (what exists)."""
     out: dict = {}
+    round0 = None
     metrics = folder / "metrics.jsonl"
     if metrics.is_file():
         rounds = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
         elapsed = {r["round"]: r["elapsed-s"] for r in rounds if "elapsed-s" in r}
         out["round-s"] = [elapsed[r] - elapsed[r - 1] for r in sorted(elapsed) if r > 0 and r - 1 in elapsed]
-        out["round0-s"] = elapsed.get(0)
+        out["round0-s"] = round0 = elapsed.get(0)
         out["student-accuracy"] = rounds[-1].get("server/accuracy") if rounds else None
-    summary = folder / "summary.json"
-    if summary.is_file():
-        s = json.loads(summary.read_text())
-        for key in ("status", "error", "wall-seconds", "clients-prepared", "queries-total", "rounds-done"):
-            if key in s:
-                out[key] = s[key]
-        out["failures"] = len(s.get("failures", []))
-    return out
+    if not (folder / "summary.json").is_file():
+        return out
+    try:
+        summary = RunSummary.read(folder / "summary.json")
+    except ValueError as exc:
+        return {**out, "status": "unreadable summary.json", "error": str(exc)}
+    out.update(
+        {
+            "status": summary.status,
+            "error": summary.error,
+            "wall-seconds": summary.wall_seconds,
+            "clients-prepared": summary.clients_prepared,
+            "queries-total": summary.queries_total,
+            "rounds-done": summary.rounds_done,
+            "failures": len(summary.failures),
+        }
+    )
+    return {**out, **phase_times(summary, round0)}
+
+
+def phase_times(summary: RunSummary, round0: float | None) -> dict:
+    """Setup, phase and tail times by the run's own clock (seconds since the run began): its `timeline` and
+    `phase-seconds`; `round0` is round 0's `elapsed-s` (the initial evaluation). None where a step is missing."""
+    t, seconds = summary.timeline, summary.phase_seconds
+    emulator, query = seconds.get("emulator"), seconds.get("query")
+    phases = None if emulator is None or query is None else emulator + query
+    lazy = summary.emulator_phase == "lazy"
+    # The nodes ready, the first phase about to begin: the rounds' clock (`elapsed-s`) starts after the upfront phases.
+    ready = None
+    if "round-0" in t and round0 is not None and (lazy or phases is not None):
+        ready = t["round-0"] - round0 - (0.0 if lazy else phases)
+    rounds = sorted(int(k.split("-", 1)[1]) for k in t if k.startswith("round-"))
+    end = seconds.get("total", summary.wall_seconds)
+    return {
+        "setup-s": t.get("round-0") if lazy else ready,  # the lazy phases begin with round 1
+        "setup-line-s": t.get("folder-ready"),
+        "server-setup-s": _diff(ready, t.get("folder-ready")),
+        "teacher-loaded-s": t.get("teacher-loaded"),
+        "emulator-s": emulator,
+        "query-s": query,
+        "phases-s": phases,
+        "phases-in-rounds": lazy,
+        "round-ends-s": {str(r): t[f"round-{r}"] for r in rounds},
+        "tail-s": _diff(end, t[f"round-{rounds[-1]}"]) if rounds else None,
+    }
 
 
 def loadavg() -> str:
@@ -324,32 +314,32 @@ def run_population(n: int, args: argparse.Namespace, out: Path, current: dict) -
     thread.join(5)
     end_tree(proc, sampler.seen)  # Ray processes that outlived the run, if any
     current.clear()
-    events = parse_events(lines)
     run = read_run(out / "runs" / f"scale-{n}")
     if status == "ok":  # the run's own word, when it exited by itself
         status = run.get("status", "no summary.json") if proc.returncode == 0 else f"exit {proc.returncode}"
-    rounds = run.get("round-s", [])
-    phases = events["emulator-s"] + events["query-s"]
+    rounds, phases = run.get("round-s", []), run.get("phases-s")
+    in_rounds = phases if run.get("phases-in-rounds") else 0.0  # the lazy phases are in round 1's time
+    ex_phases = (sum(rounds) - in_rounds) / len(rounds) if rounds and in_rounds is not None else None
     row.update(
         {
             "status": status,
             "wall-s": round(wall, 1),
             "run-wall-s": run.get("wall-seconds"),
-            "setup-s": _r(events["setup-s"]),
-            "setup-line-s": _r(events["setup-line-s"]),
-            "server-setup-s": _diff(events["lazy-line-s"], events["setup-line-s"]),
-            "teacher-loaded-s": _r(events["teacher-loaded-s"]),
-            "first-line-s": _r(events["first-line-s"]),
+            "outside-run-s": _diff(wall, run.get("wall-seconds")),
+            "setup-s": _r(run.get("setup-s")),
+            "setup-line-s": _r(run.get("setup-line-s")),
+            "server-setup-s": run.get("server-setup-s"),
+            "teacher-loaded-s": _r(run.get("teacher-loaded-s")),
+            "first-line-s": _r(lines[0][0]) if lines else None,
             "round0-s": run.get("round0-s"),
-            "emulator-s": _r(events["emulator-s"]),
-            "query-s": _r(events["query-s"]),
+            "emulator-s": _r(run.get("emulator-s")),
+            "query-s": _r(run.get("query-s")),
             "phases-s": _r(phases),
-            "emulator-log-s": events["emulator-log-s"],
-            "query-log-s": events["query-log-s"],
+            "round-ends-s": run.get("round-ends-s"),
             "round-s": [round(r, 2) for r in rounds],
             "round-mean-s": _r(sum(rounds) / len(rounds)) if rounds else None,
-            "round-ex-phases-s": _r((sum(rounds) - phases) / len(rounds)) if rounds else None,
-            "tail-s": _r(wall - events["last-round-line-s"]) if events["last-round-line-s"] is not None else None,
+            "round-ex-phases-s": _r(ex_phases),
+            "tail-s": run.get("tail-s"),
             "peak-pss-gib": round(sampler.peak_kib / 2**20, 3),
             "peak-at-s": round(sampler.peak_at, 1),
             "procs-at-peak": sampler.peak_procs,
@@ -363,7 +353,7 @@ def run_population(n: int, args: argparse.Namespace, out: Path, current: dict) -
             "queries": run.get("queries-total"),
             "failures": run.get("failures"),
             "student-accuracy": run.get("student-accuracy"),
-            "error": run.get("error") or events["failed-line"],
+            "error": run.get("error") or next((x for _, x in lines if x.startswith(FAILED_LINES)), None),
             "load-after": loadavg(),
         }
     )

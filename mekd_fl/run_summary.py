@@ -86,6 +86,7 @@ class RunSummary:
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k.replace("-", "_"): v for k, v in values.items() if k.replace("-", "_") in names}
         kwargs["fidelity"] = {k[len("fidelity-") :]: v for k, v in values.items() if k.startswith("fidelity-")}
+        kwargs.setdefault("status", "completed")  # written before "status" existed: only completed runs wrote one
         for f in dataclasses.fields(cls):  # a summary without a required field can still be shown
             if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 kwargs[f.name] = None

@@ -14,6 +14,7 @@ import torch
 
 from mekd_fl.config import RunConfig
 from mekd_fl.errors import ConfigError
+from mekd_fl.run_summary import RunSummary
 
 STATUS_EXIT = {"completed": 0, "failed": 1, "unfinished": 3}
 
@@ -36,15 +37,17 @@ def status(folder: Path) -> tuple[str, str]:
     cfg = load_config(folder)
     summary_path = folder / "summary.json"
     if summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
-        state = summary.get("status", "completed")
-        if state == "failed":
+        try:
+            summary = RunSummary.read(summary_path)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if summary.status == "failed":
             return (
                 "failed",
-                f"failed after round {summary.get('rounds-done', 0)} of {cfg.num_rounds}: {summary.get('error')}",
+                f"failed after round {summary.rounds_done or 0} of {cfg.num_rounds}: {summary.error}",
             )
-        acc = summary.get("student-accuracy")
-        failures = len(summary.get("failures", []))
+        acc = summary.student_accuracy
+        failures = len(summary.failures)
         return "completed", (
             f"completed {cfg.num_rounds} rounds: student accuracy {acc:.4f}, "
             f"{failures} recorded failure{'s' * (failures != 1)}"

@@ -14,21 +14,28 @@ from typing import Any
 
 from mekd_fl.bench.spec import Cell, Spec, load_spec
 from mekd_fl.errors import ConfigError
+from mekd_fl.run_summary import RunSummary
 
 SPEC_FILE = "spec.yaml"
 
 
 @dataclass(frozen=True)
 class CellResult:
-    """What one cell's folder holds; `summary` is None while the cell is unfinished or failed."""
+    """What one cell's folder holds; `summary` is None while the cell is unfinished (no readable summary.json)."""
 
     cell: Cell
-    summary: dict[str, Any] | None
+    summary: RunSummary | None
     rounds: list[dict[str, Any]]
     partition: dict[str, Any] | None
 
     def value(self, metric: str) -> float | None:
-        value = (self.summary or {}).get(metric)
+        """A metric of `spec.METRICS` (a summary field, or `fidelity-<key>`) as a float; None when absent."""
+        if self.summary is None:
+            return None
+        if metric.startswith("fidelity-"):
+            value = self.summary.fidelity.get(metric[len("fidelity-") :])
+        else:
+            value = getattr(self.summary, metric.replace("-", "_"))
         return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
@@ -48,7 +55,17 @@ def _read_cell(path: Path, cell: Cell) -> CellResult:
     metrics = path / "metrics.jsonl"
     lines = metrics.read_text().splitlines() if metrics.is_file() else []
     rounds = [json.loads(line) for line in lines if line.strip()]
-    return CellResult(cell, read("summary.json"), rounds, read("partition.json"))
+    return CellResult(cell, _summary(path / "summary.json"), rounds, read("partition.json"))
+
+
+def _summary(file: Path) -> RunSummary | None:
+    """The cell's summary; None when there is none, or none readable (`mekd-fl bench` reruns such a cell)."""
+    if not file.is_file():
+        return None
+    try:
+        return RunSummary.read(file)
+    except ValueError:
+        return None
 
 
 def axis_labels(spec: Spec, axis: str | None) -> list[str | None]:

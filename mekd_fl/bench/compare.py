@@ -14,6 +14,7 @@ from typing import Any
 
 from mekd_fl.bench.tables import markdown_table, write_csv
 from mekd_fl.config import RunConfig
+from mekd_fl.run_summary import RunSummary
 
 COLUMNS = (
     "method",
@@ -38,21 +39,21 @@ def comparison_rows(folder: Path, names: dict[str, str]) -> list[dict[str, Any]]
         if not (run / "summary.json").exists():
             rows.append({"method": method, "student acc": "failed"})
             continue
-        summary = json.loads((run / "summary.json").read_text())
+        summary = RunSummary.read(run / "summary.json")
         rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         per_round = rounds[-1]["elapsed-s"] / max(1, rounds[-1]["round"])
         rows.append(
             {
                 "method": method,
-                "source-blind": "yes" if summary["source-blind"] else "NO (labels)",
-                "student acc": summary["student-accuracy"],
-                "best acc": summary["student-best-accuracy"],
-                "agreement": summary["student-agreement"],
-                "client-test acc": summary["client-test-accuracy"],
-                "queries": summary["queries-total"],
-                "emulator FID": summary["emulator-fid-mean"],
+                "source-blind": "yes" if summary.source_blind else "NO (labels)",
+                "student acc": summary.student_accuracy,
+                "best acc": summary.student_best_accuracy,
+                "agreement": summary.student_agreement,
+                "client-test acc": summary.client_test_accuracy,
+                "queries": summary.queries_total,
+                "emulator FID": summary.emulator_fid_mean,
                 "s/round": per_round,
-                "wall s": summary["wall-seconds"],
+                "wall s": summary.wall_seconds,
             }
         )
     kd = next((r["s/round"] for r in rows if r["method"] == "kd" and "s/round" in r), None)

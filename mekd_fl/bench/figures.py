@@ -63,7 +63,7 @@ def plot_rounds(spec: Spec, results: list[CellResult], path: Path) -> Path | Non
 
 def plot_alpha(spec: Spec, results: list[CellResult], path: Path) -> Path | None:
     """Final student accuracy against the Dirichlet alpha (log scale), when the sweep varies alpha."""
-    dirichlet = [r for r in results if r.summary and r.cell.config.partition == "dirichlet"]
+    dirichlet = [r for r in results if r.summary is not None and r.cell.config.partition == "dirichlet"]
     if len({r.cell.config.alpha for r in dirichlet}) < 2:
         return None
     lines = []

@@ -1,7 +1,7 @@
 """Several runs in ONE Flower simulation: one Ray start, clients kept warm, cells run one after another.
 
 Why: starting Ray and the simulated SuperNodes costs seconds to tens of seconds; a comparison of six
-methods (or a test of every combination) pays it once. Each cell is a complete `run_server` with its
+methods (or a test of every combination) pays it once. Each cell is a complete `ServerRun` with its
 own result folder; clients key their state by run name, so nothing leaks from one cell to the next.
 All cells must share `num-clients` (one federation).
 """
@@ -26,7 +26,7 @@ def run_configs(
     wrap_grid: Callable[[Any], Any] | None = None,
     client_app: Any = None,
 ) -> dict[str, dict[str, Any]]:
-    """Run every config; returns {run-name: {"summary": ...} or {"error": traceback}} in order.
+    """Run every config; returns {run-name: {"summary": RunSummary} or {"error": traceback}} in order.
 
     `wrap_grid` wraps the ServerApp's Grid (tests record every message with it); `client_app` replaces
     the project's ClientApp (tests inject failing clients with it).
@@ -36,7 +36,7 @@ def run_configs(
     from flwr.simulation import run_simulation
 
     from mekd_fl.client_app import make_client_app
-    from mekd_fl.server_app import prepare, run_server
+    from mekd_fl.server_app import ServerRun, prepare
     from mekd_fl.simulation import backend_config, fast_message_polling, quiet_flower
 
     if not configs:
@@ -63,7 +63,7 @@ def run_configs(
         for i, cfg in enumerate(configs, 1):
             log(f"=== run {i}/{len(configs)}: {cfg.run_name}")
             try:
-                outcome[cfg.run_name] = {"summary": run_server(grid, cfg, log)}
+                outcome[cfg.run_name] = {"summary": ServerRun(grid, cfg, log).run()}
             except Exception:  # one failing cell must not stop the others; its error is reported
                 outcome[cfg.run_name] = {"error": traceback.format_exc(limit=6)}
                 log(f"=== run {cfg.run_name} failed: {traceback.format_exc(limit=1).strip().splitlines()[-1]}")

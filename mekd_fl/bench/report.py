@@ -47,7 +47,7 @@ class Stat:
 def stat(members: list[CellResult], metric: str) -> Stat:
     """Mean/std inputs of one entry; an entry is source-blind unless a finished run says otherwise."""
     values = tuple(v for v in (m.value(metric) for m in members) if v is not None)
-    blind = all(m.summary.get("source-blind", True) for m in members if m.summary)
+    blind = all(m.summary.source_blind for m in members if m.summary is not None)
     return Stat(values, len(members), blind)
 
 
@@ -56,7 +56,7 @@ def teacher_stat(members: list[CellResult]) -> Stat:
     teachers = {
         (m.cell.config.teacher_arch, m.cell.config.seed, m.cell.config.dataset): m.value("teacher-accuracy")
         for m in members
-        if m.summary
+        if m.summary is not None
     }
     return Stat(tuple(v for v in teachers.values() if v is not None), len(teachers) or 1, True)
 

@@ -27,6 +27,7 @@ from mekd_fl.bench.cells import SPEC_FILE
 from mekd_fl.bench.report import INVOCATIONS_FILE, write_report
 from mekd_fl.bench.spec import Cell, load_spec
 from mekd_fl.errors import ConfigError
+from mekd_fl.run_summary import RunSummary
 
 DEFAULT_OUT = "experiments/runs"
 # Settings that do not change a cell's result: a finished cell stays valid when only these differ.
@@ -42,8 +43,8 @@ def cell_state(path: Path) -> str:
     summary = path / "summary.json"
     if summary.is_file():
         try:
-            status = json.loads(summary.read_text()).get("status", "completed")
-        except (OSError, ValueError, AttributeError):
+            status = RunSummary.read(summary).status
+        except ValueError:
             return "partial"  # unreadable: treat as the trace of an unfinished run
         return "failed" if status == "failed" else "done"
     return "partial" if path.exists() else "todo"
