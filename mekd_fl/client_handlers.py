@@ -55,6 +55,11 @@ def reply(
     return Message(content=content, reply_to=message)
 
 
+def _config(message: Message) -> dict:
+    record = message.content.config_records.get(P.CONFIG)
+    return dict(record) if record is not None else {}
+
+
 def _state_dict(context: Context, key: str) -> dict | None:
     record = context.state.array_records.get(key)
     return record.to_torch_state_dict() if record is not None else None
@@ -132,6 +137,7 @@ def mekd_handlers(edge_for: EdgeFor) -> dict[str, Handler]:
             _state_dict(context, STATE_GENERATOR),
             int(extra.get(P.SERVER_ROUND, 1)),
             _state_dict(context, STATE_METHOD),
+            proximal_mu=_config(message).get(P.PROXIMAL_MU, 0.0),  # FedProx's term, as its clients must add it
         )
         if method_state is not None:
             context.state[STATE_METHOD] = ArrayRecord(method_state)
@@ -156,6 +162,24 @@ def mekd_handlers(edge_for: EdgeFor) -> dict[str, Handler]:
         P.TRAIN: distill,
         P.SAMPLES: samples,
     }
+
+
+#: Flower's client-side DP mods. A ClientApp's mods wrap every handler, and these act on any message with
+#: one ArrayRecord: they would clip or noise MEKD's query images and emulator weights, and answer an error
+#: to its other messages. MEKD composes with Flower's server-side DP instead (`dp-clip`, `dp-noise`).
+REFUSED_MODS = ("fixedclipping_mod", "adaptiveclipping_mod", "LocalDpMod")
+
+
+def check_mods(app: ClientApp) -> None:
+    """Refuse, in one line, a ClientApp whose mods would act on MEKD's messages in a way MEKD cannot honour."""
+    for mod in getattr(app, "_mods", None) or []:
+        name = getattr(mod, "__name__", type(mod).__name__)
+        if name in REFUSED_MODS:
+            raise ValueError(
+                f"ClientApp(mods=[{name}, ...]) is not accepted with register_mekd: Flower's client-side DP mods "
+                "act on every message type, MEKD's query images and emulators included; accepted: no client-side "
+                "DP mod, and Flower's server-side DP around MEKD's aggregation (DifferentialPrivacyServerSide*)"
+            )
 
 
 def register_handlers(
@@ -205,6 +229,7 @@ def register_mekd(
 
     The node's label (in logs, and its seeds) is `node_config["partition-id"]` when set, else its node id.
     """
+    check_mods(app)
     base = settings if isinstance(settings, EdgeSettings) else EdgeSettings.from_config(settings)
     cache: OrderedDict[int, EdgeClient] = OrderedDict()
 

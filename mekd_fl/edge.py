@@ -22,10 +22,9 @@ import copy
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -36,19 +35,18 @@ from mekd_fl.distill import DistillContext, generator_input, get_distiller, teac
 from mekd_fl.emulator import EmulatorConfig, build_emulator, from_gan_range, train_emulator
 from mekd_fl.errors import ConfigError
 from mekd_fl.fid import domain_fid, fixed_feature_net
+from mekd_fl.images import ImageSource, as_uint8_images
 from mekd_fl.models.gan import Generator
 from mekd_fl.precision import autocast
 from mekd_fl.queries import SCORED_SELECTIONS, entropy_scores, generated, select_queries
 from mekd_fl.settings.schema import Setting
 from mekd_fl.settings.values import SettingValues
 
+__all__ = ["EdgeClient", "EdgeSettings", "as_uint8_images", "check_logits"]
+
 StateDict = dict[str, torch.Tensor]
-ImageSource = torch.Tensor | np.ndarray | torch.utils.data.Dataset | Iterable
 ModelSource = nn.Module | Callable[[], nn.Module]
 Preprocess = Callable[[torch.Tensor], torch.Tensor]
-
-#: Keys a dict sample or batch may keep its images under (flwr-datasets and Hugging Face names).
-IMAGE_KEYS = ("img", "image", "images", "pixel_values", "x")
 
 
 # ---------------------------------------------------------------------------- settings
@@ -96,78 +94,6 @@ class EdgeSettings(SettingValues):
         """
         progress = (server_round - 1) / max(self.num_rounds, 1)
         return self.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-# ---------------------------------------------------------------------------- images
-def _image_of(sample: Any, image_key: str | None) -> Any:
-    """The image part of a sample or batch: itself, the first of a (image, label) pair, or a dict entry."""
-    if isinstance(sample, Mapping):
-        keys = [image_key] if image_key else [k for k in IMAGE_KEYS if k in sample]
-        if not keys or keys[0] not in sample:
-            raise ValueError(
-                f"no image in a sample with keys {sorted(sample)}; pass image_key= "
-                f"(looked for {', '.join([image_key] if image_key else IMAGE_KEYS)})"
-            )
-        return sample[keys[0]]
-    if isinstance(sample, (tuple, list)) and sample and not isinstance(sample[0], (int, float)):
-        return sample[0]
-    return sample
-
-
-def _to_uint8(images: Any, batched: bool) -> torch.Tensor:
-    """One image or a batch as uint8 (N, C, H, W)."""
-    if hasattr(images, "mode") and hasattr(images, "size") and not isinstance(images, (torch.Tensor, np.ndarray)):
-        images = np.asarray(images)  # a PIL image: (H, W) or (H, W, C)
-        images = images[None] if images.ndim == 2 else images.transpose(2, 0, 1)
-        batched = False
-    t = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
-    t = t.detach().cpu()
-    if not batched:
-        t = t.unsqueeze(0)
-    if t.ndim == 3:  # (N, H, W): one channel
-        t = t.unsqueeze(1)
-    if t.ndim != 4:
-        raise ValueError(f"images must be (N, C, H, W), (N, H, W) or single images; got shape {tuple(t.shape)}")
-    if t.dtype == torch.uint8:
-        return t.contiguous()
-    if t.dtype.is_floating_point:
-        if t.numel() and (not torch.isfinite(t).all() or t.min() < 0 or t.max() > 1):
-            raise ValueError(
-                "float images must lie in [0, 1] (what ToTensor gives); pass the raw images and "
-                "put the normalisation in preprocess= instead"
-            )
-        return t.mul(255).round().to(torch.uint8).contiguous()
-    if t.dtype in (torch.int16, torch.int32, torch.int64) and (t.numel() == 0 or (t.min() >= 0 and t.max() <= 255)):
-        return t.to(torch.uint8).contiguous()
-    raise ValueError(f"images of dtype {t.dtype} are not accepted; accepted: uint8, or floats in [0, 1]")
-
-
-def as_uint8_images(source: ImageSource, image_key: str | None = None) -> torch.Tensor:
-    """The images of `source` as one uint8 tensor (N, C, H, W), read once.
-
-    Accepted: a tensor or numpy array of images; a torch Dataset whose items are images, (image, label)
-    pairs or dicts (`image_key`, else the first of IMAGE_KEYS); a DataLoader (or any iterable of
-    batches) of the same. Labels are never read.
-    """
-    if isinstance(source, (torch.Tensor, np.ndarray)):
-        return _to_uint8(source, batched=True)
-    if isinstance(source, torch.utils.data.DataLoader) or (
-        not isinstance(source, torch.utils.data.Dataset) and isinstance(source, Iterable)
-    ):
-        parts = [_to_uint8(_image_of(batch, image_key), batched=True) for batch in source]
-    elif isinstance(source, torch.utils.data.Dataset):
-        parts = [_to_uint8(_image_of(source[i], image_key), batched=False) for i in range(len(source))]
-    else:
-        raise ValueError(
-            f"images: a {type(source).__name__} is not accepted; accepted: a uint8 tensor or array, "
-            "a torch Dataset or a DataLoader"
-        )
-    if not parts:
-        raise ValueError("images: the source holds no image")
-    shapes = {tuple(p.shape[1:]) for p in parts}
-    if len(shapes) != 1:
-        raise ValueError(f"images: all images must have one shape; got {sorted(shapes)}")
-    return torch.cat(parts)
 
 
 def _cpu(state: Mapping[str, torch.Tensor]) -> StateDict:
@@ -259,6 +185,7 @@ class EdgeClient:
             out = student(self._input(self.images[:2].to(self.device)))
         if out.ndim != 2:
             raise ValueError(f"the model must return (batch, classes) logits; it returned shape {tuple(out.shape)}")
+        check_logits(out)
         return int(out.shape[1])
 
     def new_generator(self) -> Generator:
@@ -363,16 +290,25 @@ class EdgeClient:
         g_state: StateDict | None = None,
         server_round: int = 1,
         extra_state: StateDict | None = None,
+        proximal_mu: float = 0.0,
     ) -> tuple[StateDict, dict[str, float], StateDict | None]:
         """Local distillation of the global student on (query image, teacher answer) pairs.
 
         Returns the new student weights, metrics and the method's own state (CAN's discriminator) to
         keep for the next round. Only a method that declares `uses_labels` (the supervised reference)
         gets the device's true labels, and it then trains on the device's own images instead.
+
+        `proximal_mu` > 0 (Flower's FedProx sends it as `proximal-mu`) adds FedProx's proximal term to
+        every step's loss exactly as Flower's FedProx documents it for its clients:
+        (mu / 2) * sum over the student's parameters of ||w - w_global||_2, with w_global the global
+        weights as received (the FedProx paper squares the norm; Flower's documented client does not).
         """
+        if not (isinstance(proximal_mu, (int, float)) and math.isfinite(proximal_mu) and proximal_mu >= 0):
+            raise ValueError(f"proximal-mu={proximal_mu!r} is not accepted; accepted: a finite number >= 0")
         s = self.settings
         torch.manual_seed(s.seed * 100_003 + self.client_id * 1009 + server_round)
         student = self._student(student_state).train()
+        anchor = [p.detach().clone() for p in student.parameters()] if proximal_mu > 0 else []
         generator = self.load_generator(g_state) if g_state is not None else None
         distiller = get_distiller(s.method, DistillContext.from_config(s, self.num_classes, generator, self.device))
         if extra_state is not None:
@@ -405,14 +341,21 @@ class EdgeClient:
                 epoch = (server_round - 1) * s.local_epochs + local_epoch + (b + 1) / batches
                 x = to_unit(images_dev[idx])
                 with autocast(self.device, s.precision):  # bf16: the student's (and G(S(x))'s) forward
+                    logits = student(self.preprocess(x)).float()
+                    if steps == 0:  # the first batch: a model ending in softmax is refused, not trained to chance
+                        check_logits(logits)
                     parts = distiller.losses(
-                        student(self.preprocess(x)).float(),
+                        logits,
                         responses_dev[idx],
                         x,
                         epoch,
                         labels[idx] if labels is not None else None,
                         **({"index": idx} if distiller.batch_index else {}),
                     )
+                if anchor:
+                    prox = sum((p - a).norm(2) for p, a in zip(student.parameters(), anchor))
+                    parts["proximal"] = proximal_mu / 2 * prox
+                    parts["loss"] = parts["loss"] + parts["proximal"]
                 opt.zero_grad(set_to_none=True)
                 parts["loss"].backward()
                 opt.step()
@@ -462,6 +405,18 @@ class EdgeClient:
         g_t = gen(teacher_codes(responses, s.oracle_output, s.emulator_input, s.temperature))
         g_s = gen(generator_input(s_scores, s.emulator_input, s.temperature))
         return {"images": images.cpu(), "g-teacher": from_gan_range(g_t).cpu(), "g-student": from_gan_range(g_s).cpu()}
+
+
+def check_logits(outputs: torch.Tensor) -> None:
+    """Refuse, in one line, a model whose outputs are probabilities: every row non-negative and summing to
+    1. Distillation treats the model's output as logits; a softmax output trains to chance in silence."""
+    rows = outputs.detach().float()
+    if rows.ndim == 2 and rows.shape[1] > 1 and len(rows) and bool((rows >= 0).all()):
+        if bool(torch.allclose(rows.sum(1), torch.ones(len(rows), device=rows.device), atol=1e-3)):
+            raise ValueError(
+                "the model returns probabilities (rows >= 0 summing to 1); accepted: a model that returns "
+                "logits (remove its final softmax)"
+            )
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:

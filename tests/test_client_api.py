@@ -92,7 +92,7 @@ def test_images_are_read_from_tensors_arrays_datasets_and_loaders_alike() -> Non
         floats,
         expected,
         expected.numpy(),
-        expected[:, 0],
+        expected.numpy()[:, 0][:, None],
         PairDataset(floats),
         DictDataset(expected),
         DataLoader(TensorDataset(floats, torch.zeros(10)), batch_size=3),
