@@ -176,7 +176,7 @@ def check_mods(app: ClientApp) -> None:
         name = getattr(mod, "__name__", type(mod).__name__)
         if name in REFUSED_MODS:
             raise ValueError(
-                f"ClientApp(mods=[{name}, ...]) is not accepted with register_mekd: Flower's client-side DP mods "
+                f"ClientApp(mods=[{name}, ...]) is not accepted with MEKD's handlers: Flower's client-side DP mods "
                 "act on every message type, MEKD's query images and emulators included; accepted: no client-side "
                 "DP mod, and Flower's server-side DP around MEKD's aggregation (DifferentialPrivacyServerSide*)"
             )
@@ -185,7 +185,10 @@ def check_mods(app: ClientApp) -> None:
 def register_handlers(
     app: ClientApp, handlers: dict[str, Handler], wrap: Callable[[Handler], Handler] | None = None
 ) -> ClientApp:
-    """Register handlers by message type ("category.action") on a ClientApp (Flower refuses duplicates)."""
+    """Register handlers by message type ("category.action") on a ClientApp (Flower refuses duplicates).
+
+    The app's mods are checked first (`check_mods`): they wrap every handler registered here."""
+    check_mods(app)
     wrap = wrap or (lambda handler: handler)
     for message_type, handler in handlers.items():
         category, _, action = message_type.partition(".")
@@ -228,8 +231,8 @@ def register_mekd(
     wrap : wraps every handler (logging, rate limits, fault injection in tests).
 
     The node's label (in logs, and its seeds) is `node_config["partition-id"]` when set, else its node id.
+    An app built with Flower's client-side DP mods is refused in one line (`check_mods`).
     """
-    check_mods(app)
     base = settings if isinstance(settings, EdgeSettings) else EdgeSettings.from_config(settings)
     cache: OrderedDict[int, EdgeClient] = OrderedDict()
 

@@ -13,13 +13,14 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
+from flwr.clientapp.mod import LocalDpMod, adaptiveclipping_mod, fixedclipping_mod
 from torch import nn
+from torch.utils.data import DataLoader
 
 from mekd_fl.augment import to_unit
-from mekd_fl.client_handlers import register_mekd
+from mekd_fl.client_handlers import mekd_handlers, register_handlers, register_mekd
 from mekd_fl.distill import DistillContext, get_distiller
-from mekd_fl.edge import EdgeClient, EdgeSettings, as_uint8_images
+from mekd_fl.edge import EdgeClient, EdgeSettings, as_uint8_images, check_logits
 from strategies import protocol as P
 
 torch.set_num_threads(1)
@@ -84,7 +85,7 @@ def test_the_proximal_term_is_flowers_fedprox_term() -> None:
     assert prox_metrics["train-proximal"] > 0 and "train-proximal" not in plain_metrics
 
 
-@pytest.mark.parametrize("mu", [-0.1, float("nan"), float("inf")])
+@pytest.mark.parametrize("mu", [-0.1, float("nan"), float("inf"), True, "0.1"])
 def test_a_bad_proximal_mu_is_refused_in_one_line(mu: float) -> None:
     with pytest.raises(ValueError) as err:
         edge_update(mu)
@@ -114,13 +115,26 @@ def test_the_distill_handler_reads_fedprox_s_key() -> None:
     assert any(not np.allclose(with_mu[k], without[k]) for k in with_mu)
 
 
-@pytest.mark.parametrize("mod", [fixedclipping_mod, adaptiveclipping_mod])
+DP_MODS = [
+    fixedclipping_mod,
+    adaptiveclipping_mod,
+    LocalDpMod(clipping_norm=1.0, sensitivity=1.0, epsilon=1.0, delta=0.1),
+]
+
+
+@pytest.mark.parametrize("mod", DP_MODS, ids=["fixedclipping_mod", "adaptiveclipping_mod", "LocalDpMod"])
 def test_flowers_client_side_dp_mods_are_refused_in_one_line(mod) -> None:
+    """Flower's DP mods check no message type: as app-level mods they would wrap MEKD's query and emulator
+    handlers too, so they are refused, whether MEKD's handlers come through register_mekd or by hand."""
     images, _ = data()
+    name = getattr(mod, "__name__", type(mod).__name__)
     with pytest.raises(ValueError) as err:
         register_mekd(ClientApp(mods=[mod]), data=images, model=net, num_classes=CLASSES)
     text = str(err.value)
-    assert mod.__name__ in text and "accepted" in text and "\n" not in text
+    assert name in text and "accepted" in text and "\n" not in text
+    with pytest.raises(ValueError, match=name):
+        register_handlers(ClientApp(mods=[mod]), mekd_handlers(lambda message, context: None))  # type: ignore[arg-type]
+    register_mekd(ClientApp(), data=images, model=net, num_classes=CLASSES)  # without the mod: accepted
 
 
 def test_a_student_that_returns_probabilities_is_refused_at_its_first_batch() -> None:
@@ -154,3 +168,37 @@ def test_image_batches_are_taken_only_as_documented() -> None:
             return batch[i]  # one (H, W) sample: documented for single images
 
     assert torch.equal(as_uint8_images(Samples()), batch[:, None])
+
+
+def test_a_softmax_student_is_refused_at_its_first_forward_even_when_it_only_scores_queries() -> None:
+    """With num_classes given, uncertainty-scored queries can run the student before any distillation."""
+    images, _ = data()
+    softmax_net = lambda: nn.Sequential(net(), nn.Softmax(dim=1))  # noqa: E731
+    settings = EdgeSettings(method="kd", batch_size=4, query_selection="uncertainty", query_fraction=0.5)
+    edge = EdgeClient(images, softmax_net, settings=settings, num_classes=CLASSES)
+    with pytest.raises(ValueError, match="returns probabilities.*logits"):
+        edge.query_images(8, student_state=softmax_net().state_dict())
+    logits = EdgeClient(images, net, settings=settings, num_classes=CLASSES)
+    assert len(logits.query_images(8, student_state=net().state_dict())) == 4
+
+
+def test_the_logits_check_catches_bf16_probabilities_and_passes_non_negative_logits() -> None:
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(64, 10, generator=g) * 3
+    with pytest.raises(ValueError, match="returns probabilities"):
+        check_logits(scores.bfloat16().softmax(1))  # sums to 1 only within ~2e-3 in bf16
+    check_logits(scores.relu())  # a ReLU-ended head: non-negative, but its rows do not sum to 1
+    check_logits(scores.log_softmax(1))  # log-probabilities are logits
+    check_logits(torch.ones(4, 1))  # one output: nothing to tell
+
+
+@pytest.mark.parametrize("as_array", [False, True])
+def test_a_batch_without_its_channel_axis_is_refused_from_tensors_arrays_and_loaders(as_array: bool) -> None:
+    batch = torch.randint(0, 256, (6, 8, 8), dtype=torch.uint8)
+    for source in (batch.numpy() if as_array else batch, DataLoader(batch.float() / 255, batch_size=3)):
+        with pytest.raises(ValueError) as err:
+            as_uint8_images(source)
+        assert "(N, C, H, W)" in str(err.value) and "\n" not in str(err.value)
+        with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+            EdgeClient(source, net, settings=SETTINGS, num_classes=CLASSES)
+    assert as_uint8_images(batch.numpy()[:, None]).shape == (6, 1, 8, 8)
