@@ -25,8 +25,14 @@ from torch.export import ExportedProgram
 
 from mekd_fl.answer_cache import AnswerCache
 from mekd_fl.augment import to_unit
+from mekd_fl.settings.run import run_setting
 
 __all__ = ["BudgetExceeded", "QueryError", "TeacherAnswerError", "TeacherOracle"]
+
+#: The run settings the oracle's defaults are (declared once, in the settings schema).
+DEFAULTS = {
+    name: run_setting(name).default for name in ("oracle-output", "query-budget", "oracle-batch-size", "oracle-top-k")
+}
 
 OUTPUTS = ("probs", "logits")
 FLOAT_DTYPES = (torch.float32, torch.float64)
@@ -163,12 +169,12 @@ class TeacherOracle:
         *,
         num_classes: int,
         image_shape: tuple[int, int, int],
-        output: str = "probs",
-        budget: int = 100_000,
-        batch_size: int = 1024,
+        output: str = DEFAULTS["oracle-output"],
+        budget: int = DEFAULTS["query-budget"],
+        batch_size: int = DEFAULTS["oracle-batch-size"],
         device: torch.device | str = "cpu",
         answer_cache: AnswerCache | None = None,
-        top_k: int = 0,
+        top_k: int = DEFAULTS["oracle-top-k"],
         decimals: int | None = None,
         preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
         teacher_input: str = "torch",

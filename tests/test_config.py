@@ -320,8 +320,9 @@ def test_run_name_accepts_plain_names_and_bench_cells(name: str) -> None:
 
 
 def test_the_strategy_and_oracle_defaults_agree_with_runconfig() -> None:
-    """`strategies` imports nothing from `mekd_fl`, so MEKD and TeacherOracle keep literal defaults: they
-    must be RunConfig's, or a user of the API and a user of `mekd-fl run` get different runs."""
+    """`strategies` imports nothing from `mekd_fl`, so MEKD keeps literal defaults: they must be RunConfig's,
+    or a user of the API and a user of `mekd-fl run` get different runs. (TeacherOracle reads its defaults
+    from the schema; the check shows it does.)"""
     import inspect
 
     from mekd_fl.oracle import TeacherOracle
