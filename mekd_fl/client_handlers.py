@@ -37,8 +37,8 @@ EdgeFor = Callable[[Message, Context], EdgeClient]
 
 def strategy_keys(message: Message) -> dict[str, Any]:
     """The strategy's own keys of the message's config (budget, round, emulator steps, ...)."""
-    config = message.content.config_records.get(P.CONFIG)
-    return {k: config[k] for k in P.STRATEGY_KEYS if config is not None and k in config}
+    config = _config(message)
+    return {k: config[k] for k in P.STRATEGY_KEYS if k in config}
 
 
 def reply(

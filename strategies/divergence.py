@@ -13,8 +13,6 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from strategies.updates import Arrays, distance
-
 #: A median update this many times longer than the weights themselves has left the global model far behind
 RELATIVE_LIMIT = 10.0
 #: A round whose longest update is this many times the median one has an unstable client.
@@ -60,15 +58,15 @@ class DivergenceWatch:
     def observe_round(
         self,
         server_round: int,
-        updates: list[Arrays],
+        norms: list[float],
         center: Mapping[str, np.ndarray] | None,
         scaled: int,
         metrics: Mapping | None,
     ) -> list[str]:
-        """`observe` on a round's accepted updates (before bounding) around the global model `center`."""
+        """`observe` on a round's accepted updates: their distances from the global model `center` (before
+        bounding), the global model's own length, the aggregated train-loss."""
         if center is None:
             return []
-        norms = [distance(u, center) for u in updates]
         floats = [np.asarray(v, dtype=np.float64) for v in center.values() if np.asarray(v).dtype.kind == "f"]
         weight_norm = math.sqrt(sum(float(np.dot(v.ravel(), v.ravel())) for v in floats))
         loss = (metrics or {}).get("train-loss")

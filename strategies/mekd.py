@@ -37,7 +37,7 @@ from strategies.phases import EmulatorPlan, Phases
 from strategies.round_report import round_record, shift_rounds
 from strategies.sampling import Cohort, round_seed, sample, seeded_global_random
 from strategies.transport import NodeRecords, Transport
-from strategies.updates import Arrays, bound_norms, example_weight, like_reference, sanitize
+from strategies.updates import Arrays, bound_norms, distance, example_weight, like_reference, sanitize
 from strategies.wrapped import check_cohort, check_keys, check_names
 
 RoundCallback = Callable[[dict, ArrayRecord], None]
@@ -189,8 +189,7 @@ class MEKD(Strategy):
         self.transport.bind_teacher(grid, self.oracle, (num_nodes or self.min_available_nodes) + 1)
         wanted = num_nodes or self.min_available_nodes
         nodes = self.transport.wait_for_nodes(grid, wanted, exact=bool(num_nodes))
-        allowed = self.transport.client_config(train_config, **{P.SERVER_ROUND: 1})
-        check_keys(self.strategy, initial_arrays, allowed, allowed.keys())
+        check_keys(self.strategy, initial_arrays, self.transport.client_config(train_config, **{P.SERVER_ROUND: 1}))
         self._config, self._global = ConfigRecord(dict(train_config)), initial_arrays
         if self.phases.plan.phase == "upfront":
             self.phases.prepare_upfront(grid, nodes, self._config)
@@ -232,9 +231,11 @@ class MEKD(Strategy):
         server_round += self._offset
         asked, self._asked[P.TRAIN] = self._asked[P.TRAIN], set()
         replies = self.transport.triage(asked, replies, "train", server_round) if asked else list(replies)
+        center = {k: v.numpy() for k, v in self._global.items()} if self._global is not None else None
         accepted: list[tuple[Message, Arrays, float]] = []
-        for msg in replies:
-            arrays, weight, reason = self.check_update(msg)
+        for msg in replies:  # the global model is decoded once per round, not once per reply
+            cap = self.ledger.example_cap.get(msg.metadata.src_node_id)
+            arrays, weight, reason = check_update(msg, center, cap, self.weighted_by_key)
             if reason is not None:
                 self._reject(server_round, msg.metadata.src_node_id, reason)
             else:
@@ -244,9 +245,13 @@ class MEKD(Strategy):
         if not accepted:
             return None, None
         accepted.sort(key=lambda item: self.transport.label(item[0].metadata.src_node_id))
-        center = {k: v.numpy() for k, v in self._global.items()} if self._global is not None else None
+        norms = [distance(a, center) for _, a, _ in accepted] if center is not None else None
         bounded, scaled = bound_norms(
-            [a for _, a, _ in accepted], center, max_norm=self.max_update_norm, outlier_factor=self.norm_outlier_factor
+            [a for _, a, _ in accepted],
+            center,
+            max_norm=self.max_update_norm,
+            outlier_factor=self.norm_outlier_factor,
+            norms=norms,
         )
         for i, norm, bound in scaled:
             node = accepted[i][0].metadata.src_node_id
@@ -266,12 +271,11 @@ class MEKD(Strategy):
         metric_sets = [self.transport.metrics(m) for m in replies]
         rebuild(replies, bounded, [w for _, _, w in accepted], metric_sets, self.weighted_by_key)
         aggregated, metrics = self.strategy.aggregate_train(server_round, replies)
-        for line in self.watch.observe_round(server_round, [a for _, a, _ in accepted], center, len(scaled), metrics):
+        for line in self.watch.observe_round(server_round, norms or [], center, len(scaled), metrics):
             self.say(line)
         if aggregated is None:
             return None, None
-        reference = self._global if self._global is not None else accepted[0][0].content[P.ARRAYS]
-        ref = {k: v.numpy() for k, v in reference.items()}
+        ref = center if center is not None else accepted[0][1]
         arrays, why = sanitize(like_reference({k: aggregated[k].numpy() for k in aggregated.keys()}, ref), ref)
         if why:
             self.failures.record(
@@ -348,12 +352,6 @@ class MEKD(Strategy):
             )
         self._asked[message_type] = {m.metadata.dst_node_id for m in out}
         return out
-
-    def check_update(self, reply: Message) -> tuple[Arrays | None, float | None, str | None]:
-        """A reply's update in the global dtypes and its capped weight, or (None, None, why refused)."""
-        reference = {k: v.numpy() for k, v in self._global.items()} if self._global is not None else None
-        cap = self.ledger.example_cap.get(reply.metadata.src_node_id)
-        return check_update(reply, reference, cap, self.weighted_by_key)
 
     def _reject(self, server_round: int, node: int, reason: str) -> None:
         label = self.transport.partition_of.get(node)

@@ -104,17 +104,19 @@ def bound_norms(
     *,
     max_norm: float = 0.0,
     outlier_factor: float = 0.0,
+    norms: list[float] | None = None,
 ) -> tuple[list[Arrays], list[tuple[int, float, float]]]:
     """Scale updates whose distance from `center` exceeds the bound down onto it.
 
     The bound is `max_norm` (absolute, 0 = off) and/or `outlier_factor` times the lower median of the
     round's distances (0 = off); the lower median, so that with two clients an attacker cannot lift
     the bound by its own length. Returns the bounded updates and (index, norm, bound) of each scaled one.
+    `norms`: the updates' distances from `center` when the caller has them already.
     """
     if not updates or (max_norm <= 0 and outlier_factor <= 0):
         return updates, []
     center = center if center is not None else median_center(updates)
-    norms = [distance(u, center) for u in updates]
+    norms = norms if norms is not None and len(norms) == len(updates) else [distance(u, center) for u in updates]
     bounds = []
     if max_norm > 0:
         bounds.append(max_norm)

@@ -10,7 +10,6 @@ ignored in silence. Each is refused in one line.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import Strategy
@@ -59,12 +58,12 @@ def check_cohort(strategy: Strategy, train: bool, size: int) -> None:
                 )
 
 
-def check_keys(strategy: Strategy, arrays: ArrayRecord, config: ConfigRecord, allowed: Iterable[str]) -> None:
+def check_keys(strategy: Strategy, arrays: ArrayRecord, config: ConfigRecord) -> None:
     """Refuse a wrapped strategy that adds to a round's config a key MEKD's clients do not honour.
 
     A dry run of the strategy's `configure_train` on a copy (no message is sent, the real strategy's
-    state is untouched) shows what it adds; `allowed` are the run's own keys, and `protocol.WRAPPED_KEYS`
-    those a wrapped strategy may add (FedProx's proximal-mu).
+    state is untouched) shows what it adds to `config` (the config the clients would get); besides its keys,
+    `protocol.WRAPPED_KEYS` are those a wrapped strategy may add (FedProx's proximal-mu).
     """
     probe = copy.deepcopy(strategy)
     for layer in layers(probe):  # a one-node cohort: the dry run must not wait for more
@@ -73,7 +72,7 @@ def check_keys(strategy: Strategy, arrays: ArrayRecord, config: ConfigRecord, al
                 setattr(layer, name, 1)
     with seeded_global_random(0):
         messages = list(probe.configure_train(1, arrays, ConfigRecord(dict(config)), Cohort([0])))
-    known = set(allowed) | set(P.WRAPPED_KEYS) | set(P.STRATEGY_KEYS)
+    known = set(config.keys()) | set(P.WRAPPED_KEYS) | set(P.STRATEGY_KEYS)
     for msg in messages[:1]:
         record = msg.content.config_records.get(P.CONFIG)
         added = sorted(set(record.keys()) - known) if record is not None else []
