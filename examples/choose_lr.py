@@ -1,4 +1,4 @@
-"""Choose the student's learning rate for quickstart-mekd's `Net` with `mekd_fl.lr_probe` (issue 20).
+"""Choose the student's learning rate for quickstart-mekd's `Net` with `mekd_fl.client.lr_probe` (issue 20).
 
 Run it once before `flwr run`, on one client's share: it loads that partition's images the way the
 app's `task.py` does (labels are never read), asks the teacher the app's server loads for its answers,
@@ -22,8 +22,8 @@ from torch.utils.data import Subset
 APP = Path(__file__).resolve().parent / "quickstart-mekd"
 sys.path.insert(0, str(APP))  # the app's own package, as `flwr run` would load it
 
-from mekd_fl.lr_probe import DEFAULT_LRS, probe_lr  # noqa: E402
-from mekd_fl.oracle import TeacherOracle  # noqa: E402
+from mekd_fl.client.lr_probe import DEFAULT_LRS, probe_lr  # noqa: E402
+from mekd_fl.teacher import TeacherOracle  # noqa: E402
 from pytorchexample.task import Net, load_data  # noqa: E402
 
 

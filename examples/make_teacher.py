@@ -1,7 +1,7 @@
 """Train a small Fashion-MNIST teacher and save it as a `torch.export` program (the teacher's owner's side).
 
 The MEKD example's server loads the teacher from this file and never needs its class: a blind teacher
-is a file of weights and a graph, queried only through `mekd_fl.oracle.TeacherOracle`. It learns on
+is a file of weights and a graph, queried only through `mekd_fl.teacher.oracle.TeacherOracle`. It learns on
 the t10k files, which the example's clients never hold (they split the training files).
 
     python examples/make_teacher.py --out teacher.pt2 [--epochs 3] [--data-dir /usr/share/datasets/fashion-mnist]

@@ -21,8 +21,8 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
-from mekd_fl.results import RunResults
-from mekd_fl.teacher import build_model
+from mekd_fl.models.classifier import build_model
+from mekd_fl.server.results import RunResults
 from strategies import MEKD
 
 

@@ -18,13 +18,14 @@ import time
 
 import torch
 
+from mekd_fl.client.edge import EdgeClient, EdgeSettings
 from mekd_fl.config import RunConfig
 from mekd_fl.distill import teacher_codes
-from mekd_fl.edge import EdgeClient, EdgeSettings
 from mekd_fl.emulator import from_gan_range
 from mekd_fl.fidelity import emulator_fidelity
+from mekd_fl.models.classifier import build_model, predict_logits
 from mekd_fl.run_data import run_data
-from mekd_fl.teacher import build_model, load_or_train_teacher, predict_logits
+from mekd_fl.teacher.training import TeacherRecipe, load_or_train_teacher
 
 
 def main() -> None:
@@ -44,7 +45,7 @@ def main() -> None:
     ds = data.dataset
     device = torch.device("cpu")
     teacher, meta = load_or_train_teacher(
-        data.teacher_recipe(cfg),
+        TeacherRecipe.for_run(data, cfg),
         cfg.resolved_cache_dir(),
         *data.server_train(),
         ds.test_images,

@@ -10,7 +10,7 @@ Measured per population, from outside the run: its wall time (the subprocess, st
 first console line, and the peak, over samples every `--interval` seconds, of the PSS summed over the run's whole
 process tree (the `mekd-fl` process and every descendant, Ray's gcs_server, raylet and workers included:
 /proc/*/stat parent links, /proc/PID/smaps_rollup), so pages shared between processes count once. Measured by
-the run itself: its typed summary (`mekd_fl.run_summary.RunSummary` read from summary.json: `timeline`, when each
+the run itself: its typed summary (`mekd_fl.server.summary.RunSummary` read from summary.json: `timeline`, when each
 step ended; `phase-seconds`, the time spent in the emulator and query phases; `wall-seconds`, `clients-prepared`,
 `queries-total`) and its `metrics.jsonl` (`elapsed-s` per round). The run's times count from the moment the run
 began (the ServerApp's start, after the imports and Flower's start), not from the process's start; the rest of
@@ -67,7 +67,7 @@ import threading
 import time
 from pathlib import Path
 
-from mekd_fl.run_summary import RunSummary
+from mekd_fl.server.summary import RunSummary
 
 ROOT = Path(__file__).resolve().parent.parent
 MEKD_FL = ROOT / ".venv" / "bin" / "mekd-fl"

@@ -21,9 +21,9 @@ from mekd_fl.device import pick_device
 from mekd_fl.distill import DistillContext, get_distiller
 from mekd_fl.emulator import build_emulator
 from mekd_fl.errors import ConfigError
-from mekd_fl.oracle import TeacherOracle
+from mekd_fl.models.classifier import build_model
 from mekd_fl.precision import PRECISIONS, autocast
-from mekd_fl.teacher import build_model
+from mekd_fl.teacher.oracle import TeacherOracle
 
 
 def _sync(device: torch.device) -> None:

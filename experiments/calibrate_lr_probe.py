@@ -1,8 +1,8 @@
 """Benchmark (not a test): does the lr probe's update ratio predict how FedAvg fares? (issue 20)
 
-For each lr: the probe's update ratio on client 0 (`mekd_fl.lr_probe`), then an in-process FedAvg of KD
+For each lr: the probe's update ratio on client 0 (`mekd_fl.client.lr_probe`), then an in-process FedAvg of KD
 over 5 IID Fashion-MNIST clients (`EdgeClient.distill`, the clients' own step; no Flower, no emulator),
-printing the global student's test accuracy after every round. The numbers in `mekd_fl/lr_probe.py`'s
+printing the global student's test accuracy after every round. The numbers in `mekd_fl/client/lr_probe.py`'s
 docstring come from this script. Usage:
 `python experiments/calibrate_lr_probe.py --teacher /tmp/teacher.pt2 --arch bn --images 2000 --rounds 4
 --lrs 0.05 0.02 0.01` (teacher: `examples/make_teacher.py`; arch: the example's `net` or a BatchNorm CNN).
@@ -20,9 +20,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "quickstart-mekd"))
 
-from mekd_fl.edge import EdgeClient, EdgeSettings  # noqa: E402
-from mekd_fl.lr_probe import probe_lr  # noqa: E402
-from mekd_fl.oracle import TeacherOracle  # noqa: E402
+from mekd_fl.client.edge import EdgeClient, EdgeSettings  # noqa: E402
+from mekd_fl.client.lr_probe import probe_lr  # noqa: E402
+from mekd_fl.teacher.oracle import TeacherOracle  # noqa: E402
 from pytorchexample.task import Net, load_split  # noqa: E402
 
 

@@ -50,10 +50,10 @@ def load_settings(config_file: str | None, pairs: list[str]) -> dict[str, Any]:
 def cmd_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from mekd_fl import saved_run
     from mekd_fl.config import RunConfig
-    from mekd_fl.results import default_run_name
-    from mekd_fl.server_app import make_server_app, prepare
+    from mekd_fl.server import saved_run
+    from mekd_fl.server.app import make_server_app, prepare
+    from mekd_fl.server.results import default_run_name
     from strategies import RunFailed
 
     resume = args.resume is not None
@@ -73,13 +73,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.check:
         print(f"settings and data OK: {cfg.dataset}, {cfg.num_clients} clients, method={cfg.method}")
         return 0
-    from mekd_fl.simulation import backend_config, fast_message_polling, quiet_flower
+    from mekd_fl.runtime.simulation import backend_config, fast_message_polling, quiet_flower
 
     quiet_flower(args.verbose)  # before Flower's imports: our own progress lines say what happens
     fast_message_polling()
     from flwr.simulation import run_simulation
 
-    from mekd_fl.client_app import make_client_app
+    from mekd_fl.client.app import make_client_app
 
     folder = Path(cfg.out_dir) / cfg.run_name
     try:
@@ -101,7 +101,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy_local(args: argparse.Namespace) -> int:
-    from mekd_fl.deploy.local import deploy_local
+    from mekd_fl.runtime.deploy.local import deploy_local
 
     return deploy_local(
         args.supernodes,
@@ -116,7 +116,7 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from mekd_fl import saved_run
+    from mekd_fl.server import saved_run
 
     state, line = saved_run.status(Path(args.folder))
     print(f"{args.folder}: {line}")
@@ -127,7 +127,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from mekd_fl import saved_run
+    from mekd_fl.server import saved_run
 
     out = saved_run.evaluate(Path(args.folder))
     agreement = (

@@ -106,7 +106,7 @@ class RunConfig(SettingValues):
         sent) leaves the server's settings, which a client is never sent, unjudged.
 
         Only cheap checks live here (no data decoding) so a run fails in well under a second; the
-        checks that need the machine (device, writable folders) are in `mekd_fl.preflight`.
+        checks that need the machine (device, writable folders) are in `mekd_fl.server.preflight`.
         """
         self.check(skip=[s for s in self.declared() if not s.sent] if client else ())
 

@@ -16,7 +16,6 @@ import torch
 
 from mekd_fl.config import RunConfig
 from mekd_fl.data import FederatedSplit, ImageDataset, load_dataset, split_federated
-from mekd_fl.teacher import TeacherRecipe
 
 
 @dataclass(frozen=True)
@@ -31,24 +30,6 @@ class RunData:
     def server_train(self) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.as_tensor(self.split.server_indices)
         return self.dataset.train_images[idx], self.dataset.train_labels[idx]
-
-    def teacher_recipe(self, cfg: RunConfig) -> TeacherRecipe:
-        """The recipe (and so the cache key) of this run's teacher: the run and `mekd-fl evaluate` agree."""
-        ds = self.dataset
-        return TeacherRecipe(
-            dataset=ds.name,
-            arch=cfg.teacher_arch,
-            num_classes=ds.num_classes,
-            image_shape=ds.image_shape,
-            mean=ds.mean,
-            std=ds.std,
-            seed=cfg.seed,
-            epochs=cfg.teacher_epochs,
-            lr=cfg.teacher_lr,
-            batch_size=cfg.teacher_batch_size,
-            server_share=cfg.server_share,
-            num_train=len(self.split.server_indices),
-        )
 
 
 def _data_key(cfg: RunConfig) -> tuple:

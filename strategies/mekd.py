@@ -1,7 +1,7 @@
 """`MEKD`: a Flower strategy that wraps another, as Flower's DP wrappers do, and adds a blind teacher.
 
 Usable in any Flower project: give it an oracle (any callable `(client_key, uint8 images) -> soft outputs`)
-and the strategy it wraps (FedAvg by default), and register `mekd_fl.client_handlers` on your ClientApp.
+and the strategy it wraps (FedAvg by default), and register `mekd_fl.client.handlers` on your ClientApp.
 
 `MEKD.start` runs what MEKD adds, then hands the rounds to Flower's own `Strategy.start`, so an app keeps
 Flower's log lines, its `Result` and its `evaluate_fn`:

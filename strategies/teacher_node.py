@@ -2,7 +2,7 @@
 
 Why: with an in-process oracle the party that runs the federation holds the teacher. With a teacher
 node it holds nothing of it: the teacher's owner runs one SuperNode with the teacher app
-(`mekd_fl.teacher_app`), and `MEKD(oracle=TeacherNode(...))` routes every client's queries there, with
+(`mekd_fl.teacher.app`), and `MEKD(oracle=TeacherNode(...))` routes every client's queries there, with
 the same budgets and validation as an in-process oracle (the strategy's ledger on this side, the
 TeacherOracle's on the teacher's side).
 

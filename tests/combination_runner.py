@@ -99,7 +99,7 @@ def chaos_wrapper(crash: float, poison: int):
 
 def main() -> None:
     from mekd_fl.bench.multirun import run_configs
-    from mekd_fl.client_app import make_client_app
+    from mekd_fl.client.app import make_client_app
     from mekd_fl.config import RunConfig
 
     out_dir, cache_dir, cells = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])

@@ -14,7 +14,7 @@ import torch
 from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
 from torch import nn
 
-from mekd_fl.oracle import TeacherOracle
+from mekd_fl.teacher.oracle import TeacherOracle
 from strategies import MEKD
 from strategies import protocol as P
 

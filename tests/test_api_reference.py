@@ -22,31 +22,36 @@ import pytest
 README = Path(__file__).resolve().parents[1] / "README.md"
 HEADING = "### API reference"
 
-#: The modules a Flower user imports from: the strategy package (read through its `__all__`), the
-#: client handlers, the Flower-free client core, the oracle, the teacher's own app and its answer cache.
+#: The modules a Flower user imports from: the strategy package and the two sides' packages (read
+#: through their `__all__`), the client handlers, the Flower-free client core, the oracle, the
+#: teacher's own app and its answer cache.
 USER_MODULES = (
     "strategies",
-    "mekd_fl.client_handlers",
-    "mekd_fl.edge",
-    "mekd_fl.oracle",
-    "mekd_fl.teacher_app",
-    "mekd_fl.answer_cache",
+    "mekd_fl.client",
+    "mekd_fl.teacher",
+    "mekd_fl.client.handlers",
+    "mekd_fl.client.edge",
+    "mekd_fl.teacher.oracle",
+    "mekd_fl.teacher.app",
+    "mekd_fl.teacher.answer_cache",
 )
 
 #: Public by spelling, not for users: (module, name) -> why it has no entry.
 INTERNAL = {
-    ("mekd_fl.client_handlers", "strategy_keys"): "a helper of the project's own client app (mekd_fl/client_app.py)",
-    ("mekd_fl.client_handlers", "reply"): "a helper of the project's own client app (mekd_fl/client_app.py)",
+    ("mekd_fl.client.handlers", "strategy_keys"): "a helper of the project's own client app (mekd_fl/client/app.py)",
+    ("mekd_fl.client.handlers", "reply"): "a helper of the project's own client app (mekd_fl/client/app.py)",
 }
 
 #: What the README has promised users by name; if collection stops finding one, it is broken, not done.
 PROMISED = {
     "strategies": {"MEKD", "RunFailed", "TeacherNode", "TeacherNodeError", "protocol"},
-    "mekd_fl.client_handlers": {"register_mekd", "mekd_handlers", "register_handlers"},
-    "mekd_fl.edge": {"EdgeClient", "EdgeSettings", "as_uint8_images"},
-    "mekd_fl.oracle": {"TeacherOracle", "QueryError", "BudgetExceeded"},
-    "mekd_fl.teacher_app": {"register_teacher", "make_teacher_app"},
-    "mekd_fl.answer_cache": {"AnswerCache"},
+    "mekd_fl.client": {"register_mekd", "EdgeClient", "EdgeSettings", "as_uint8_images"},
+    "mekd_fl.teacher": {"TeacherOracle", "make_teacher_app", "register_teacher", "AnswerCache"},
+    "mekd_fl.client.handlers": {"register_mekd", "mekd_handlers", "register_handlers"},
+    "mekd_fl.client.edge": {"EdgeClient", "EdgeSettings", "as_uint8_images"},
+    "mekd_fl.teacher.oracle": {"TeacherOracle", "QueryError", "BudgetExceeded"},
+    "mekd_fl.teacher.app": {"register_teacher", "make_teacher_app"},
+    "mekd_fl.teacher.answer_cache": {"AnswerCache"},
 }
 
 

@@ -1,4 +1,4 @@
-"""The public client API: `mekd_fl.edge` (no Flower) and `register_mekd` on a user's own ClientApp.
+"""The public client API: `mekd_fl.client.edge` (no Flower) and `register_mekd` on a user's own ClientApp.
 
 The user's app here is written as a Flower user would: its own model with its own state-dict keys,
 its own data (a DataLoader of floats in [0, 1]), its own `@app.train()` and `@app.evaluate()`. MEKD's
@@ -17,11 +17,11 @@ from flwr.serverapp.strategy import FedAvg
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from mekd_fl.client_handlers import register_mekd
+from mekd_fl.client.edge import EdgeClient, EdgeSettings, as_uint8_images
+from mekd_fl.client.handlers import register_mekd
 from mekd_fl.config import RunConfig
-from mekd_fl.edge import EdgeClient, EdgeSettings, as_uint8_images
 from mekd_fl.errors import ConfigError
-from mekd_fl.oracle import TeacherOracle
+from mekd_fl.teacher.oracle import TeacherOracle
 from strategies import MEKD
 from strategies import protocol as P
 

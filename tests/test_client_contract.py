@@ -18,9 +18,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from mekd_fl.augment import to_unit
-from mekd_fl.client_handlers import mekd_handlers, register_handlers, register_mekd
+from mekd_fl.client.edge import EdgeClient, EdgeSettings, as_uint8_images, check_logits
+from mekd_fl.client.handlers import mekd_handlers, register_handlers, register_mekd
 from mekd_fl.distill import DistillContext, get_distiller
-from mekd_fl.edge import EdgeClient, EdgeSettings, as_uint8_images, check_logits
 from strategies import protocol as P
 
 torch.set_num_threads(1)

@@ -19,7 +19,7 @@ import pytest
 
 from mekd_fl.config import RunConfig
 from mekd_fl.distill import methods, needs_generator
-from mekd_fl.server_app import emulators_needed
+from mekd_fl.server.app import emulators_needed
 
 EMULATORS = ("dcgan", "wgan-gp", "infogan")
 SOURCES = ("local", "generated", "mixed")
@@ -198,7 +198,7 @@ def test_every_message_to_a_client_fits_the_allow_list(grid_outcome: tuple[Path,
     from mekd_fl.config import CLIENT_SETTINGS
     from mekd_fl.data import load_dataset
     from mekd_fl.emulator import build_emulator
-    from mekd_fl.teacher import build_model
+    from mekd_fl.models.classifier import build_model
     from strategies import protocol as P
 
     runs, _ = grid_outcome

@@ -325,7 +325,7 @@ def test_the_strategy_and_oracle_defaults_agree_with_runconfig() -> None:
     from the schema; the check shows it does.)"""
     import inspect
 
-    from mekd_fl.oracle import TeacherOracle
+    from mekd_fl.teacher.oracle import TeacherOracle
     from strategies import MEKD
 
     run = RunConfig()

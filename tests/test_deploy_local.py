@@ -25,12 +25,12 @@ from flwr.app import Context, RecordDict
 from flwr.common.config import parse_config_args
 
 from mekd_fl.cli import main
-from mekd_fl.client_app import node_config_data
+from mekd_fl.client.app import node_config_data
 from mekd_fl.config import RunConfig
-from mekd_fl.deploy import local as D
 from mekd_fl.errors import ConfigError
 from mekd_fl.run_data import run_data
-from mekd_fl.simulation import backend_config
+from mekd_fl.runtime.deploy import local as D
+from mekd_fl.runtime.simulation import backend_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -342,7 +342,7 @@ class TinyNet(nn.Module):
 def test_mekd_training_with_the_cached_target_matches_the_per_step_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """A client's whole MEKD distill call, fixed seed: the cached, rewritten G path trains the same student
     (to float rounding) as computing G(T(x)) every step with the original generator."""
-    from mekd_fl import edge as edge_module
+    from mekd_fl.client import edge as edge_module
     from mekd_fl.distill import mekd as mekd_module
 
     g = torch.Generator().manual_seed(3)

@@ -1,4 +1,4 @@
-"""`mekd_fl.lr_probe`: the learning-rate probe flags a diverging lr, recommends a moderate one, is
+"""`mekd_fl.client.lr_probe`: the learning-rate probe flags a diverging lr, recommends a moderate one, is
 deterministic for a seed, and refuses bad arguments in one line (issue 20).
 
 A tiny BatchNorm CNN distills a known teacher (a fixed linear map of the pixels) on synthetic images.
@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from mekd_fl.lr_probe import LrProbeResult, probe_lr
+from mekd_fl.client.lr_probe import LrProbeResult, probe_lr
 
 torch.set_num_threads(1)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from mekd_fl.oracle import BudgetExceeded, QueryError, TeacherAnswerError, TeacherOracle
+from mekd_fl.teacher.oracle import BudgetExceeded, QueryError, TeacherAnswerError, TeacherOracle
 
 torch.set_num_threads(1)
 
@@ -291,7 +291,7 @@ def test_negative_budget_rejected(model: nn.Module) -> None:
 
 # ---------------------------------------------------------------------------- answer cache
 def test_repeated_query_is_answered_from_disk_and_still_counted(tmp_path) -> None:
-    from mekd_fl.answer_cache import AnswerCache
+    from mekd_fl.teacher.answer_cache import AnswerCache
 
     model = Counting()
     x = images(6)
@@ -312,7 +312,7 @@ def test_repeated_query_is_answered_from_disk_and_still_counted(tmp_path) -> Non
 
 
 def test_damaged_cache_file_is_recomputed_and_replaced(tmp_path) -> None:
-    from mekd_fl.answer_cache import AnswerCache
+    from mekd_fl.teacher.answer_cache import AnswerCache
 
     model, x = Counting(), images(4)
     cache = AnswerCache(tmp_path, "t", "probs")
@@ -362,7 +362,7 @@ def test_failing_teacher_gives_back_only_its_own_reservation(model: nn.Module) -
 
 
 def test_failing_answer_cache_propagates_and_charges_nothing(model: nn.Module, tmp_path) -> None:
-    from mekd_fl.answer_cache import AnswerCache
+    from mekd_fl.teacher.answer_cache import AnswerCache
 
     class BrokenCache(AnswerCache):
         def get(self, images, compute):
@@ -458,7 +458,7 @@ def test_hardening_off_by_default(model: nn.Module) -> None:
 
 
 def test_hardening_does_not_change_what_the_cache_stores(tmp_path) -> None:
-    from mekd_fl.answer_cache import AnswerCache
+    from mekd_fl.teacher.answer_cache import AnswerCache
 
     model, x = Counting(), images(6)
     hardened = make(model, top_k=2, decimals=2, answer_cache=AnswerCache(tmp_path, "t", "probs")).query("c", x)
@@ -773,7 +773,7 @@ def test_unusable_teacher_answer_refuses_the_query_and_charges_nothing(case: str
 
 
 def test_a_refused_answer_is_not_stored_in_the_answer_cache(tmp_path) -> None:
-    from mekd_fl.answer_cache import AnswerCache
+    from mekd_fl.teacher.answer_cache import AnswerCache
 
     cache = AnswerCache(tmp_path, "t", "probs")
     with pytest.raises(TeacherAnswerError):
@@ -783,7 +783,7 @@ def test_a_refused_answer_is_not_stored_in_the_answer_cache(tmp_path) -> None:
 
 # ---------------------------------------------------------------------------- the answer cache, any teacher
 def test_answer_cache_serves_one_teacher_whatever_its_form(model: nn.Module, tmp_path) -> None:
-    from mekd_fl.answer_cache import AnswerCache
+    from mekd_fl.teacher.answer_cache import AnswerCache
 
     x = images(6)
     first = make(model, answer_cache=AnswerCache(tmp_path, "teacher", "probs")).query("c", x)
@@ -810,7 +810,7 @@ def test_answer_cache_serves_one_teacher_whatever_its_form(model: nn.Module, tmp
 
 
 def test_answer_cache_of_another_output_is_refused(model: nn.Module, tmp_path) -> None:
-    from mekd_fl.answer_cache import AnswerCache
+    from mekd_fl.teacher.answer_cache import AnswerCache
 
     with pytest.raises(ValueError, match=r"answer_cache holds 'logits' answers but oracle-output='probs'; accepted"):
         make(model, answer_cache=AnswerCache(tmp_path, "t", "logits"))

@@ -14,8 +14,8 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
+from mekd_fl.client.edge import EdgeClient
 from mekd_fl.config import RunConfig
-from mekd_fl.edge import EdgeClient
 from mekd_fl.emulator import EmulatorConfig, from_gan_range, train_emulator
 from mekd_fl.errors import ConfigError
 from mekd_fl.fidelity import class_separation, emulator_fidelity

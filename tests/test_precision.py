@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch import nn
 
+from mekd_fl.client.edge import EdgeClient, EdgeSettings
 from mekd_fl.config import RunConfig
-from mekd_fl.edge import EdgeClient, EdgeSettings
 from mekd_fl.emulator import EmulatorConfig, train_emulator
 from mekd_fl.errors import ConfigError
-from mekd_fl.oracle import TeacherOracle
 from mekd_fl.precision import autocast
+from mekd_fl.teacher.oracle import TeacherOracle
 
 torch.set_num_threads(1)
 SHAPE = (1, 28, 28)

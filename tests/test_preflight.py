@@ -12,7 +12,7 @@ import torch
 import mekd_fl.device as device_mod
 from mekd_fl.config import RunConfig
 from mekd_fl.errors import ConfigError
-from mekd_fl.preflight import check_environment
+from mekd_fl.server.preflight import check_environment
 
 
 def config(tmp_path: Path, **settings) -> RunConfig:

@@ -7,8 +7,8 @@ import torch
 from flwr.app import ArrayRecord
 from torch import nn
 
+from mekd_fl.client.edge import EdgeSettings
 from mekd_fl.config import RunConfig
-from mekd_fl.edge import EdgeSettings
 from mekd_fl.errors import ConfigError
 from mekd_fl.queries import kcenter_indices, local_views, query_count, select_queries
 
@@ -217,7 +217,7 @@ def test_a_run_charges_exactly_the_budgeted_queries(fraction: float, budget: int
     from flwr.app import ConfigRecord
     from flwr.serverapp.strategy import FedAvg
 
-    from mekd_fl.oracle import TeacherOracle
+    from mekd_fl.teacher.oracle import TeacherOracle
     from strategies import MEKD
     from tests.test_client_api import CLASSES, SHAPE, InProcessGrid, Teacher, UserNet, users_app
 

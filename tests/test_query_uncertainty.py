@@ -17,11 +17,11 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
+from mekd_fl.client.edge import EdgeClient, EdgeSettings
 from mekd_fl.config import RunConfig
-from mekd_fl.edge import EdgeClient, EdgeSettings
 from mekd_fl.errors import ConfigError
-from mekd_fl.oracle import TeacherOracle
 from mekd_fl.queries import choose, entropy_scores, hybrid_indices, select_queries, top_score_indices
+from mekd_fl.teacher.oracle import TeacherOracle
 from strategies import MEKD
 from strategies import protocol as P
 from tests.test_client_api import CLASSES, SHAPE, InProcessGrid, Teacher, UserNet, users_app

@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 import mekd_fl.config as config
+from mekd_fl.client.edge import EdgeClient, EdgeSettings
 from mekd_fl.config import RunConfig, client_settings, pyproject_table, settings_table
 from mekd_fl.distill import DistillContext, get_distiller, methods
 from mekd_fl.distill.base import Distiller, register, unregister
-from mekd_fl.edge import EdgeClient, EdgeSettings
 from mekd_fl.emulator import EmulatorConfig
 from mekd_fl.errors import ConfigError
 from mekd_fl.settings import methods as declared_methods
@@ -218,10 +218,10 @@ def test_the_modules_that_implement_a_choice_accept_exactly_the_declared_values(
     """Where the implementation keeps its own list (it dispatches on it), the declaration must not drift
     from it: a value the schema accepts would fail after the run started, one it refuses could not run.
     (`mekd_fl.queries` reads its lists from the declarations instead.)"""
-    from mekd_fl.aggregation import AGGREGATIONS
     from mekd_fl.data import DATASETS, PARTITIONS
     from mekd_fl.emulator import EMULATORS
     from mekd_fl.queries import SELECTIONS, SOURCES
+    from mekd_fl.server.aggregation import AGGREGATIONS
 
     implemented = {
         "dataset": DATASETS,

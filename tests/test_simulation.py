@@ -23,8 +23,8 @@ from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID, 
 from flwr.supercore.object_store import ObjectStoreFactory
 from flwr.superlink.federation import NoOpFederationManager
 
-from mekd_fl.results import MAX_BARS, RunResults
-from mekd_fl.simulation import fast_message_polling
+from mekd_fl.runtime.simulation import fast_message_polling
+from mekd_fl.server.results import MAX_BARS, RunResults
 
 
 def _hand_out(num_nodes: int, pending: list[int], database: str = FLWR_IN_MEMORY_DB_NAME, extra_passes: int = 3):

@@ -18,7 +18,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg, FedProx
 
-from mekd_fl.oracle import TeacherOracle
+from mekd_fl.teacher.oracle import TeacherOracle
 from strategies import MEKD, RunFailed
 from strategies import protocol as P
 from strategies.divergence import DivergenceWatch

@@ -1,7 +1,7 @@
 """`MEKD.start` against scripted clients (a fake Grid): identity, hostile query replies, failures, resume.
 
 No Flower runtime: the fake Grid hands each message to a Python function playing that node. Honest
-nodes answer as `mekd_fl.client_app` does; hostile ones lie about who they are, send malformed queries
+nodes answer as `mekd_fl.client.app` does; hostile ones lie about who they are, send malformed queries
 or crash. The run must go on, record every failure, and key everything by the node id.
 """
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from mekd_fl.oracle import TeacherOracle
+from mekd_fl.teacher.oracle import TeacherOracle
 from strategies import MEKD, RunFailed
 from strategies import protocol as P
 from tests.scripted_clients import CLASSES, SHAPE, FakeGrid, Handler, Teacher, crashing, honest, student

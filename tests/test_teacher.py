@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import mekd_fl.teacher as teacher_mod
+import mekd_fl.teacher.training as teacher_mod
 from mekd_fl.augment import random_shift_flip
 from mekd_fl.errors import ConfigError
-from mekd_fl.teacher import TeacherRecipe, load_or_train_teacher
+from mekd_fl.teacher.training import TeacherRecipe, load_or_train_teacher
 
 torch.set_num_threads(1)
 

@@ -12,8 +12,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordD
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
 
-from mekd_fl.oracle import TeacherOracle
-from mekd_fl.teacher_app import make_teacher_app, register_teacher
+from mekd_fl.teacher.app import make_teacher_app, register_teacher
+from mekd_fl.teacher.oracle import TeacherOracle
 from strategies import MEKD, RunFailed, TeacherNode
 from strategies import protocol as P
 from strategies.teacher_node import role_proof

@@ -14,7 +14,7 @@ from typing import Any
 
 from mekd_fl.bench.spec import Cell, Spec, load_spec
 from mekd_fl.errors import ConfigError
-from mekd_fl.run_summary import RunSummary
+from mekd_fl.server.summary import RunSummary
 
 SPEC_FILE = "spec.yaml"
 

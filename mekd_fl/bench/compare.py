@@ -14,7 +14,7 @@ from typing import Any
 
 from mekd_fl.bench.tables import markdown_table, write_csv
 from mekd_fl.config import RunConfig
-from mekd_fl.run_summary import RunSummary
+from mekd_fl.server.summary import RunSummary
 
 COLUMNS = (
     "method",

@@ -35,9 +35,9 @@ def run_configs(
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
-    from mekd_fl.client_app import make_client_app
-    from mekd_fl.server_app import ServerRun, prepare
-    from mekd_fl.simulation import backend_config, fast_message_polling, quiet_flower
+    from mekd_fl.client.app import make_client_app
+    from mekd_fl.runtime.simulation import backend_config, fast_message_polling, quiet_flower
+    from mekd_fl.server.app import ServerRun, prepare
 
     if not configs:
         raise ConfigError("nothing to run: the list of configurations is empty")

@@ -27,7 +27,7 @@ from mekd_fl.bench.cells import SPEC_FILE
 from mekd_fl.bench.report import INVOCATIONS_FILE, write_report
 from mekd_fl.bench.spec import Cell, load_spec
 from mekd_fl.errors import ConfigError
-from mekd_fl.run_summary import RunSummary
+from mekd_fl.server.summary import RunSummary
 
 DEFAULT_OUT = "experiments/runs"
 # Settings that do not change a cell's result: a finished cell stays valid when only these differ.
@@ -191,7 +191,7 @@ def bench(
             }.get(states[cell.name], "")
             echo(f"  [{states[cell.name]:7}] {cell.name}{note}")
         return 0
-    from mekd_fl.server_app import prepare
+    from mekd_fl.server.app import prepare
 
     for cell in todo:  # data files and partitions checked before anything runs
         try:

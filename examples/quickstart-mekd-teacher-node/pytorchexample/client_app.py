@@ -4,9 +4,8 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from mekd_fl.client_handlers import register_mekd
-from mekd_fl.oracle import TeacherOracle
-from mekd_fl.teacher_app import register_teacher
+from mekd_fl.client import register_mekd
+from mekd_fl.teacher import TeacherOracle, register_teacher
 from pytorchexample.task import Net, load_data
 from pytorchexample.task import test as test_fn
 from pytorchexample.task import train as train_fn

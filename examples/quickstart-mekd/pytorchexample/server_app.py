@@ -5,7 +5,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from mekd_fl.oracle import TeacherOracle
+from mekd_fl.teacher import TeacherOracle
 from pytorchexample.task import Net
 from strategies import MEKD
 

@@ -13,7 +13,7 @@ project's RunConfig, its data split or its ResNets. `EdgeClient` takes
 - `EdgeSettings`: the client settings of a run, whose defaults are RunConfig's (there is one source).
 
 Every step is a pure function of state dicts and tensors (weights in, weights and metrics out), so a
-caller keeps the state where it likes: `mekd_fl.client_handlers` keeps it in Flower's `context.state`.
+caller keeps the state where it likes: `mekd_fl.client.handlers` keeps it in Flower's `context.state`.
 """
 
 from __future__ import annotations
@@ -29,13 +29,13 @@ import torch
 from torch import nn
 
 from mekd_fl.augment import to_unit
+from mekd_fl.client.images import ImageSource, as_uint8_images
 from mekd_fl.config import RunConfig
 from mekd_fl.device import pick_device
 from mekd_fl.distill import DistillContext, generator_input, get_distiller, teacher_codes
 from mekd_fl.emulator import EmulatorConfig, build_emulator, from_gan_range, train_emulator
 from mekd_fl.errors import ConfigError
 from mekd_fl.fid import domain_fid, fixed_feature_net
-from mekd_fl.images import ImageSource, as_uint8_images
 from mekd_fl.models.gan import Generator
 from mekd_fl.precision import autocast
 from mekd_fl.queries import SCORED_SELECTIONS, entropy_scores, generated, select_queries

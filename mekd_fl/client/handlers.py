@@ -23,7 +23,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from mekd_fl.edge import EdgeClient, EdgeSettings, ImageSource, ModelSource, Preprocess
+from mekd_fl.client.edge import EdgeClient, EdgeSettings, ImageSource, ModelSource, Preprocess
 from strategies import protocol as P
 
 STATE_GENERATOR, STATE_DISCRIMINATOR = P.GENERATOR, P.DISCRIMINATOR
@@ -218,7 +218,7 @@ def register_mekd(
     app : your ClientApp. Its `@app.train()` and `@app.evaluate()` stay as they are; MEKD's strategy
         distills through `train.distill` and evaluates the student with your `evaluate`.
     data : the node's unlabeled training images, or `data(context) -> images` (called once per node and
-        cached): a uint8 tensor, a torch Dataset or a DataLoader, as `mekd_fl.edge.as_uint8_images` takes.
+        cached): a uint8 tensor, a torch Dataset or a DataLoader, as `mekd_fl.client.edge.as_uint8_images` takes.
     model : your student, an nn.Module or a factory; the strategy's global weights load into it.
     preprocess : images as floats in [0, 1] -> your model's input (default: as they are).
     settings : base EdgeSettings (or a mapping); the keys of each message's config override them (so the

@@ -1,4 +1,4 @@
-"""The project's Flower ClientApp: MEKD's handlers (`mekd_fl.client_handlers`) over simulated nodes.
+"""The project's Flower ClientApp: MEKD's handlers (`mekd_fl.client.handlers`) over simulated nodes.
 
 It is one user of the public client API, like any Flower project: each node's EdgeClient gets the
 node's images, the run's student architecture and the message's settings. Every setting a client
@@ -20,12 +20,12 @@ from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from mekd_fl.augment import FLIP_SAFE
-from mekd_fl.client_handlers import STATE_KEYS, Handler, mekd_handlers, register_handlers, reply
+from mekd_fl.client.edge import EdgeClient, EdgeSettings
+from mekd_fl.client.handlers import STATE_KEYS, Handler, mekd_handlers, register_handlers, reply
 from mekd_fl.config import RunConfig
 from mekd_fl.data.local import LocalData, shard_data
 from mekd_fl.device import limit_threads, pick_device
-from mekd_fl.edge import EdgeClient, EdgeSettings
-from mekd_fl.teacher import build_model
+from mekd_fl.models.classifier import build_model
 from strategies import protocol as P
 
 

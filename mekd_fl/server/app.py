@@ -21,8 +21,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
 
-from mekd_fl.aggregation import build_aggregation
-from mekd_fl.answer_cache import AnswerCache
 from mekd_fl.config import CLIENT_SETTINGS, RunConfig
 from mekd_fl.data import class_names
 from mekd_fl.device import pick_device
@@ -30,12 +28,15 @@ from mekd_fl.distill import get_class, needs_generator
 from mekd_fl.emulator import build_emulator
 from mekd_fl.errors import ConfigError
 from mekd_fl.fidelity import emulator_fidelity
-from mekd_fl.oracle import TeacherOracle
-from mekd_fl.preflight import check_environment
-from mekd_fl.results import RunResults
+from mekd_fl.models.classifier import build_model, predict_logits
 from mekd_fl.run_data import RunData, run_data
-from mekd_fl.run_summary import RunSummary
-from mekd_fl.teacher import build_model, load_or_train_teacher, predict_logits
+from mekd_fl.server.aggregation import build_aggregation
+from mekd_fl.server.preflight import check_environment
+from mekd_fl.server.results import RunResults
+from mekd_fl.server.summary import RunSummary
+from mekd_fl.teacher.answer_cache import AnswerCache
+from mekd_fl.teacher.oracle import TeacherOracle
+from mekd_fl.teacher.training import TeacherRecipe, load_or_train_teacher
 from strategies import MEKD, RunFailed
 from strategies import protocol as P
 
@@ -158,7 +159,7 @@ class ServerRun:
         cfg, ds = self.cfg, self.data.dataset
         self.device = pick_device(cfg.device)
         server_images, server_labels = self.data.server_train()
-        recipe = self.data.teacher_recipe(cfg)
+        recipe = TeacherRecipe.for_run(self.data, cfg)
         self.teacher, self.teacher_meta = load_or_train_teacher(
             recipe, cfg.resolved_cache_dir(), server_images, server_labels, ds.test_images, ds.test_labels,
             self.device, self.log,

@@ -49,8 +49,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mekd_fl.client.edge import EdgeClient, EdgeSettings, ImageSource, ModelSource, Preprocess, as_uint8_images
 from mekd_fl.distill import get_class, kl_divergence, needs_generator, teacher_log_probs
-from mekd_fl.edge import EdgeClient, EdgeSettings, ImageSource, ModelSource, Preprocess, as_uint8_images
 
 #: Candidate learning rates, largest first: a factor of 2 to 2.5 apart around the default 0.05.
 DEFAULT_LRS = (0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002)
@@ -162,7 +162,7 @@ def probe_lr(
 
     model: your student, an nn.Module (its weights are the start, as your `initial_arrays`) or a factory
         (called once, after seeding with `seed`). images: one device's images, unlabeled (anything
-        `mekd_fl.edge.as_uint8_images` accepts). answers: the teacher's answers to them, a tensor or array
+        `mekd_fl.client.edge.as_uint8_images` accepts). answers: the teacher's answers to them, a tensor or array
         (N, classes), or an oracle `(key, uint8 images) -> answers` (a `TeacherOracle`; asked once under
         `client_key`). answer_kind: "probs" or "logits" (default: the oracle's `output`, else "probs").
     settings: the clients' settings (an EdgeSettings or a mapping; default RunConfig's); `lr`, `seed` and

@@ -23,9 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mekd_fl.augment import FLIP_SAFE, Normalize, random_shift_flip, to_unit
+from mekd_fl.augment import FLIP_SAFE, random_shift_flip, to_unit
+from mekd_fl.config import RunConfig
 from mekd_fl.errors import ConfigError
-from mekd_fl.models.resnet import resnet
+from mekd_fl.models.classifier import accuracy, build_model
+from mekd_fl.run_data import RunData
 
 
 @dataclass(frozen=True)
@@ -45,36 +47,29 @@ class TeacherRecipe:
     server_share: float
     num_train: int
 
+    @classmethod
+    def for_run(cls, data: RunData, cfg: RunConfig) -> TeacherRecipe:
+        """The recipe (and so the cache key) of a run's teacher: the run and `mekd-fl evaluate` agree."""
+        ds = data.dataset
+        return cls(
+            dataset=ds.name,
+            arch=cfg.teacher_arch,
+            num_classes=ds.num_classes,
+            image_shape=ds.image_shape,
+            mean=ds.mean,
+            std=ds.std,
+            seed=cfg.seed,
+            epochs=cfg.teacher_epochs,
+            lr=cfg.teacher_lr,
+            batch_size=cfg.teacher_batch_size,
+            server_share=cfg.server_share,
+            num_train=len(data.split.server_indices),
+        )
+
     def key(self) -> str:
         blob = json.dumps(self.__dict__, sort_keys=True, default=list)
         digest = hashlib.sha256(blob.encode()).hexdigest()[:12]
         return f"{self.dataset}-{self.arch}-seed{self.seed}-ep{self.epochs}-{digest}"
-
-
-def build_model(
-    arch: str, num_classes: int, image_shape: tuple[int, int, int], mean: tuple[float, ...], std: tuple[float, ...]
-) -> nn.Module:
-    """A CIFAR ResNet that takes images in [0, 1] (normalisation is its first layer)."""
-    return nn.Sequential(Normalize(mean, std), resnet(arch, num_classes, image_shape[0]))
-
-
-@torch.no_grad()
-def predict_logits(
-    model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 1024
-) -> torch.Tensor:
-    """Logits for uint8 (or [0, 1] float) images, computed in batches on `device`, returned on the CPU."""
-    model.eval()
-    out = []
-    for start in range(0, len(images), batch_size):
-        batch = to_unit(images[start : start + batch_size].to(device, non_blocking=True))
-        out.append(model(batch).float().cpu())
-    return torch.cat(out) if out else torch.empty(0, 0)
-
-
-def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device) -> float:
-    if len(labels) == 0:
-        return float("nan")
-    return (predict_logits(model, images, device).argmax(1) == labels).float().mean().item()
 
 
 def train_teacher(

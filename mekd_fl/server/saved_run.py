@@ -14,7 +14,7 @@ import torch
 
 from mekd_fl.config import RunConfig
 from mekd_fl.errors import ConfigError
-from mekd_fl.run_summary import RunSummary
+from mekd_fl.server.summary import RunSummary
 
 STATUS_EXIT = {"completed": 0, "failed": 1, "unfinished": 3}
 
@@ -67,8 +67,9 @@ def evaluate(folder: Path) -> dict:
     """Accuracy of the saved student on the data set's test split, and its agreement with the teacher
     when the teacher's checkpoint is in the cache (it is never trained for this)."""
     from mekd_fl.device import pick_device
+    from mekd_fl.models.classifier import build_model, predict_logits
     from mekd_fl.run_data import run_data
-    from mekd_fl.teacher import build_model, load_or_train_teacher, predict_logits
+    from mekd_fl.teacher.training import TeacherRecipe, load_or_train_teacher
 
     cfg = load_config(folder)
     path = folder / "student.pt"
@@ -95,7 +96,7 @@ def evaluate(folder: Path) -> dict:
         "agreement": None,
     }
     server_images, server_labels = data.server_train()
-    recipe = data.teacher_recipe(cfg)
+    recipe = TeacherRecipe.for_run(data, cfg)
     if (cfg.resolved_cache_dir() / "teachers" / f"{recipe.key()}.pt").is_file():
         teacher, _ = load_or_train_teacher(
             recipe,

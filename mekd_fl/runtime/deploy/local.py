@@ -41,7 +41,7 @@ from mekd_fl.errors import ConfigError
 CONNECTION = "deploy-local"  # the connection's name in $FLWR_HOME/config.toml
 TOOLS = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr", "openssl", "ssh-keygen", "bash")
 CERT_SCRIPT = Path(__file__).resolve().parent / "make_certs.sh"
-ROOT = Path(__file__).resolve().parents[2]  # the project folder `flwr run` submits
+ROOT = Path(__file__).resolve().parents[3]  # the project folder `flwr run` submits
 
 
 def say(line: str) -> None:
@@ -126,7 +126,7 @@ def run_settings(run_config: str, supernodes: int, cwd: Path | None = None) -> t
     from flwr.common.config import parse_config_args
 
     from mekd_fl.config import RunConfig
-    from mekd_fl.results import default_run_name
+    from mekd_fl.server.results import default_run_name
 
     try:
         overrides = parse_config_args([run_config]) if run_config.strip() else {}
@@ -299,7 +299,7 @@ def deploy_local(
     if not (ROOT / "pyproject.toml").is_file():
         raise ConfigError(f"deploy-local submits the project folder, but {ROOT} has no pyproject.toml")
     overrides, cfg = run_settings(run_config, supernodes)
-    from mekd_fl.server_app import prepare
+    from mekd_fl.server.app import prepare
 
     prepare(cfg)  # settings, data files, split, device, folders: fail before any process starts
     folder = Path(cfg.out_dir) / cfg.run_name
@@ -424,7 +424,7 @@ def _deploy(
         time.sleep(2)
 
     _save_run_log(tools, env, run_id, workdir)
-    from mekd_fl import saved_run
+    from mekd_fl.server import saved_run
 
     state, line = saved_run.status(folder) if (folder / "config.json").is_file() else ("failed", "no run folder")
     ok = status == "finished:completed" and state == "completed"

@@ -23,9 +23,9 @@ import torch
 from torch import nn
 from torch.export import ExportedProgram
 
-from mekd_fl.answer_cache import AnswerCache
 from mekd_fl.augment import to_unit
 from mekd_fl.settings.run import run_setting
+from mekd_fl.teacher.answer_cache import AnswerCache
 
 __all__ = ["BudgetExceeded", "QueryError", "TeacherAnswerError", "TeacherOracle"]
 
