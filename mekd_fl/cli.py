@@ -62,14 +62,17 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise ConfigError("--resume takes no settings: a resumed run keeps those in its config.json")
         folder = Path(args.resume)
         cfg = saved_run.load_config(folder)
-        state, line = saved_run.status(folder)
-        if state != "unfinished":
-            raise ConfigError(f"--resume: {folder} is {state}, nothing to resume ({line})")
+        outcome = saved_run.inspect(folder)  # the same judgement `mekd-fl status` advises by
+        if outcome.state != "unfinished":
+            raise ConfigError(f"--resume: {folder} is {outcome.state}, nothing to resume ({outcome.line})")
+        if outcome.refusal is not None:  # refused before anything in the folder is touched
+            raise ConfigError(f"--resume: {outcome.refusal}")
     else:
         cfg = RunConfig.from_mapping(load_settings(args.config, args.settings))
         if not cfg.run_name:  # named now, so that this process knows where the run's status lands
             cfg = cfg.replace(run_name=default_run_name(cfg))
-    prepare(cfg, resume=resume)  # settings, data, device, folders checked before any process starts
+    # settings, data, device, folders checked before any process starts; this runs in-process
+    prepare(cfg, resume=resume, in_process=True)
     if args.check:
         print(f"settings and data OK: {cfg.dataset}, {cfg.num_clients} clients, method={cfg.method}")
         return 0

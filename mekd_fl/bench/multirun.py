@@ -50,7 +50,7 @@ def run_configs(
     if "" in names or len(set(names)) != len(names):
         raise ConfigError("every run needs its own non-empty run-name")
     for cfg in configs:
-        prepare(cfg)
+        prepare(cfg, in_process=True)
     quiet_flower(verbose)
     fast_message_polling()
     outcome: dict[str, dict[str, Any]] = {}

@@ -195,7 +195,7 @@ def bench(
 
     for cell in todo:  # data files and partitions checked before anything runs
         try:
-            prepare(cell.config, resume=states[cell.name] in RERUN)  # that folder is moved aside below
+            prepare(cell.config, resume=states[cell.name] in RERUN, in_process=True)  # that folder is moved aside below
         except ConfigError as exc:
             raise ConfigError(f"cell {cell.name}: {exc}") from None
     folder.mkdir(parents=True, exist_ok=True)

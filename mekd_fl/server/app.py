@@ -31,9 +31,9 @@ from mekd_fl.fidelity import emulator_fidelity
 from mekd_fl.models.classifier import build_model, predict_logits
 from mekd_fl.run_data import RunData, run_data
 from mekd_fl.server.aggregation import build_aggregation
-from mekd_fl.server.preflight import check_environment
+from mekd_fl.server.preflight import check_data_settings, check_engine, check_environment
 from mekd_fl.server.results import RunResults
-from mekd_fl.server.summary import RunSummary
+from mekd_fl.server.summary import DEPLOYMENT, SIMULATION, RunSummary
 from mekd_fl.teacher.answer_cache import AnswerCache
 from mekd_fl.teacher.oracle import TeacherOracle
 from mekd_fl.teacher.training import TeacherRecipe, load_or_train_teacher
@@ -45,17 +45,20 @@ def say(line: str) -> None:
     print(line, flush=True)
 
 
-def prepare(cfg: RunConfig, *, resume: bool = False) -> None:
-    """Every check that can fail fast: settings, data files, partition feasibility, device, writable
-    folders, the aggregation's minimum cohort (no training, no Ray, no run folder claimed)."""
+def prepare(cfg: RunConfig, *, resume: bool = False, in_process: bool = False) -> None:
+    """Every check that can fail fast: settings, data files, the settings whose range depends on the data
+    set, partition feasibility, device, writable folders, the aggregation's minimum cohort (no training,
+    no Ray, no run folder claimed). `in_process`: the run is an in-process simulation (`mekd-fl run`,
+    `make_server_app`), whose nodes cannot cut their own partition (client-data=node-config)."""
     cfg.validate()
+    check_engine(cfg, in_process=in_process)
     if emulators_needed(cfg) and cfg.emulator_steps == 0:
         raise ConfigError(
             f"emulator-steps=0, but method={cfg.method} with query-source={cfg.query_source} needs "
             f"an emulator; accepted: emulator-steps >= 1"
         )
     build_aggregation(cfg)
-    run_data(cfg)
+    check_data_settings(cfg, emulators=emulators_needed(cfg), queries=not get_class(cfg.method).uses_labels)
     check_environment(cfg, resume=resume)
 
 
@@ -90,8 +93,19 @@ class ServerRun:
     fails writes status "failed" with the reason and raises (RunFailed for too few usable replies).
     """
 
-    def __init__(self, grid: Grid, cfg: RunConfig, log: Callable[[str], None] = say, *, resume: bool = False) -> None:
+    def __init__(
+        self,
+        grid: Grid,
+        cfg: RunConfig,
+        log: Callable[[str], None] = say,
+        *,
+        resume: bool = False,
+        engine: str = SIMULATION,
+        in_process: bool = True,
+    ) -> None:
         self.grid, self.cfg, self.log, self.resume = grid, cfg, log, resume
+        # Recorded in every checkpoint and the summary: `mekd-fl run --resume` continues only simulations.
+        self.engine, self.in_process = engine, in_process
         self.t_start = time.time()
         self.checkpoint: dict | None = None
         self.timeline: dict[str, float] = {}  # event -> seconds since the run began (RunSummary.timeline)
@@ -101,14 +115,18 @@ class ServerRun:
 
     # ------------------------------------------------------------------ the steps
     def run(self) -> RunSummary:
-        prepare(self.cfg, resume=self.resume)
+        prepare(self.cfg, resume=self.resume, in_process=self.in_process)
         self.data = run_data(self.cfg)
         self.open_folder()
         self.mark("folder-ready")
-        self.describe_partition()
-        self.build_teacher()
-        self.mark("teacher-loaded")
-        self.build_strategy()
+        try:
+            self.describe_partition()
+            self.build_teacher()
+            self.mark("teacher-loaded")
+            self.build_strategy()
+        except Exception as exc:
+            self.setup_failed(exc)
+            raise
         self.mark("strategy-start")
         try:
             result = self.rounds()
@@ -120,6 +138,39 @@ class ServerRun:
         finally:
             self.results.write_jsonl("queries.jsonl", self.strategy.ledger.log)
         return self.finish(result)
+
+    def setup_failed(self, exc: Exception) -> None:
+        """Record a failure between claiming the folder and round 0 as the run's status (summary.json).
+
+        Why: without it the folder of a run whose teacher or strategy could not be built reads
+        "unfinished" and looks like a killed run. A resumed run's folder is left as it was: its
+        checkpoint is still good for a later `--resume` once the cause is fixed.
+        """
+        reason = f"{type(exc).__name__}: {exc}"
+        self.log(f"[failed] {reason} -> {self.results.folder}")
+        if self.resume:
+            return
+        cfg = self.cfg
+        summary = RunSummary(
+            status="failed",
+            error=reason,
+            method=cfg.method,
+            dataset=cfg.dataset,
+            partition=cfg.partition,
+            alpha=cfg.alpha,
+            num_clients=cfg.num_clients,
+            num_rounds=cfg.num_rounds,
+            rounds_done=0,
+            seed=cfg.seed,
+            teacher_arch=cfg.teacher_arch,
+            student_arch=cfg.student_arch,
+            aggregation=cfg.aggregation,
+            engine=self.engine,
+            wall_seconds=round(time.time() - self.t_start, 1),
+            timeline=dict(self.timeline),
+            folder=str(self.results.folder),
+        )
+        self.results.write_json("summary.json", summary.to_dict())
 
     def open_folder(self) -> None:
         """A new run folder, or the killed run's folder and its last checkpoint."""
@@ -298,7 +349,9 @@ class ServerRun:
         cfg = self.cfg
         self.mark(f"round-{record['round']}")
         self.results.append_round(record)
-        self.results.save_checkpoint(record["round"], arrays.to_torch_state_dict(), self.strategy.state())
+        self.results.save_checkpoint(
+            record["round"], arrays.to_torch_state_dict(), self.strategy.state(), engine=self.engine
+        )
         if record["round"] == 0:
             self.log(f"[round 0/{cfg.num_rounds}] initial student: acc {record['server/accuracy']:.4f}")
             return
@@ -356,6 +409,7 @@ class ServerRun:
             query_selection=cfg.query_selection,
             source_blind=not get_class(cfg.method).uses_labels,
             resumed=self.resume,
+            engine=self.engine,
             wall_seconds=wall,
             phase_seconds={**s.phases.seconds, "total": wall},
             timeline=dict(self.timeline),
@@ -364,9 +418,28 @@ class ServerRun:
         )
 
 
-def run_server(grid: Grid, cfg: RunConfig, log: Callable[[str], None] = say, *, resume: bool = False) -> dict[str, Any]:
+def run_server(
+    grid: Grid,
+    cfg: RunConfig,
+    log: Callable[[str], None] = say,
+    *,
+    resume: bool = False,
+    engine: str = SIMULATION,
+    in_process: bool = True,
+) -> dict[str, Any]:
     """One complete run (see `ServerRun`); returns the summary in its JSON form."""
-    return ServerRun(grid, cfg, log, resume=resume).run().to_dict()
+    return ServerRun(grid, cfg, log, resume=resume, engine=engine, in_process=in_process).run().to_dict()
+
+
+def engine_of(grid: Grid) -> str:
+    """The engine that drives the run: SIMULATION for Flower's simulation runtime (its in-memory grid), else DEPLOYMENT.
+
+    Why the grid: a ServerApp is not told which engine runs it; under `flwr run` the local simulation
+    hands it an InMemoryGrid and the Deployment Engine a grid connected to the SuperLink.
+    """
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    return SIMULATION if isinstance(grid, InMemoryGrid) else DEPLOYMENT
 
 
 def make_server_app(settings: Mapping[str, Any] | RunConfig, *, resume: bool = False) -> ServerApp:
@@ -376,7 +449,7 @@ def make_server_app(settings: Mapping[str, Any] | RunConfig, *, resume: bool = F
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(grid, cfg, resume=resume)
+        run_server(grid, cfg, resume=resume, engine=SIMULATION, in_process=True)
 
     return server
 
@@ -388,4 +461,4 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Entry point of `flwr run`: settings come from `[tool.flwr.app.config]` plus `--run-config`."""
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    run_server(grid, RunConfig.from_mapping(dict(context.run_config)))
+    run_server(grid, RunConfig.from_mapping(dict(context.run_config)), engine=engine_of(grid), in_process=False)

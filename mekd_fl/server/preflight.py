@@ -12,11 +12,17 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from mekd_fl.config import RunConfig
+from mekd_fl.data import load_dataset
 from mekd_fl.device import pick_device
 from mekd_fl.errors import ConfigError
+from mekd_fl.run_data import RunData, run_data
+from mekd_fl.settings.data_rules import DataFacts, check_data
 
 
 def check_environment(cfg: RunConfig, *, resume: bool = False) -> None:
@@ -70,3 +76,49 @@ def _check_run_folder(cfg: RunConfig, out_dir: Path, resume: bool) -> None:
             f"run-name={cfg.run_name!r}: {folder} does not exist, nothing to resume; "
             f"accepted: the run-name of an existing run folder under out-dir={str(out_dir)!r}"
         )
+
+
+def check_data_settings(cfg: RunConfig, *, emulators: bool, queries: bool) -> RunData:
+    """Load the data set and split it as the run will, judging every data-dependent setting
+    (`mekd_fl.settings.data_rules`) as soon as the facts it reads are known; returns the run's data.
+
+    Why here and not in `RunConfig.validate()`: the accepted range of oracle-top-k, classes-per-client,
+    server-share or query-fraction depends on the data set's classes and sizes, which validation (cheap,
+    file-free) cannot know. Both loads are cached per process, so the run reuses them.
+    """
+    ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.download)
+    facts = DataFacts(
+        dataset=cfg.dataset,
+        num_classes=ds.num_classes,
+        image_shape=ds.image_shape,
+        train_images=len(ds.train_labels),
+        emulators=emulators,
+        queries=queries,
+    )
+    check_data(cfg, facts)  # classes and image shape: before the split, whose own errors are less precise
+    data = run_data(cfg)
+    split = data.split
+    check_data(
+        cfg,
+        replace(
+            facts,
+            server_images=len(split.server_indices),
+            largest_class=int(torch.bincount(ds.train_labels).max()) if len(ds.train_labels) else 0,
+            client_train_sizes=tuple(len(p) for p in split.client_train),
+        ),
+    )
+    return data
+
+
+#: Why `mekd-fl run` (and the other in-process simulations) refuse client-data=node-config.
+IN_PROCESS_NODE_CONFIG = (
+    "client-data=node-config is not accepted by an in-process simulation (mekd-fl run, compare, bench): its "
+    "nodes are not given the run's settings to cut their own partition; accepted: client-data=shard, or "
+    "node-config under Flower's Deployment Engine (mekd-fl deploy-local, flwr run)"
+)
+
+
+def check_engine(cfg: RunConfig, *, in_process: bool) -> None:
+    """Refuse the settings the runtime that will carry the run cannot honour (one line)."""
+    if in_process and cfg.client_data == "node-config":
+        raise ConfigError(IN_PROCESS_NODE_CONFIG)

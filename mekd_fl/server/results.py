@@ -44,6 +44,22 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint.pt, read with `weights_only=True` (a pickle that would run code is refused, never
+    executed); raises ValueError with one line when the file is damaged, unsafe or not a checkpoint."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001  (torch raises many kinds for a damaged or unsafe file)
+        raise ValueError(f"{path} cannot be read safely ({type(exc).__name__}: damaged or not weights only)") from None
+    if (
+        not isinstance(checkpoint, dict)
+        or not {"round", "student", "strategy"} <= set(checkpoint)
+        or not isinstance(checkpoint["round"], int)
+    ):
+        raise ValueError(f"{path} is not a mekd-fl checkpoint")
+    return checkpoint
+
+
 def default_run_name(cfg: RunConfig) -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.method}-{cfg.dataset}-{cfg.partition}"
 
@@ -101,13 +117,16 @@ class RunResults:
         os.replace(tmp, results.metrics_path)
         return results, checkpoint
 
-    def save_checkpoint(self, server_round: int, student: dict[str, torch.Tensor], strategy_state: dict) -> None:
-        """The global student after `server_round` (student.pt) and what resuming needs (checkpoint.pt)."""
+    def save_checkpoint(
+        self, server_round: int, student: dict[str, torch.Tensor], strategy_state: dict, *, engine: str = ""
+    ) -> None:
+        """The global student after `server_round` (student.pt) and what resuming needs (checkpoint.pt):
+        the round, that student, the strategy's state, and the engine that ran it (only a simulation
+        can be continued by `mekd-fl run --resume`)."""
         student = {k: v.detach().cpu().clone() for k, v in student.items()}
         self._save_torch("student.pt", student)
-        self._save_torch(
-            "checkpoint.pt", {"round": int(server_round), "student": student, "strategy": _jsonable(strategy_state)}
-        )
+        payload = {"round": int(server_round), "student": student, "strategy": _jsonable(strategy_state)}
+        self._save_torch("checkpoint.pt", {**payload, "engine": engine})
 
     def load_checkpoint(self) -> dict:
         path = self.folder / "checkpoint.pt"
@@ -117,15 +136,9 @@ class RunResults:
                 f"start it again under a new run-name"
             )
         try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001  (torch raises many kinds for a damaged or unsafe file)
-            raise ConfigError(
-                f"--resume: {path} cannot be read safely ({type(exc).__name__}); "
-                f"start the run again under a new run-name"
-            ) from None
-        if not isinstance(checkpoint, dict) or not {"round", "student", "strategy"} <= set(checkpoint):
-            raise ConfigError(f"--resume: {path} is not a mekd-fl checkpoint")
-        return checkpoint
+            return read_checkpoint(path)
+        except ValueError as exc:
+            raise ConfigError(f"--resume: {exc}; start the run again under a new run-name") from None
 
     def _save_torch(self, name: str, payload: Any) -> Path:
         path = self.folder / name

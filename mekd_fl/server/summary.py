@@ -14,6 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+#: The engines a run folder records (`RunSummary.engine`, checkpoint.pt's "engine"): Flower's simulation
+#: runtime (`mekd-fl run`, `flwr run`'s local simulation) or its Deployment Engine (SuperLink and
+#: SuperNodes: `mekd-fl deploy-local`, real hosts). Only a simulation can be continued by
+#: `mekd-fl run --resume`; "" is a folder written before the field existed.
+SIMULATION, DEPLOYMENT = "simulation", "deployment"
+
 
 @dataclass
 class RunSummary:
@@ -56,6 +62,8 @@ class RunSummary:
     query_selection: str = "random"
     source_blind: bool = True  # False for the supervised reference: it reads the clients' true labels
     resumed: bool = False
+    #: Which Flower engine ran it: SIMULATION or DEPLOYMENT ("" in summaries written before the field).
+    engine: str = ""
     wall_seconds: float = 0.0
     #: Seconds spent in the server-driven phases and the rounds (`emulator`, `query`, `rounds`).
     phase_seconds: dict[str, float] = field(default_factory=dict)
@@ -101,4 +109,6 @@ class RunSummary:
             raise ValueError(f"{path}: not a readable summary.json ({type(exc).__name__})") from None
         if not isinstance(values, dict):
             raise ValueError(f"{path}: not a readable summary.json (not an object)")
+        if values.get("status", "completed") not in ("completed", "failed"):
+            raise ValueError(f"{path}: not a readable summary.json (no run status)")
         return cls.from_dict(values)
