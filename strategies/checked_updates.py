@@ -3,7 +3,9 @@
 Why a unit of its own: the wrapped Flower strategy aggregates whatever it is given, so MEKD hands it
 only updates that passed every check, in the global model's dtypes, scaled onto the norm bound, each
 weighted by at most the answers its client holds, with one clean MetricRecord of the metrics all
-accepted replies share. Plain functions of messages and arrays.
+accepted replies share. A reply whose metrics are not numbers in their known range is refused whole:
+its metrics would be averaged into the round's results, and a client that lies there is not trusted
+with the model either. Plain functions of messages and arrays.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from strategies import protocol as P
-from strategies.updates import Arrays, example_weight, sanitize
+from strategies.updates import Arrays, check_metrics, example_weight, sanitize
 
 
 def check_update(
@@ -32,6 +34,9 @@ def check_update(
     weight, why = example_weight(metrics.get(weighted_by_key), cap)
     if why:
         return None, None, f"'{weighted_by_key}' {why}"
+    _, why = check_metrics(dict(metrics), P.MAX_METRICS, (P.PARTITION_ID,))
+    if why:  # a client that misreports its metrics is not trusted with the model either
+        return None, None, why
     record = next(iter(content.array_records.values()))
     try:
         arrays = {k: record[k].numpy() for k in record.keys()}

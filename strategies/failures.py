@@ -65,7 +65,7 @@ class Failures:
         self.entries.append(entry)
         self.current.append(entry)
         where = f"client {label}" if label is not None else f"node {node}"
-        self.say(f"[{phase}{f' {server_round}' if server_round else ''}] {where}: {reason}")
+        self.say(f"[{phase}{f' {server_round}' if server_round else ''}] {where}: {entry['reason']}")
         return entry
 
     def need(self, asked: int) -> int:

@@ -4,6 +4,10 @@ Why a unit of its own: budgets are the teacher owner's protection against extrac
 weight in every average is capped by the answers it holds. Both must survive a killed run exactly:
 a client is charged once for an exact set of images (its digest), a resumed run re-delivers those
 answers without a second charge, and the oracle is asked only for a query that fits the budget.
+Answers are held here from the moment they are charged until the client confirms it stored them
+(`delivered`): a client that crashed while receiving them gets the same answers again, from here, when
+it asks again for the images it paid for (no second charge, and no second oracle call, which a
+teacher that counts its own budget would refuse).
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ class QueryLedger:
         self.answered: set[int] = set()  # nodes holding teacher answers (eligible for rounds)
         self.example_cap: dict[int, int] = {}  # node id -> answers it holds (the most its reply may weigh)
         self.log: list[dict] = []  # one entry per query reply (queries.jsonl)
+        self.undelivered: dict[str, tuple[str, ArrayRecord]] = {}  # client key -> (digest, answers) not yet stored
 
     @property
     def total(self) -> int:
@@ -88,6 +93,11 @@ class QueryLedger:
                 f"query refused: {entry['sent']} images but {max(left, 0)} of query-budget={self.query_budget} left"
             )
             return {**entry, "reason": reason}
+        held = self.undelivered.get(key)
+        if redelivery and held is not None and held[0] == fingerprint:  # paid for, never stored: the same again
+            entry.update(answered=entry["sent"], redelivered=True, responses=held[1])
+            self.example_cap[node] = entry["sent"]
+            return entry
         try:
             responses = oracle(key, torch.from_numpy(np.ascontiguousarray(images)))
             responses = np.asarray(
@@ -108,7 +118,12 @@ class QueryLedger:
             self.query_digests[key] = fingerprint
         self.example_cap[node] = entry["answered"]
         entry["responses"] = ArrayRecord({P.RESPONSES: Array(responses)})
+        self.undelivered[key] = (fingerprint, entry["responses"])
         return entry
+
+    def delivered(self, key: str) -> None:
+        """The client stored its answers: they need not be held any longer."""
+        self.undelivered.pop(key, None)
 
     def state(self) -> dict:
         """What a resumed run needs (JSON-able but for the scoring students' tensors)."""

@@ -11,7 +11,7 @@ Flower's log lines, its `Result` and its `evaluate_fn`:
    holding answers and shows the wrapped strategy only that cohort (`configure_*`); it triages every
    reply, checks, bounds and weighs each update before the wrapped strategy aggregates (`aggregate_*`).
 
-Trust is enforced in the units this class calls (README, "Trust model"): `transport` (authenticated nodes,
+Trust is enforced in the units this class calls (docs/trust-model.md): `transport` (authenticated nodes,
 the allow-list), `failures` (recorded, the minimum-reply rule), `ledger` (budgets), `checked_updates`.
 """
 
@@ -36,7 +36,7 @@ from strategies.ledger import Oracle, QueryLedger
 from strategies.phases import EmulatorPlan, Phases
 from strategies.round_report import round_record, shift_rounds
 from strategies.sampling import Cohort, round_seed, sample, seeded_global_random
-from strategies.transport import NodeRecords, Transport
+from strategies.transport import NodeRecords, RoundGrid, Transport
 from strategies.updates import Arrays, bound_norms, distance, example_weight, like_reference, sanitize
 from strategies.wrapped import check_cohort, check_keys, check_names
 
@@ -151,7 +151,7 @@ class MEKD(Strategy):
         self._offset = 0  # rounds already done before this `start` (a resumed run)
         self._config = ConfigRecord()  # the run's train config: lazy phases use it
         self._global: ArrayRecord | None = None
-        self._asked: dict[str, set[int]] = {P.TRAIN: set(), P.EVALUATE: set()}
+        self._asked: dict[str, list[Message]] = {P.TRAIN: [], P.EVALUATE: []}  # the round's messages sent
         self._last: dict[str, MetricRecord | None] = {"train": None, "fed": None}
         self._t0 = time.time()
 
@@ -201,7 +201,8 @@ class MEKD(Strategy):
         self.failures.current = []
         report = self._reporter(evaluate_fn) if (evaluate_fn or self.on_round) else None
         rounds = max(0, num_rounds - self._offset)
-        result = super().start(grid, initial_arrays, rounds, timeout, train_config, evaluate_config, report)
+        rounds_grid = RoundGrid(grid, self.transport)  # Flower's loop, waiting only for replies still due
+        result = super().start(rounds_grid, initial_arrays, rounds, timeout, train_config, evaluate_config, report)
         shift_rounds(result, self._offset)
         if result.arrays is None or not list(result.arrays.keys()):  # no round aggregated anything usable
             result.arrays = initial_arrays
@@ -229,7 +230,7 @@ class MEKD(Strategy):
         An unusable aggregate (non-finite, impossible BatchNorm statistics) is recorded as a failure and
         the round keeps the previous global model; too few usable updates raise RunFailed."""
         server_round += self._offset
-        asked, self._asked[P.TRAIN] = self._asked[P.TRAIN], set()
+        asked, self._asked[P.TRAIN] = self._asked[P.TRAIN], []
         replies = self.transport.triage(asked, replies, "train", server_round) if asked else list(replies)
         center = {k: v.numpy() for k, v in self._global.items()} if self._global is not None else None
         accepted: list[tuple[Message, Arrays, float]] = []
@@ -286,18 +287,19 @@ class MEKD(Strategy):
         return ArrayRecord({k: Array(v) for k, v in arrays.items()}), metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Client evaluation metrics, cleaned and weighted by at most the answers each client holds."""
+        """Client evaluation metrics, checked (finite numbers, in range where the range is known) and weighted
+        by at most the answers each client holds; a client whose metrics are refused is a recorded failure."""
         server_round += self._offset
-        asked, self._asked[P.EVALUATE] = self._asked[P.EVALUATE], set()
+        asked, self._asked[P.EVALUATE] = self._asked[P.EVALUATE], []
         replies = self.transport.triage(asked, replies, "evaluate", server_round) if asked else list(replies)
         usable, metric_sets = [], []
         for msg in replies:
-            metrics = self.transport.metrics(msg)
+            metrics, why = self.transport.checked_metrics(msg)
             cap = self.ledger.example_cap.get(msg.metadata.src_node_id)
-            weight, why = example_weight(metrics.get(self.weighted_by_key), cap)
-            if why:
-                reason = f"metrics refused: '{self.weighted_by_key}' {why}"
-                self.failures.record("evaluate", msg.metadata.src_node_id, reason, server_round)
+            weight, bad = (None, None) if why else example_weight(metrics.get(self.weighted_by_key), cap)
+            why = why or (f"'{self.weighted_by_key}' {bad}" if bad else None)
+            if why is not None or weight is None:
+                self.failures.record("evaluate", msg.metadata.src_node_id, f"metrics refused: {why}", server_round)
                 continue
             metrics[self.weighted_by_key] = weight
             usable.append(msg)
@@ -350,7 +352,7 @@ class MEKD(Strategy):
             out.append(
                 self.transport.message(node, message_type, {name: msg.content[name] for name in msg.content.keys()})
             )
-        self._asked[message_type] = {m.metadata.dst_node_id for m in out}
+        self._asked[message_type] = out  # Flower sets their ids as it sends them: replies are matched by id
         return out
 
     def _reject(self, server_round: int, node: int, reason: str) -> None:

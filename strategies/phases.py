@@ -219,13 +219,22 @@ class Phases:
             if responses is not None:
                 answers[node] = responses
         self.failures.require("query", len(answers), len(node_ids))
-        messages = [
-            transport.message(n, P.ANSWERS, {P.ANSWERS_RECORD: rec, P.CONFIG: transport.client_config(config)})
-            for n, rec in answers.items()
-        ]
-        stored = transport.exchange(grid, messages, "answers")
+
+        def deliver(nodes: list[int]) -> list[Message]:
+            records = {P.CONFIG: transport.client_config(config)}
+            messages = [transport.message(n, P.ANSWERS, {P.ANSWERS_RECORD: answers[n], **records}) for n in nodes]
+            return transport.exchange(grid, messages, "answers")
+
+        stored = deliver(list(answers))
+        # paid for but not stored (the client crashed): sent once more in fresh messages, never charged
+        # twice; a node that timed out is not asked again (another reply-timeout)
+        crashed = transport.errored & (set(answers) - {reply.metadata.src_node_id for reply in stored})
+        if crashed:
+            stored += deliver(sorted(crashed, key=transport.label))
+        for reply in stored:
+            ledger.delivered(client_key(transport.partition_of[reply.metadata.src_node_id]))
         ledger.answered |= {reply.metadata.src_node_id for reply in stored}
-        self.failures.require("answers", len(stored), len(messages))
+        self.failures.require("answers", len(stored), len(answers))
         self.seconds["query"] += time.time() - t0
         if not ledger.query_teacher:
             self.say(f"[teacher] not queried (query_teacher=False): {len(ledger.answered)} clients registered")

@@ -8,7 +8,10 @@ An update is checked *after* conversion to the global model's dtypes (a float64 
 float32 and is refused), its keys, shapes and dtype kinds must equal the reference, BatchNorm
 statistics must be possible (running_var >= 0, num_batches_tracked >= 0), and its distance from the
 reference can be bounded (absolute `max_norm`, and `outlier_factor` times the round's median).
-Weights (`num-examples`) are capped by what the server knows about the client.
+Integer entries (BatchNorm's num_batches_tracked) are bounded so that they survive averaging: an
+aggregator averages them in float64 and casts back, so a value float64 cannot hold exactly (beyond
+2**52) could come back as another number, and 2**63-1 comes back as -2**63. Weights (`num-examples`)
+are capped by what the server knows about the client; metrics are finite scalars within their known range.
 """
 
 from __future__ import annotations
@@ -22,6 +25,16 @@ Arrays = dict[str, np.ndarray]
 
 # Kinds a reference dtype accepts: floats only from floats, integers only from integers.
 _ACCEPTED_KINDS = {"f": "f", "i": "iu", "u": "iu", "b": "b"}
+
+#: Largest magnitude of an integer entry: every integer up to 2**53 is exact in float64, and a
+#: weighted mean of values within +-2**52 stays within it, so the cast back to int64 cannot wrap.
+MAX_INT_ENTRY = 2**52
+#: Largest change of an integer entry against the reference in one update. num_batches_tracked grows by
+#: one per local step; no round takes 2**31 steps, and the bound is far from any honest count.
+MAX_INT_STEP = 2**31
+#: How far below 0 a loss may be reported: a KL divergence of two equal distributions computed in
+#: float32 can come out a rounding error below zero.
+LOSS_TOLERANCE = 1e-6
 
 
 def sanitize(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> tuple[Arrays | None, str | None]:
@@ -50,8 +63,24 @@ def sanitize(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarra
             return None, f"'{key}' is negative (a variance)"
         if key.endswith("num_batches_tracked") and cast.size and cast.min() < 0:
             return None, f"'{key}' is negative (a counter)"
+        if cast.dtype.kind in "iu" and cast.size:
+            why = _integer_bounds(key, cast, ref)
+            if why:
+                return None, why
         clean[key] = cast
     return clean, None
+
+
+def _integer_bounds(key: str, value: np.ndarray, ref: np.ndarray) -> str | None:
+    """Why an integer entry cannot be averaged safely (None when it can): beyond +-MAX_INT_ENTRY, or
+    more than MAX_INT_STEP away from the reference (a counter cannot jump by billions in a round)."""
+    if value.max() > MAX_INT_ENTRY or (value.dtype.kind == "i" and value.min() < -MAX_INT_ENTRY):
+        return f"'{key}' is beyond +-2**52 (an integer that float64 averaging cannot hold exactly)"
+    if ref.dtype.kind in "iu" and ref.size:
+        step = np.abs(value.astype(np.float64) - ref.astype(np.float64))
+        if step.max() > MAX_INT_STEP:
+            return f"'{key}' moved by {step.max():.0f} from the global model, more than 2**31"
+    return None
 
 
 def like_reference(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> Arrays:
@@ -75,6 +104,16 @@ def distance(update: Mapping[str, np.ndarray], center: Mapping[str, np.ndarray])
         if value.dtype.kind == "f":
             diff = value.astype(np.float64) - np.asarray(center[key], dtype=np.float64)
             total += float(np.dot(diff.ravel(), diff.ravel()))
+    return math.sqrt(total)
+
+
+def norm(update: Mapping[str, np.ndarray]) -> float:
+    """L2 norm of the floating-point entries (computed in float64)."""
+    total = 0.0
+    for value in update.values():
+        if value.dtype.kind == "f":
+            flat = value.astype(np.float64).ravel()
+            total += float(np.dot(flat, flat))
     return math.sqrt(total)
 
 
@@ -150,7 +189,10 @@ def example_weight(value: object, cap: float | None) -> tuple[float | None, str 
 
 
 def clean_metrics(values: Mapping[str, object], limit: int) -> dict[str, float | int]:
-    """Finite scalar metrics only (lists, strings, bools, NaN are dropped), at most `limit` of them."""
+    """Finite scalar metrics only (lists, strings, bools, NaN are dropped), at most `limit` of them.
+
+    Lenient, for metrics that are only shown (emulator losses); metrics that are averaged into the
+    run's results go through `check_metrics`, which refuses instead of dropping."""
     out: dict[str, float | int] = {}
     for key, value in values.items():
         if len(out) >= limit:
@@ -161,3 +203,47 @@ def clean_metrics(values: Mapping[str, object], limit: int) -> dict[str, float |
             continue
         out[str(key)] = value
     return out
+
+
+def metric_range(key: str) -> tuple[float, float] | None:
+    """The range a metric must lie in, by the last part of its name, or None when it is not known:
+    accuracy and agreement are fractions, losses are not negative (within LOSS_TOLERANCE)."""
+    name = key.rsplit("-", 1)[-1]
+    if name in ("accuracy", "agreement"):
+        return 0.0, 1.0
+    if name == "loss":
+        return -LOSS_TOLERANCE, math.inf
+    return None
+
+
+def check_metrics(
+    values: Mapping[str, object], limit: int, ignored: tuple[str, ...] = ()
+) -> tuple[dict[str, float | int], str | None]:
+    """Metrics that may be averaged into a round's results, or ({}, why they are refused).
+
+    Every value must be a finite int or float, within `metric_range` when its range is known, and there
+    may be at most `limit` of them. Refused, not dropped: dropping one client's key would drop it from the
+    whole round (the round keeps only the metrics all replies share). `ignored` keys (a label the server
+    never reads) are left out unchecked."""
+    if len(values) > limit:
+        return {}, f"{len(values)} metrics, more than {limit}"
+    out: dict[str, float | int] = {}
+    for key, value in values.items():
+        key = str(key)
+        if key in ignored:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return {}, f"metric '{key}' is {short_repr(value)}, not a number"
+        if not math.isfinite(value):
+            return {}, f"metric '{key}' is {value!r}, not finite"
+        bounds = metric_range(key)
+        if bounds is not None and not bounds[0] <= value <= bounds[1]:
+            return {}, f"metric '{key}'={value!r} is outside [{max(bounds[0], 0):g}, {bounds[1]:g}]"
+        out[key] = value
+    return out, None
+
+
+def short_repr(value: object, limit: int = 40) -> str:
+    """A value's repr, cut to `limit` characters (a client's list can be long)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -225,6 +225,20 @@ def _refused(kind: str) -> Message:
         metrics = {"num-examples": [10, 10]}
     elif kind == "num-examples-minus-zero":
         metrics = {"num-examples": -0.0}
+    elif kind == "list-metric":  # refused, not dropped: dropping it would drop the round's train-loss
+        metrics = {"num-examples": 20, "train-loss": [1.0, 2.0]}
+    elif kind == "nan-metric":
+        metrics = {"num-examples": 20, "train-loss": float("nan")}
+    elif kind == "negative-loss":
+        metrics = {"num-examples": 20, "train-loss": -1e9}
+    elif kind == "accuracy-55":
+        metrics = {"num-examples": 20, "train-accuracy": 55.0}
+    elif kind == "too-many-metrics":
+        metrics = {"num-examples": 20, **{f"m{i}": 1.0 for i in range(P.MAX_METRICS)}}
+    elif kind == "huge-counter":  # a valid int64 that float64 averaging turns into -2**63
+        sd["1.num_batches_tracked"] = np.array(2**63 - 1, dtype=np.int64)
+    elif kind == "counter-jump":
+        sd["1.num_batches_tracked"] = np.array(2**40, dtype=np.int64)
     elif kind == "no-metrics":
         metrics = None
     elif kind == "two-metricrecords":
@@ -272,6 +286,13 @@ REFUSED = {
     "num-examples-list": r"'num-examples' is \[10, 10\], not a positive number",
     "num-examples-minus-zero": r"'num-examples' is -0\.0, not a positive number",
     "no-metrics": r"expected 1 MetricRecord, got 0",
+    "list-metric": r"metric 'train-loss' is \[1\.0, 2\.0\], not a number",
+    "nan-metric": r"metric 'train-loss' is nan, not finite",
+    "negative-loss": r"metric 'train-loss'=-1000000000\.0 is outside \[0, inf\]",
+    "accuracy-55": r"metric 'train-accuracy'=55\.0 is outside \[0, 1\]",
+    "too-many-metrics": r"65 metrics, more than 64",
+    "huge-counter": r"'1\.num_batches_tracked' is beyond \+-2\*\*52",
+    "counter-jump": r"'1\.num_batches_tracked' moved by 1099511627776 from the global model",
     "two-metricrecords": r"expected 1 MetricRecord, got 2",
     "no-arrays": r"expected 1 ArrayRecord, got 0",
     "empty-arrays": r"keys differ from the global model",
@@ -332,8 +353,6 @@ NEUTRALISED = {
     "num-examples-1.7e308": lambda: reply(303, _scaled(3), {"num-examples": 1.7e308}),
     "num-examples-float": lambda: reply(303, state(9, 4), {"num-examples": 12.5}),
     "extra-metric": lambda: reply(303, state(9, 4), {"num-examples": 20, "surprise": 1.0}),
-    "list-metric": lambda: reply(303, state(9, 4), {"num-examples": 20, "train-loss": [1.0, 2.0]}),
-    "nan-metric": lambda: reply(303, state(9, 4), {"num-examples": 20, "train-loss": float("nan")}),
     "fake-partition-id": lambda: reply(303, state(9, 4), {"num-examples": 20, "partition-id": 0}),
     "nan-partition-id": lambda: reply(303, state(9, 4), {"num-examples": 20, "partition-id": float("nan")}),
     "int-counter-as-int32": lambda: reply(
