@@ -78,13 +78,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     from mekd_fl.runtime.simulation import backend_config, fast_message_polling, quiet_flower
 
-    quiet_flower(args.verbose)  # before Flower's imports: our own progress lines say what happens
+    folder = Path(cfg.out_dir) / cfg.run_name
+    # before Flower's imports: our own progress lines say what happens; a crashing client's tracebacks go
+    # to the run folder (opened at the first one, when the server has claimed the folder)
+    quiet_flower(args.verbose, log_file=folder / "flower.log")
     fast_message_polling()
     from flwr.simulation import run_simulation
 
     from mekd_fl.client.app import make_client_app
 
-    folder = Path(cfg.out_dir) / cfg.run_name
     try:
         run_simulation(
             server_app=make_server_app(cfg, resume=resume),
@@ -220,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mekd-fl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one federated distillation in Flower's simulation runtime")
-    run.add_argument("settings", nargs="*", help="run settings as key=value (see the README's table)")
+    run.add_argument("settings", nargs="*", help="run settings as key=value (see docs/running.md's table)")
     run.add_argument("--config", help="YAML file of settings (key=value pairs override it)")
     run.add_argument("--client-cpus", type=float, default=1.0, help="CPUs per simulated client (Ray)")
     run.add_argument(

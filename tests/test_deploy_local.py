@@ -158,7 +158,7 @@ def test_node_config_must_fit_the_run() -> None:
 
 def test_ray_address_attaches_the_backend() -> None:
     assert backend_config(1.0, 0.0, "127.0.0.1:6390")["init_args"]["address"] == "127.0.0.1:6390"
-    assert "address" not in backend_config(1.0, 0.0)["init_args"]
+    assert "address" not in backend_config(1.0, 0.0, reap=False)["init_args"]
 
 
 # ---------------------------------------------------------------------------- end to end (slow)
@@ -192,6 +192,57 @@ def test_deploy_local_runs_two_authenticated_supernodes_and_leaves_nothing(tmp_p
     pids = [int(p) for p in re.search(r"stopped 3 processes \(PIDs ([\d ]+)\)", log).group(1).split()]
     assert len(pids) == 3 and not any(_alive(p) for p in pids)
     left = subprocess.run(["pgrep", "-f", str(tmp_path / "work")], capture_output=True, text=True).stdout.split()
+    assert left == [], f"processes left running: {left}"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    any(shutil.which(t, path=f"{BIN}{os.pathsep}{os.environ['PATH']}") is None for t in D.TOOLS),
+    reason="Flower tools, openssl or ssh-keygen missing",
+)
+def test_a_supernode_killed_mid_run_is_a_recorded_failure_and_the_run_completes(tmp_path: Path) -> None:
+    """SIGKILL one of two SuperNodes after round 1: deploy-local says so in one line and goes on, the
+    run completes its 2 rounds with that node's failures in the summary (listed on the console too),
+    and `mekd-fl status` agrees; the SuperLink kept its state in the workdir's database."""
+    ports = free_ports(3)
+    out, work = tmp_path / "runs", tmp_path / "work"
+    tiny = TINY.replace("num-rounds=1", "num-rounds=2")
+    settings = f"{tiny} reply-timeout=240 run-name='lost' out-dir='{out}' cache-dir='{tmp_path / 'c'}'"
+    argv = [str(BIN / "mekd-fl"), "deploy-local", "--supernodes", "2", "--workdir", str(work)]
+    argv += ["--port", str(ports[0]), "--node-port", str(ports[1]), "--timeout", "840", "--run-config", settings]
+    console = tmp_path / "console.log"
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=console.open("w"), stderr=subprocess.STDOUT)
+    try:
+        deadline, victim = time.time() + 600, 0
+        metrics = out / "lost" / "metrics.jsonl"
+        while time.time() < deadline and proc.poll() is None and not victim:
+            found = re.search(r"SuperNode 1 \(PID (\d+)\)", console.read_text())
+            if found and metrics.is_file() and '"round": 1,' in metrics.read_text():  # round 1 is done
+                victim = int(found.group(1))
+                os.kill(victim, signal.SIGKILL)
+            time.sleep(0.2)
+        assert victim, console.read_text()[-4000:]
+        proc.wait(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+    log = console.read_text()
+    assert proc.returncode == 0, log[-5000:]
+    lost = [ln for ln in log.splitlines() if "lost supernode-1" in ln]
+    assert len(lost) == 1 and "signal SIGKILL" in lost[0] and "goes on with 1 of 2 SuperNodes" in lost[0], log
+    assert "finished:completed" in log and "\x1b" not in log
+    summary = json.loads((out / "lost" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["rounds-done"] == 2
+    failures = summary["failures"]
+    assert failures and len({f["node"] for f in failures}) == 1, failures  # only the killed node's
+    assert all(f["round"] == 2 for f in failures), failures  # it answered round 1
+    assert f"{len(failures)} failure" in log and log.count("[deploy]   ") == min(len(failures), 20)
+    print("failures:", json.dumps(failures, indent=1))  # what they say (-s shows it)
+    status = subprocess.run([str(BIN / "mekd-fl"), "status", str(out / "lost")], capture_output=True, text=True)
+    assert status.returncode == 0 and "completed" in status.stdout + status.stderr
+    assert (work / "superlink.db").is_file()
+    left = subprocess.run(["pgrep", "-f", str(work)], capture_output=True, text=True).stdout.split()
     assert left == [], f"processes left running: {left}"
 
 

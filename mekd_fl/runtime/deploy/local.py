@@ -7,14 +7,17 @@ all of it on 127.0.0.1 with the same ServerApp and ClientApp:
 
 1. certificates (`make_certs.sh`: a CA and a server certificate for 127.0.0.1, ::1 and localhost);
 2. one ECDSA P-384 key per SuperNode (`ssh-keygen`);
-3. `flower-superlink` with TLS, `--enable-supernode-auth`, `--disable-runtime-dependency-installation`;
+3. `flower-superlink` with TLS, `--enable-supernode-auth`, `--disable-runtime-dependency-installation`
+   and its state in `<workdir>/superlink.db` (`--database`; in memory without it);
 4. each node's public key registered (`flwr supernode register`);
 5. N `flower-supernode`s with the CA, their private key, `--node-config "partition-id=i num-partitions=N"`
    and a port each (their local Runtime API);
 6. `flwr run` of the project folder with `num-clients=N client-data=node-config` and the given run
    config (FLWR_HOME in the workdir: nothing global changes);
-7. polls `flwr list --run-id ID --format json` until the run is finished, or the timeout;
-8. prints the outcome (Flower's status and reason, and the run folder's summary line);
+7. polls `flwr list --run-id ID --format json` until the run is finished, or the timeout, supervising
+   the processes as the app tolerates faults (`processes`): a SuperNode that exits is one line and a
+   lost client, whose failures the run records, and the run goes on; a SuperLink that exits ends it;
+8. prints the outcome (Flower's status and reason, the run folder's summary line, its failures);
 9. stops every process it started, by process group (each was started in a session of its own, so the
    SuperExec, ServerApp and ClientApp processes they spawned go too), also on Ctrl-C, SIGTERM or errors.
 
@@ -32,11 +35,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from mekd_fl.errors import ConfigError
+from mekd_fl.runtime.deploy.processes import LINK, Processes, Started, exit_line, tail
 
 CONNECTION = "deploy-local"  # the connection's name in $FLWR_HOME/config.toml
 TOOLS = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr", "openssl", "ssh-keygen", "bash")
@@ -200,76 +203,6 @@ def find_status(data: Any, run_id: int) -> dict | None:
 
 
 # ---------------------------------------------------------------------------- processes
-@dataclass
-class Started:
-    name: str
-    proc: subprocess.Popen
-    log: Path
-
-
-@dataclass
-class Processes:
-    """Every long-lived process this command starts, each the leader of a session of its own."""
-
-    env: dict[str, str]
-    logs: Path
-    started: list[Started] = field(default_factory=list)
-    _files: list[IO] = field(default_factory=list)
-
-    def start(self, name: str, argv: list[str], cwd: Path) -> Started:
-        log = self.logs / f"{name}.log"
-        fh = open(log, "w")  # noqa: SIM115  (closed in stop_all)
-        self._files.append(fh)
-        proc = subprocess.Popen(
-            argv, cwd=cwd, env=self.env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )  # fmt: skip
-        started = Started(name, proc, log)
-        self.started.append(started)
-        return started
-
-    @property
-    def pids(self) -> list[int]:
-        return [s.proc.pid for s in self.started]
-
-    def dead(self) -> Started | None:
-        return next((s for s in self.started if s.proc.poll() is not None), None)
-
-    def stop_all(self, grace: float = 10.0) -> None:
-        """SIGTERM to each process group (SuperNodes first, the SuperLink last), SIGKILL after `grace`."""
-        for s in reversed(self.started):
-            _signal_group(s.proc.pid, signal.SIGTERM)
-        deadline = time.time() + grace
-        for s in reversed(self.started):
-            try:
-                s.proc.wait(timeout=max(0.1, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                pass
-        for s in reversed(self.started):
-            _signal_group(s.proc.pid, signal.SIGKILL)  # stragglers in the group, and a leader that ignored TERM
-            try:
-                s.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-        for fh in self._files:
-            fh.close()
-        self._files.clear()
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def tail(path: Path, lines: int = 8) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
 class Interrupted(Exception):
     pass
 
@@ -359,9 +292,15 @@ def _deploy(
     keys = [make_key(workdir / "keys" / f"node{i}") for i in range(supernodes)]
     log(f"[deploy] {supernodes} ECDSA P-384 SuperNode keys in {workdir / 'keys'}")
     (workdir / "flwr-home" / "config.toml").write_text(config_toml(address, certs["ca.crt"]))
+    # The SuperLink's state (runs, registered keys, nodes, messages) in a file instead of memory: kept
+    # for inspection after the command. Each deploy-local is a new federation with new keys, so an
+    # earlier deployment's file is removed first.
+    database = workdir / "superlink.db"
+    for old in workdir.glob("superlink.db*"):
+        old.unlink()
 
     link = procs.start(
-        "superlink",
+        LINK,
         [
             tools["flower-superlink"],
             "--ssl-ca-certfile", str(certs["ca.crt"]),
@@ -371,11 +310,15 @@ def _deploy(
             "--disable-runtime-dependency-installation",
             "--host", "127.0.0.1",
             "--port", str(port),
+            "--database", str(database),
         ],
         workdir,
     )  # fmt: skip
     _wait_port(port, link, 60)
-    log(f"[deploy] SuperLink (PID {link.proc.pid}) on {address} with TLS and SuperNode authentication")
+    log(
+        f"[deploy] SuperLink (PID {link.proc.pid}) on {address} with TLS and SuperNode authentication; "
+        f"state in {database}"
+    )
 
     for key in keys:
         reg = _flwr(tools, env, ["supernode", "register", str(key.with_name(key.name + ".pub")), CONNECTION])
@@ -406,9 +349,8 @@ def _deploy(
     deadline = time.time() + timeout
     status, details = "", ""
     while True:
-        dead = procs.dead()
-        if dead is not None:
-            raise RuntimeError(f"{dead.name} exited with status {dead.proc.returncode}:\n{tail(dead.log)}")
+        if not _supervise(procs, supernodes, folder, log, t0):
+            return 1
         listed = _flwr(tools, env, ["list", CONNECTION, "--run-id", str(run_id), "--format", "json"])
         entry = find_status(_json(listed.stdout), run_id) if listed.returncode == 0 else None
         if entry is not None:
@@ -440,8 +382,44 @@ def _deploy(
     if last:
         log(f"[deploy] ServerApp: {last[-1]}")
     if (folder / "summary.json").is_file():
+        _log_failures(folder / "summary.json", log)
         log(f"[deploy] summary: {folder / 'summary.json'}")
     return 0 if ok else 1
+
+
+def _supervise(procs: Processes, supernodes: int, folder: Path, log: Callable[[str], None], t0: float) -> bool:
+    """Report each process that exited, once; False when the SuperLink is gone (the run cannot go on).
+
+    A lost SuperNode is a lost client: the ServerApp records its failures (Flower answers the messages
+    sent to it with NODE_UNAVAILABLE, or the reply-timeout expires) and the run goes on with the others,
+    as a deployment by hand does, so it is one line here and the outcome is the run's.
+    """
+    for gone in procs.newly_dead():
+        if gone.name == LINK:
+            from mekd_fl.server import saved_run
+
+            state = saved_run.status(folder)[1] if (folder / "config.json").is_file() else "no run folder"
+            log(f"[deploy] error: the run ends: {exit_line(gone, t0)}; run folder {folder}: {state}")
+            return False
+        left = len(procs.alive("supernode-"))
+        log(f"[deploy] lost {exit_line(gone, t0)}; the run goes on with {left} of {supernodes} SuperNodes")
+    return True
+
+
+def _log_failures(summary: Path, log: Callable[[str], None], most: int = 20) -> None:
+    """The run's recorded failures, one line each (phase, round, client, node, reason), from its summary."""
+    try:
+        failures = json.loads(summary.read_text()).get("failures", [])
+    except (OSError, ValueError, AttributeError):
+        return
+    if failures:
+        log(f"[deploy] {len(failures)} failure{'s' * (len(failures) > 1)} recorded in the run's summary:")
+    for f in failures[:most]:
+        where = f"{f.get('phase', '?')}" + (f" round {f.get('round')}" if f.get("round") else "")
+        reason = " ".join(str(f.get("reason", "")).split())[:300]
+        log(f"[deploy]   {where}: client {f.get('partition')} (node {f.get('node')}): {reason}")
+    if len(failures) > most:
+        log(f"[deploy]   ... and {len(failures) - most} more")
 
 
 def _flwr(
@@ -474,7 +452,7 @@ def _wait_port(port: int, started: Started, limit: float) -> None:
     deadline = time.time() + limit
     while time.time() < deadline:
         if started.proc.poll() is not None:
-            raise RuntimeError(f"{started.name} exited with status {started.proc.returncode}:\n{tail(started.log)}")
+            raise RuntimeError(exit_line(started, started.started_at) + f":\n{tail(started.log)}")
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.settimeout(1)
             if sock.connect_ex(("127.0.0.1", port)) == 0:
