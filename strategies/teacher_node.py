@@ -4,7 +4,11 @@ Why: with an in-process oracle the party that runs the federation holds the teac
 node it holds nothing of it: the teacher's owner runs one SuperNode with the teacher app
 (`mekd_fl.teacher.app`), and `MEKD(oracle=TeacherNode(...))` routes every client's queries there, with
 the same budgets and validation as an in-process oracle (the strategy's ledger on this side, the
-TeacherOracle's on the teacher's side).
+TeacherOracle's on the teacher's side). The client key this side writes into each request is only a
+label to the teacher: its node also caps the distinct keys and the answers to all of them together,
+so a server that invents names gains nothing; a query over those bounds comes back as an error reply,
+which `__call__` raises as `TeacherNodeError` and the strategy records as that client's refused query.
+A resumed run's re-delivery (the same images under the same key) is answered without a second charge.
 
 Which node is the teacher is never taken on a node's word:
 - `node_id=`: the operator pins it (the id the SuperLink gave the teacher's authenticated SuperNode);

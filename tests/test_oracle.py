@@ -278,6 +278,19 @@ def test_over_budget_query_refused_whole_and_others_unaffected(model: nn.Module)
     assert oracle.usage() == {"a": 10, "b": 10}
 
 
+def test_redeliver_answers_a_paid_repeat_free_and_charges_anything_else(model: nn.Module) -> None:
+    """A resumed run's re-delivery (the teacher node asks for it) costs nothing; it is no way around the budget."""
+    oracle = make(model, budget=10)
+    x = images(6)
+    first = oracle.query("a", x)
+    assert torch.equal(oracle.redeliver("a", x), first) and oracle.used("a") == 6
+    assert oracle.redeliver("a", images(4, seed=1)).shape == (4, C) and oracle.used("a") == 10  # new: charged
+    oracle.redeliver("b", x)  # a repeat of another client's query is no repeat of b's own: charged
+    assert oracle.usage() == {"a": 10, "b": 6}
+    with pytest.raises(BudgetExceeded):
+        oracle.query("a", x)  # `query` charges every call, a repeat too
+
+
 def test_zero_budget_refuses_everything(model: nn.Module) -> None:
     oracle = make(model, budget=0)
     with pytest.raises(BudgetExceeded, match="has 0 of its query-budget=0 left"):

@@ -15,6 +15,7 @@ _NAMES = {
     "AnswerCache": "answer_cache",
     "register_teacher": "app",
     "make_teacher_app": "app",
+    "NodeBudgetExceeded": "app",
 }
 __all__ = sorted(_NAMES)
 __getattr__ = lazy_exports(__name__, _NAMES)

@@ -12,6 +12,7 @@ distilled from in silence.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
 import threading
@@ -104,6 +105,14 @@ def _numpy_input(x: object) -> np.ndarray:
     return np.array(x, dtype=np.float32, order="C")
 
 
+def _fingerprint(images: torch.Tensor) -> str:
+    """A digest of exactly these query images (dtype, shape and values), to recognise a repeat."""
+    data = images.detach().cpu().contiguous().numpy()
+    h = hashlib.sha256(f"{data.dtype}{data.shape}".encode())
+    h.update(data.tobytes())
+    return h.hexdigest()[:32]
+
+
 class TeacherOracle:
     """Soft outputs of a hidden teacher for batches of query images.
 
@@ -143,7 +152,9 @@ class TeacherOracle:
     Budget: the images of a query are reserved against the client's `budget` under a lock before the
     forward pass, so concurrent queries can never overspend it, and the reservation is given back if
     answering fails (the teacher's forward or the answer cache raises): a client pays only for answers
-    it gets. The exception itself propagates unchanged.
+    it gets. The exception itself propagates unchanged. `query` charges every call, a repeat too;
+    `redeliver` answers an exact repeat of a query already charged to the same client without a second
+    charge (a resumed run's re-delivery, which reveals nothing new).
 
     Answer hardening (off by default): `top_k > 0` (probs only) keeps the k largest probabilities of
     each row, zeroes the rest and renormalises each row to sum 1; `decimals >= 0` then rounds every
@@ -225,6 +236,7 @@ class TeacherOracle:
         self.decimals = None if decimals is None else int(decimals)
         self.answer_cache = answer_cache  # checked only after a query was validated and reserved
         self._used: dict[str, int] = {}
+        self._paid: dict[str, set[str]] = {}  # client -> fingerprints of the queries it was charged for
         self._lock = threading.Lock()
 
     @staticmethod
@@ -352,16 +364,35 @@ class TeacherOracle:
         n = len(images)
         self._reserve(client, n)
         try:
-            if self.answer_cache is not None:
-                answers = self.answer_cache.get(images, self._answer)
-            else:
-                answers = self._answer(images)
-            return self.harden(answers)
+            answers = self._serve(images)
         except BaseException:
             self._release(client, n)
             raise
+        with self._lock:
+            self._paid.setdefault(client, set()).add(_fingerprint(images))
+        return answers
 
     __call__ = query
+
+    def redeliver(self, client: str, images: torch.Tensor) -> torch.Tensor:
+        """Answer an exact repeat of a query this oracle already charged `client` for, without a second
+        charge; anything else is charged as `query` charges it.
+
+        Why: a resumed run re-delivers the answers a client paid for by sending the same images again
+        (the teacher node calls this for what its ledger knows as paid). The same images under the same
+        key get the same answers, so the repeat reveals nothing the client does not hold already.
+        """
+        key = self.client_key(client)
+        checked = self.validate(images)
+        with self._lock:
+            paid = _fingerprint(checked) in self._paid.get(key, ())
+        return self._serve(checked) if paid else self.query(key, checked)
+
+    def _serve(self, images: torch.Tensor) -> torch.Tensor:
+        """The hardened answers to validated images, from the answer cache when it holds them."""
+        if self.answer_cache is not None:
+            return self.harden(self.answer_cache.get(images, self._answer))
+        return self.harden(self._answer(images))
 
     def harden(self, answers: torch.Tensor) -> torch.Tensor:
         """Apply top-k truncation and rounding to raw answers (a new tensor; `answers` is left as it is)."""
