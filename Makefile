@@ -1,7 +1,8 @@
 # Two entry points, each bootstrapping its own virtual environment (.venv) from pyproject.toml.
 #   make run   - the default federated MEKD run on Fashion-MNIST (extra settings: make run ARGS="alpha=0.1")
 #   make test  - lint (ruff check + format check), the import contracts (lint-imports, pyproject's
-#                [tool.importlinter]), then the test suite (fast tests and end-to-end simulations)
+#                [tool.importlinter]), then the test suite (with the documentation's strict build)
+#   make docs  - the documentation site (MkDocs, docs/) built into site/;  make docs-serve: on 127.0.0.1:8000
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -9,7 +10,7 @@ STAMP  := $(VENV)/.mekd-stamp
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: run test test-fast test-slow bench data venv clean
+.PHONY: run test test-fast test-slow bench data venv clean docs docs-serve
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,7 +21,8 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 # The offline default data set comes from Debian, and deploy-local needs openssl and ssh-keygen
-# (TLS certificates, SuperNode keys); install what is missing when we may (root, apt present).
+# (TLS certificates, SuperNode keys), and the documentation's browser test needs Debian's chromium and
+# chromedriver; install what is missing when we may (root, apt present).
 data:
 	@if [ ! -f $(FMNIST) ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -31,6 +33,11 @@ data:
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl openssh-client; \
 	  else echo "openssl or ssh-keygen missing (mekd-fl deploy-local needs them): sudo apt-get install openssl openssh-client"; fi; \
+	fi
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	  else echo "chromium or chromedriver missing (the docs' browser test needs them): sudo apt-get install chromium chromium-driver"; fi; \
 	fi
 
 run: $(STAMP) data
@@ -48,5 +55,12 @@ test-slow: $(STAMP) data
 bench: $(STAMP) data
 	$(PY) experiments/bench_step.py
 
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+	@echo "Documentation built: open file://$(CURDIR)/site/index.html"
+
+docs-serve: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve --strict -a 127.0.0.1:8000
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache site

@@ -4,7 +4,7 @@ YAML, validation, the client allow-list and the generated tables.
 Why derived: every setting is declared once (`mekd_fl.settings`: the run's own in `settings/run.py`, each
 distillation method's in its own file), with its name, type, default, help, accepted values and who
 receives it. RunConfig, `CLIENT_SETTINGS`, EdgeSettings, DistillContext, EmulatorConfig, pyproject's
-`[tool.flwr.app.config]` (`python -m mekd_fl.config --pyproject`) and the README table
+`[tool.flwr.app.config]` (`python -m mekd_fl.config --pyproject`) and the docs' table
 (`python -m mekd_fl.config`) are read from the declarations, so none of them is a copy to keep equal.
 
 Importing this module loads neither torch nor Flower; the distillation methods (whose files declare
@@ -149,7 +149,7 @@ def pyproject_table() -> str:
 
 
 def settings_table() -> str:
-    """The README's configuration table, generated from the declarations (`python -m mekd_fl.config`)."""
+    """The configuration table of docs/running.md, generated from the declarations (`python -m mekd_fl.config`)."""
     rows = ["| setting | default | read by | meaning |", "|---|---|---|---|"]
     for s in RunConfig.declared():
         owner = methods.owner(s.name)

@@ -20,7 +20,7 @@ SPREAD_LIMIT = 10.0
 #: A distillation loss this many times the lowest of earlier rounds is rising.
 LOSS_RISE = 1.25
 
-ADVICE = "lower lr (see the README: choosing the learning rate for your model)"
+ADVICE = "lower lr (see docs/plugging-in.md: choosing the learning rate for your model)"
 
 
 class DivergenceWatch:

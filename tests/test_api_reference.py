@@ -19,7 +19,7 @@ from types import ModuleType
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 HEADING = "### API reference"
 
 #: The modules a Flower user imports from: the strategy package and the two sides' packages (read
@@ -62,7 +62,7 @@ def api_reference(text: str) -> str:
     try:
         start = lines.index(HEADING)
     except ValueError:
-        pytest.fail(f"README.md has no line {HEADING!r}")
+        pytest.fail(f"docs/api.md has no line {HEADING!r}")
     end = next(
         (i for i in range(start + 1, len(lines)) if re.match(r"#{1,3} ", lines[i])),
         len(lines),
@@ -155,7 +155,7 @@ def test_every_public_name_has_an_entry_with_its_parameters(module: str) -> None
     missing = PROMISED[module] - set(names)
     assert not missing, f"{module}: public names the README promised were not collected: {sorted(missing)}"
     found = problems(section, module, names)
-    assert not found, "README.md ### API reference is missing:\n" + "\n".join(found)
+    assert not found, "docs/api.md ### API reference is missing:\n" + "\n".join(found)
 
 
 def test_strategies_names_come_from_its_all() -> None:

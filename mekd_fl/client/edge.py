@@ -54,7 +54,7 @@ class EdgeSettings(SettingValues):
     """The settings of one edge device: the declared settings a client receives (audience "client" or
     "both"), less those only the project's own Flower client reads to build its data and model
     (`Setting.edge`: dataset, student-arch, run-name, emulator-fid), with the schema's names, defaults
-    and checks. A registered method's own settings are in it. See the README's settings table for each."""
+    and checks. A registered method's own settings are in it. See the configuration table (docs/running.md) for each."""
 
     __slots__ = ()
 

@@ -4,7 +4,7 @@ Why a registry: the client and the strategy never branch on the method's name. A
 with `losses(student_logits, teacher_response, images, epoch, labels=None)` and the hyperparameters it
 reads declared beside it (`settings = (Setting("dkd-alpha", ...), ...)`); adding one is a new file with
 `@register("name")`, nothing else changes: the registration puts its settings in the schema, so
-RunConfig, the pyproject and README tables, the clients' settings and DistillContext all carry them.
+RunConfig, the pyproject and docs tables, the clients' settings and DistillContext all carry them.
 """
 
 from __future__ import annotations

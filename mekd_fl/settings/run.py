@@ -1,4 +1,4 @@
-"""The run's own settings, each declared once, in the order of the README table.
+"""The run's own settings, each declared once, in the order of the configuration table.
 
 The distillation methods' hyperparameters are not here: each method declares its own in its file
 (`mekd_fl/distill/<method>.py`) and `mekd_fl.config.all_settings` puts them after `fraction-evaluate`.

@@ -2,7 +2,7 @@
 
 Why a declaration rather than a dataclass field plus copies: a setting used to be written in eight places
 (RunConfig's field, its check in a 150-line `validate`, the pyproject table, the client allow-list,
-EdgeSettings, DistillContext, EmulatorConfig, the README), kept equal by tests. A `Setting` says once
+EdgeSettings, DistillContext, EmulatorConfig, the docs), kept equal by tests. A `Setting` says once
 what each of them needs: its kebab-case name, its type (that of its default), its default, its help text,
 what it accepts (`choices`, a range in `within`, or a `rule` for the rest) and who receives it
 (`audience`); the rest is derived (see `mekd_fl.settings`).
@@ -69,7 +69,7 @@ class Setting:
 
     name: kebab-case, as in Flower's run config and YAML (snake_case in Python: `attr`).
     default: its type is the setting's type (bool, int, float or str; write 1.0 for a float).
-    help: one or more sentences for the README table and `--help`-style listings.
+    help: one or more sentences for the docs' table and `--help`-style listings.
     audience: who reads it (see `Audience`); everything but "server" is sent to the clients.
     choices: the accepted strings, or a function returning them when they are known only at run time
         (the registered distillation methods).
@@ -189,7 +189,7 @@ class Setting:
 
     # ------------------------------------------------------------------ documentation
     def meaning(self) -> str:
-        """The README's "meaning" cell: the help text and, for a choice, what is accepted."""
+        """The table's "meaning" cell: the help text and, for a choice, what is accepted."""
         accepted = self.accepted()
         return self.help + (f" One of: {', '.join(accepted)}." if accepted else "")
 
