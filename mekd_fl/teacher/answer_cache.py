@@ -21,6 +21,15 @@ from pathlib import Path
 import torch
 
 
+def images_digest(images: torch.Tensor) -> str:
+    """A fingerprint of exactly these query images (dtype, shape and bytes): the cache's file name, and how
+    the oracle and the teacher node recognise a repeat of images already paid for."""
+    data = images.detach().cpu().contiguous()
+    digest = hashlib.sha256(f"{data.dtype}{tuple(data.shape)}".encode())
+    digest.update(data.numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
 class AnswerCache:
     """Answers of one teacher (`teacher_key`, e.g. `TeacherRecipe.key()`) for one output kind."""
 
@@ -31,10 +40,7 @@ class AnswerCache:
         self.misses = 0
 
     def path_for(self, images: torch.Tensor) -> Path:
-        data = images.detach().cpu().contiguous()
-        digest = hashlib.sha256(f"{data.dtype}{tuple(data.shape)}".encode())
-        digest.update(data.numpy().tobytes())
-        return self.folder / f"{self.output}-{digest.hexdigest()[:32]}.pt"
+        return self.folder / f"{self.output}-{images_digest(images)}.pt"
 
     def get(self, images: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """The stored answers for exactly these images, or `compute(images)`, stored for next time."""

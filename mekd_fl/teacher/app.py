@@ -21,7 +21,6 @@ under the same key (a resumed run re-delivering its answers) reveals nothing new
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import tempfile
@@ -36,6 +35,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.clientapp import ClientApp
 
 from mekd_fl.settings.run import run_setting
+from mekd_fl.teacher.answer_cache import images_digest
 from strategies import protocol as P
 from strategies.teacher_node import TOKEN_ENV, role_proof
 
@@ -71,13 +71,6 @@ class NodeBudgetExceeded(ValueError):
 def node_is_teacher(context: Context) -> bool:
     """A node is the teacher when its own node-config says so (`mekd-role = "teacher"`)."""
     return str(context.node_config.get(ROLE_KEY, "")) == "teacher"
-
-
-def _digest(images: np.ndarray) -> str:
-    """A fingerprint of exactly these query images (dtype, shape and bytes): a repeat is recognised by it."""
-    h = hashlib.sha256(f"{images.dtype}{images.shape}".encode())
-    h.update(images.tobytes())
-    return h.hexdigest()[:32]
 
 
 def _count(name: str, value: object, minimum: int) -> int | None:
@@ -265,7 +258,7 @@ def register_teacher(
         array = np.ascontiguousarray(message.content[P.QUERIES][P.IMAGES].numpy())
         if array.ndim < 1:
             raise NodeBudgetExceeded("query images must be a batch (B, C, H, W)")
-        fingerprint, n = _digest(array), int(array.shape[0])
+        fingerprint, n = images_digest(torch.from_numpy(array)), int(array.shape[0])
         redelivery = book.charge(client, fingerprint, n, context)
         try:
             images = torch.from_numpy(array)

@@ -12,7 +12,6 @@ distilled from in silence.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import numbers
 import threading
@@ -26,7 +25,7 @@ from torch.export import ExportedProgram
 
 from mekd_fl.augment import to_unit
 from mekd_fl.settings.run import run_setting
-from mekd_fl.teacher.answer_cache import AnswerCache
+from mekd_fl.teacher.answer_cache import AnswerCache, images_digest
 
 __all__ = ["BudgetExceeded", "QueryError", "TeacherAnswerError", "TeacherOracle"]
 
@@ -103,14 +102,6 @@ def _numpy_input(x: object) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
     return np.array(x, dtype=np.float32, order="C")
-
-
-def _fingerprint(images: torch.Tensor) -> str:
-    """A digest of exactly these query images (dtype, shape and values), to recognise a repeat."""
-    data = images.detach().cpu().contiguous().numpy()
-    h = hashlib.sha256(f"{data.dtype}{data.shape}".encode())
-    h.update(data.tobytes())
-    return h.hexdigest()[:32]
 
 
 class TeacherOracle:
@@ -369,7 +360,7 @@ class TeacherOracle:
             self._release(client, n)
             raise
         with self._lock:
-            self._paid.setdefault(client, set()).add(_fingerprint(images))
+            self._paid.setdefault(client, set()).add(images_digest(images))
         return answers
 
     __call__ = query
@@ -385,7 +376,7 @@ class TeacherOracle:
         key = self.client_key(client)
         checked = self.validate(images)
         with self._lock:
-            paid = _fingerprint(checked) in self._paid.get(key, ())
+            paid = images_digest(checked) in self._paid.get(key, ())
         return self._serve(checked) if paid else self.query(key, checked)
 
     def _serve(self, images: torch.Tensor) -> torch.Tensor:
