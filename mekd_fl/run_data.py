@@ -32,7 +32,8 @@ class RunData:
         return self.dataset.train_images[idx], self.dataset.train_labels[idx]
 
 
-def _data_key(cfg: RunConfig) -> tuple:
+def data_key(cfg: RunConfig) -> tuple:
+    """Every setting the data set and its split depend on: equal keys give the same partitions."""
     return (
         cfg.dataset,
         cfg.data_dir,
@@ -85,4 +86,4 @@ def _run_data(key: tuple) -> RunData:
 
 
 def run_data(cfg: RunConfig) -> RunData:
-    return _run_data(_data_key(cfg))
+    return _run_data(data_key(cfg))

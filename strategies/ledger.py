@@ -98,8 +98,11 @@ class QueryLedger:
             entry.update(answered=entry["sent"], redelivered=True, responses=held[1])
             self.example_cap[node] = entry["sent"]
             return entry
+        # a paid repeat goes to an oracle's `redeliver` when it has one (TeacherOracle: answered without a
+        # second charge of its own budget; a teacher node recognises repeats itself)
+        again = getattr(oracle, "redeliver", None) if redelivery else None
         try:
-            responses = oracle(key, torch.from_numpy(np.ascontiguousarray(images)))
+            responses = (again if callable(again) else oracle)(key, torch.from_numpy(np.ascontiguousarray(images)))
             responses = np.asarray(
                 responses.detach().cpu().numpy() if isinstance(responses, torch.Tensor) else responses, dtype=np.float32
             )

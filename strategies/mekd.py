@@ -211,6 +211,9 @@ class MEKD(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> list:
         server_round += self._offset
         self._global = arrays
+        lost, self.transport.lost = sorted(self.transport.lost & self.ledger.answered, key=self.transport.label), set()
+        if lost:  # restarted nodes (or liars, bounded): ready again before this round samples its cohort
+            self.phases.reprepare(grid, lost, self._config, arrays, server_round)
         pool = self.transport.partition_of if self.phases.plan.phase == "lazy" else self.ledger.answered
         nodes = self._sample(server_round, self.fraction_train, self.min_train_nodes, 0, pool)
         if self.phases.plan.phase == "lazy":  # newcomers get ready first

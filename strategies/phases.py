@@ -86,6 +86,8 @@ class Phases:
         self.clipped = clipped  # shared with the rounds: every update scaled down, of any phase
         self.emulator_metrics: dict[int, dict] = {}
         self.seconds = {"emulator": 0.0, "query": 0.0}  # time in each phase, over the run (summaries, benchmarks)
+        self.installed: dict[str, ArrayRecord] = {}  # the federated emulator every client got (re-preparation)
+        self.reprepared: dict[int, int] = {}  # node -> times it was prepared again after losing its state
         self.say = transport.say
 
     # ------------------------------------------------------------------ both phases
@@ -129,6 +131,7 @@ class Phases:
                 self.failures.require("emulator", len(node_ids), len(asked))
                 self.say(f"[emulator] federated round {r + 1}/{len(splits)}: averaged {len(node_ids)} emulators")
             extra = {P.PHASE_STEPS: 0, P.MEASURE_FID: plan.measure_fid}
+            self.installed = weights
             replies = self._round(grid, node_ids, config, extra, weights, paired=False)
         self.failures.require("emulator", len(replies), len(asked))
         for reply in replies:
@@ -241,6 +244,55 @@ class Phases:
         else:
             took = time.time() - t0
             self.say(f"[teacher] answered {ledger.total} queries for {len(ledger.answered)} clients in {took:.0f}s")
+
+    # ------------------------------------------------------------------ a node that lost its state
+    def reprepare(
+        self, grid: Grid, nodes: list[int], config: ConfigRecord, scorer: ArrayRecord | None = None, at: int = 0
+    ) -> list[int]:
+        """Prepare again the nodes that said they hold no emulator and answers although they were
+        delivered (`P.STATE_LOST`: a SuperNode that restarted keeps its node id but not its memory).
+
+        Each trains its emulator again (or, with a federated emulator, is given the run's average, not a
+        new average over the few that came back) and sends its queries again: the same images it paid
+        for are answered again without a second charge (`QueryLedger.budget_for`); other images are
+        refused. At most `P.MAX_REPREPARE` times per node and run, so a client that keeps saying it lost
+        its state only costs its own failures. Returns the nodes that are ready again."""
+        nodes = [n for n in nodes if self.reprepared.get(n, 0) < P.MAX_REPREPARE]
+        if not nodes:
+            return []
+        for n in nodes:
+            self.reprepared[n] = self.reprepared.get(n, 0) + 1
+        self.ledger.answered -= set(nodes)
+        labels = ", ".join(str(self.transport.label(n)) for n in nodes)
+        self.say(f"[rejoin] clients {labels} lost their emulator and answers (node restarted?): preparing them again")
+        self.failures.lenient = True  # judged by the rounds, not here
+        try:
+            if self.plan.federated and self.installed and self.plan.train:
+                self._reinstall(grid, nodes, config, scorer, at)
+            else:
+                self.prepare(grid, nodes, config, scorer, at)
+        finally:
+            self.failures.lenient = False
+        ready = [n for n in nodes if n in self.ledger.answered]
+        self.say(f"[rejoin] {len(ready)}/{len(nodes)} clients ready again")
+        return ready
+
+    def _reinstall(
+        self, grid: Grid, nodes: list[int], config: ConfigRecord, scorer: ArrayRecord | None, at: int
+    ) -> None:
+        """A federated emulator's re-preparation: the run's averaged emulator installed (no training), and
+        the queries sent again, in the order the pairing needs."""
+
+        def install(targets: list[int]) -> list[int]:
+            replies = self._round(grid, targets, config, {P.PHASE_STEPS: 0}, self.installed, paired=False)
+            return [r.metadata.src_node_id for r in replies]
+
+        if self.plan.pairing == "paired":
+            self.run_queries(grid, nodes, config, scorer, at)
+            answered = [n for n in nodes if n in self.ledger.answered]
+            self.ledger.answered -= set(answered) - set(install(answered) if answered else [])
+        elif ready := install(nodes):
+            self.run_queries(grid, ready, config, scorer, at)
 
     # ------------------------------------------------------------------ upfront, lazy, samples
     def prepare_upfront(self, grid: Grid, nodes: list[int], config: ConfigRecord) -> None:

@@ -76,6 +76,11 @@ CLIENT = "client"  # TEACH: the client key the queries are charged to
 
 NUM_EXAMPLES = "num-examples"
 PARTITION_ID = "partition-id"  # reported by clients: a label for logs only, never an identity
+# In a client's error reason: it holds no emulator and answers although the server delivered them (its
+# SuperNode restarted: same node id, empty memory). The server prepares it again, at most
+# MAX_REPREPARE times per run, re-delivering what it paid for without a second charge.
+STATE_LOST = "mekd-state-lost"
+MAX_REPREPARE = 2
 
 # ---------------------------------------------------------------------------- the allow-list
 #: Record names a server message of each type may carry (SHARD only in simulations).

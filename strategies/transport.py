@@ -31,6 +31,8 @@ NodeRecords = Callable[[int, int], Mapping[str, ArrayRecord | ConfigRecord]]
 
 #: Phases that ask more clients than this are sent in 10 chunks, each followed by a progress line.
 PROGRESS_ABOVE = 50
+#: Seconds between looks for replies under the Deployment Engine (at most; Flower's own loop: 3).
+PULL_INTERVAL = 0.5
 
 
 def clock(seconds: float) -> str:
@@ -62,6 +64,8 @@ class Transport:
         self.teacher_node: int | None = None  # the teacher's own node (TeacherNode oracle), never a client
         self.timeout = 3600.0  # seconds to wait for one batch of replies (`reply-timeout`), set by MEKD.start
         self.errored: set[int] = set()  # nodes that answered the last triaged batch with an error
+        self.lost: set[int] = set()  # nodes that said they hold no state (P.STATE_LOST), not yet re-prepared
+        self.unpushed: set[int] = set()  # nodes whose message the SuperLink did not accept (last exchange)
 
     def label(self, node: int) -> int:
         """The node's partition label, or the node id itself when it has none (ordering, logs)."""
@@ -119,6 +123,8 @@ class Transport:
                 continue
             if reply.has_error():
                 self.errored.add(node)
+                if src == node and P.STATE_LOST in str(reply.error.reason):
+                    self.lost.add(node)
                 self.failures.record(phase, node, error_reason(reply, node), server_round)
             elif src != node:
                 self.failures.record(phase, node, f"reply sent by node {src}, not by the node asked", server_round)
@@ -128,9 +134,12 @@ class Transport:
                 good.append(reply)
         for node in sorted({*by_id.values(), *by_node}):
             reason = f"no reply within reply-timeout={self.timeout:g}s"
+            if node in self.unpushed:
+                reason = "message not delivered: the SuperLink refused it (too large or malformed; see Flower's log)"
             self.failures.record(
                 phase, node, "reply to another message ignored" if node in strays else reason, server_round
             )
+        self.unpushed = set()
         return sorted(good, key=lambda r: self.label(r.metadata.src_node_id))
 
     def send_and_receive(self, grid: Grid, messages: list[Message], timeout: float | None) -> list[Message]:
@@ -144,9 +153,12 @@ class Transport:
         if not (callable(push) and callable(pull) and own.startswith("flwr.")):
             return list(grid.send_and_receive(messages, timeout=timeout))
         pushed = set(push(messages))  # Flower sets each message's id as it pushes it
+        self.unpushed = {m.metadata.dst_node_id for m in messages if m.metadata.message_id not in pushed}
         pending = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id in pushed}
         deadline = math.inf if timeout is None else time.time() + timeout
-        interval = float(getattr(grid, "pull_interval", 3.0))
+        # Flower's own loop looks every 3 s; a pull is one small request to the SuperLink, and each of a
+        # round's exchanges would wait half that on average for nothing.
+        interval = min(float(getattr(grid, "pull_interval", PULL_INTERVAL)), PULL_INTERVAL)
         replies: list[Message] = []
         while pending:
             for reply in pull(list(pending)):

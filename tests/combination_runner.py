@@ -5,7 +5,9 @@ Writes OUT_DIR/outcome.json ({run-name: "ok" | traceback}) and OUT_DIR/messages.
 message the server sent (type, destination, and each record's names, keys, dtypes, shapes and config
 values; never the numbers of an array), so a test can check every message against the allow-list.
 With CHAOS = "crash=0.3,poison=9": each client crashes in about 30 % of its messages (decided by a hash
-of partition, message type and round, so runs repeat) and partition 9 sends poisoned updates.
+of partition, message type and round, so runs repeat) and partition 9 sends poisoned updates. With
+"forget=1@2", partition 1's node loses its state (emulator, answers) just before its round-2 training
+message, as a SuperNode that restarted would.
 """
 
 from __future__ import annotations
@@ -63,8 +65,10 @@ def describe(message) -> dict:
     return {"type": message.metadata.message_type, "dst": message.metadata.dst_node_id, "records": records}
 
 
-def chaos_wrapper(crash: float, poison: int):
-    """Wraps each ClientApp handler: crash some messages, poison one client's updates."""
+def chaos_wrapper(crash: float, poison: int, forget: tuple[int, int] = (-1, -1)):
+    """Wraps each ClientApp handler: crash some messages, poison one client's updates, wipe one node's
+    state (`forget` = (partition, round)) once."""
+    forgotten: set[tuple[int, int]] = set()
 
     def wrap(handler):
         def chaotic(message, context):
@@ -77,6 +81,10 @@ def chaos_wrapper(crash: float, poison: int):
             config = message.content.config_records.get("config")
             rnd = int(config.get("server-round", 0)) if config is not None else 0
             key = f"{partition}/{message.metadata.message_type}/{rnd}".encode()
+            if (partition, rnd) == forget and message.metadata.message_type == P.TRAIN and forget not in forgotten:
+                forgotten.add(forget)
+                for name in list(context.state.keys()):
+                    del context.state[name]
             if zlib.crc32(key) % 1000 < crash * 1000:
                 raise RuntimeError(f"chaos: client {partition} crashes on {message.metadata.message_type}")
             reply = handler(message, context)
@@ -109,9 +117,9 @@ def main() -> None:
     messages = os.path.join(out_dir, "messages.jsonl")
     client_app = None
     if chaos:
-        client_app = make_client_app(
-            configs[0].data_dir, wrap=chaos_wrapper(float(chaos.get("crash", 0)), int(chaos.get("poison", -1)))
-        )
+        forget = tuple(int(x) for x in chaos.get("forget", "-1@-1").split("@"))
+        wrap = chaos_wrapper(float(chaos.get("crash", 0)), int(chaos.get("poison", -1)), forget)
+        client_app = make_client_app(configs[0].data_dir, wrap=wrap)
     outcome = run_configs(
         configs,
         client_gpus=0.0,

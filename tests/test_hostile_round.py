@@ -330,6 +330,33 @@ def test_a_reply_to_a_sent_message_from_another_node_is_not_used_and_not_waited_
     ]
 
 
+class RefusingGrid(SuperLinkGrid):
+    """A SuperLink that does not accept the messages to some nodes (Flower returns None for their ids,
+    or nothing at all for a payload that is too large)."""
+
+    refused: frozenset[int] = frozenset({33})
+
+    def push_messages(self, messages) -> list:
+        kept = [m for m in messages if m.metadata.dst_node_id not in self.refused]
+        ids = iter(super().push_messages(kept))
+        return [None if m.metadata.dst_node_id in self.refused else next(ids) for m in messages]
+
+
+def test_a_message_the_superlink_refused_is_recorded_as_not_delivered_not_as_a_timeout() -> None:
+    s, _ = make(min_reply_fraction=0.5)
+    grid = RefusingGrid({11: honest(0), 22: honest(1), 33: honest(2)})
+    s.transport.partition_of = {11: 0, 22: 1, 33: 2}
+    s.ledger.answered = {11, 22, 33}
+    s.ledger.example_cap = {11: 6, 22: 6, 33: 6}
+    s.phases.plan.phase = "lazy"
+    t0 = time.time()
+    run(s, grid, rounds=1, timeout=20)
+    assert time.time() - t0 < 10
+    entries = [(f["phase"], f["node"], f["reason"]) for f in s.failures.entries]
+    refused = "message not delivered: the SuperLink refused it (too large or malformed; see Flower's log)"
+    assert entries == [("train", 33, refused), ("evaluate", 33, refused)]
+
+
 def test_an_offline_node_is_one_failure_with_flowers_reason_per_phase() -> None:
     s, _ = make(min_reply_fraction=0.5)
     grid = SuperLinkGrid({11: honest(0), 22: honest(1), 33: honest(2)})

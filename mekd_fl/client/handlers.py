@@ -68,7 +68,10 @@ def _state_dict(context: Context, key: str) -> dict | None:
 def _answers(context: Context) -> tuple:
     record = context.state.array_records.get(STATE_ANSWERS)
     if record is None or P.RESPONSES not in record:
-        raise ValueError("this client holds no teacher answers yet (the query phase did not reach it)")
+        raise ValueError(
+            f"{P.STATE_LOST}: this client holds no teacher answers (the query phase did not reach it, or its "
+            "node restarted since)"
+        )
     qa = record.to_torch_state_dict()
     return qa[P.IMAGES], qa[P.RESPONSES]
 

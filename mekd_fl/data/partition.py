@@ -3,24 +3,23 @@
 Using Flower's partitioners (rather than hand-written sampling) keeps the
 non-IID settings comparable with other Flower-based work. They operate on a
 Hugging Face dataset, so the labels are wrapped together with their row index
-and the partitions are read back as index arrays.
+and the partitions are read back as index arrays. They are imported when a split is cut, not with the
+module: flwr-datasets brings Hugging Face `datasets` and matplotlib (about 1.5 s), and a ClientApp that
+only reads its own shard, started afresh for every message under the Deployment Engine, never cuts one.
 """
 
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
-from flwr_datasets.partitioner import (
-    DirichletPartitioner,
-    IidPartitioner,
-    Partitioner,
-    PathologicalPartitioner,
-    ShardPartitioner,
-)
 
 from mekd_fl.errors import ConfigError
+
+if TYPE_CHECKING:
+    import datasets
+    from flwr_datasets.partitioner import Partitioner
 
 PARTITIONS = ("iid", "dirichlet", "pathological", "shard")
 
@@ -75,6 +74,8 @@ def partition_indices(
     # PathologicalPartitioner splits each class in dataset order (ShardPartitioner
     # sorts by label, a stable sort), so without it the seed would not change
     # which samples a partition gets.
+    import datasets
+
     table = datasets.Dataset.from_dict({"label": labels, "idx": np.arange(len(labels))}).shuffle(seed=seed)
     if scheme == "dirichlet":
         return _dirichlet_parts(table, labels, num_partitions, alpha, min_partition_size, partition_retries, seed)
@@ -154,6 +155,8 @@ def _make_partitioner(
     num_partitions: int, scheme: str, classes_per_partition: int, shards: int, seed: int
 ) -> Partitioner:
     """The flwr-datasets partitioner for ``iid``, ``pathological`` or ``shard`` (settings already checked)."""
+    from flwr_datasets.partitioner import IidPartitioner, PathologicalPartitioner, ShardPartitioner
+
     if scheme == "iid":
         return IidPartitioner(num_partitions)
     if scheme == "shard":
@@ -203,6 +206,8 @@ def _dirichlet_parts(
     # many clients): asking for at most half the average size keeps resampling
     # likely to succeed, and at least 1 keeps every client non-empty.
     min_size = max(1, min(min_partition_size, len(labels) // (num_partitions * 2)))
+    from flwr_datasets.partitioner import DirichletPartitioner
+
     rng = np.random.default_rng(seed)
     for _ in range(retries + 1):
         # self_balancing=False: balancing zeroes later classes' shares for partitions that are

@@ -40,12 +40,15 @@ class Processes:
     started: list[Started] = field(default_factory=list)
     _files: list[IO] = field(default_factory=list)
 
-    def start(self, name: str, argv: list[str], cwd: Path) -> Started:
+    def start(self, name: str, argv: list[str], cwd: Path, env: dict[str, str] | None = None) -> Started:
+        """Start `argv` in a session of its own, its output in `<logs>/<name>.log`; `env` adds to or
+        overrides this deployment's environment for that process (and what it starts)."""
         log = self.logs / f"{name}.log"
         fh = open(log, "w")  # noqa: SIM115  (closed in stop_all)
         self._files.append(fh)
+        own_env = {**self.env, **(env or {})}
         proc = subprocess.Popen(
-            argv, cwd=cwd, env=self.env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            argv, cwd=cwd, env=own_env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,
         )  # fmt: skip
         started = Started(name, proc, log)
