@@ -247,6 +247,48 @@ def test_a_supernode_killed_mid_run_is_a_recorded_failure_and_the_run_completes(
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    any(shutil.which(t, path=f"{BIN}{os.pathsep}{os.environ['PATH']}") is None for t in D.TOOLS),
+    reason="Flower tools, openssl or ssh-keygen missing",
+)
+def test_a_superlink_killed_mid_run_ends_the_command_in_one_line_and_leaves_nothing(tmp_path: Path) -> None:
+    """SIGKILL the real SuperLink once the run is under way: deploy-local exits 1 with one line that names
+    it (and the run folder's state), stops every other process it started, and `mekd-fl status` does not
+    advise a `--resume` that would fail."""
+    ports = free_ports(3)
+    out, work = tmp_path / "runs", tmp_path / "work"
+    settings = f"{TINY} run-name='cut' out-dir='{out}' cache-dir='{tmp_path / 'c'}'"
+    argv = [str(BIN / "mekd-fl"), "deploy-local", "--supernodes", "2", "--workdir", str(work)]
+    argv += ["--port", str(ports[0]), "--node-port", str(ports[1]), "--timeout", "600", "--run-config", settings]
+    console = tmp_path / "console.log"
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=console.open("w"), stderr=subprocess.STDOUT)
+    try:
+        deadline, victim = time.time() + 300, 0
+        while time.time() < deadline and proc.poll() is None and not victim:
+            found = re.search(r"SuperLink \(PID (\d+)\)", console.read_text())
+            if found and (out / "cut" / "config.json").is_file():  # the ServerApp is running
+                victim = int(found.group(1))
+                os.kill(victim, signal.SIGKILL)
+            time.sleep(0.2)
+        assert victim, console.read_text()[-4000:]
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+    log = console.read_text()
+    assert proc.returncode == 1, log[-4000:]
+    ends = [ln for ln in log.splitlines() if ln.startswith("[deploy] error: the run ends: superlink")]
+    assert len(ends) == 1 and "signal SIGKILL" in ends[0] and "run folder" in ends[0], log
+    assert "Traceback" not in log and "\x1b" not in log
+    status = subprocess.run([str(BIN / "mekd-fl"), "status", str(out / "cut")], capture_output=True, text=True)
+    assert "continue with `mekd-fl run --resume" not in status.stdout, status.stdout
+    time.sleep(2)
+    left = subprocess.run(["pgrep", "-af", str(work)], capture_output=True, text=True).stdout.splitlines()
+    assert left == [], f"processes left running: {left}"
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("ray", path=str(BIN)) is None, reason="ray CLI missing")
 def test_simulation_attaches_to_a_running_ray_cluster(tmp_path: Path) -> None:
     """`ray start --head` (in a session of its own, stopped by its process group), then `mekd-fl run

@@ -40,6 +40,7 @@ from typing import Any
 
 from mekd_fl.errors import ConfigError
 from mekd_fl.runtime.deploy.processes import LINK, Processes, Started, exit_line, tail
+from mekd_fl.runtime.reaper import reap_descendants_on_exit
 
 CONNECTION = "deploy-local"  # the connection's name in $FLWR_HOME/config.toml
 TOOLS = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr", "openssl", "ssh-keygen", "bash")
@@ -261,6 +262,10 @@ def deploy_local(
 
     for sub in ("certs", "keys", "logs", "flwr-home"):
         (workdir / sub).mkdir(parents=True, exist_ok=True)
+    # The SuperLink's SuperExec starts flwr-serverapp outside the SuperLink's process group: when the
+    # SuperLink dies first, stopping its group misses the ServerApp, which then waits on a SuperLink that
+    # is gone. The watchdog records this command's whole process tree and ends what is left when it exits.
+    reap_descendants_on_exit()
     procs = Processes(env, workdir / "logs")
     # Ctrl-C, SIGTERM and SIGHUP all end in the cleanup below (SIGINT too when the shell started this
     # command in the background with SIGINT ignored).
