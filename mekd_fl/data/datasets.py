@@ -302,12 +302,22 @@ def _synthetic() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return train_images, train_labels, test_images, test_labels
 
 
+_CHUNK = 1 << 18  # pixels per bincount call in `_channel_stats`
+
+
 def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Exact per-channel mean/std in [0, 1] from 256-bin histograms (no float copy of the images)."""
     values = np.arange(256, dtype=np.float64) / 255
     means, stds = [], []
     for c in range(images.shape[1]):
-        counts = np.bincount(images[:, c].ravel(), minlength=256).astype(np.float64)
+        # bincount casts its input to int64 first: on all 47M Fashion-MNIST pixels at once that cast took
+        # 1.4 s of the 3 s a data set load took, paid by every ClientApp process under the Deployment
+        # Engine. Chunks that fit the cache give the same counts in 0.07 s.
+        flat = images[:, c].reshape(-1)
+        counts = sum(
+            (np.bincount(flat[i : i + _CHUNK], minlength=256) for i in range(0, flat.size, _CHUNK)),
+            np.zeros(256, dtype=np.int64),
+        ).astype(np.float64)
         p = counts / counts.sum()
         mean = float(p @ values)
         means.append(mean)
