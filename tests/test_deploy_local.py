@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -195,6 +196,26 @@ def test_deploy_local_runs_two_authenticated_supernodes_and_leaves_nothing(tmp_p
     assert left == [], f"processes left running: {left}"
 
 
+def kill_mid_deploy(argv: list[str], console: Path, process: str, ready: Callable[[], bool], limit: float) -> int:
+    """Run deploy-local (`argv`, output to `console`), SIGKILL the process its console names `process`
+    (e.g. "SuperNode 1") once `ready()`, and wait for the command; its exit code."""
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=console.open("w"), stderr=subprocess.STDOUT)
+    try:
+        deadline, victim = time.time() + limit, 0
+        while time.time() < deadline and proc.poll() is None and not victim:
+            found = re.search(rf"{process} \(PID (\d+)\)", console.read_text())
+            if found and ready():
+                victim = int(found.group(1))
+                os.kill(victim, signal.SIGKILL)
+            time.sleep(0.2)
+        assert victim, console.read_text()[-4000:]
+        return proc.wait(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     any(shutil.which(t, path=f"{BIN}{os.pathsep}{os.environ['PATH']}") is None for t in D.TOOLS),
@@ -210,25 +231,11 @@ def test_a_supernode_killed_mid_run_is_a_recorded_failure_and_the_run_completes(
     settings = f"{tiny} reply-timeout=240 run-name='lost' out-dir='{out}' cache-dir='{tmp_path / 'c'}'"
     argv = [str(BIN / "mekd-fl"), "deploy-local", "--supernodes", "2", "--workdir", str(work)]
     argv += ["--port", str(ports[0]), "--node-port", str(ports[1]), "--timeout", "840", "--run-config", settings]
-    console = tmp_path / "console.log"
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=console.open("w"), stderr=subprocess.STDOUT)
-    try:
-        deadline, victim = time.time() + 600, 0
-        metrics = out / "lost" / "metrics.jsonl"
-        while time.time() < deadline and proc.poll() is None and not victim:
-            found = re.search(r"SuperNode 1 \(PID (\d+)\)", console.read_text())
-            if found and metrics.is_file() and '"round": 1,' in metrics.read_text():  # round 1 is done
-                victim = int(found.group(1))
-                os.kill(victim, signal.SIGKILL)
-            time.sleep(0.2)
-        assert victim, console.read_text()[-4000:]
-        proc.wait(timeout=900)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
+    console, metrics = tmp_path / "console.log", out / "lost" / "metrics.jsonl"
+    round_1_done = lambda: metrics.is_file() and '"round": 1,' in metrics.read_text()  # noqa: E731
+    code = kill_mid_deploy(argv, console, "SuperNode 1", round_1_done, 600)
     log = console.read_text()
-    assert proc.returncode == 0, log[-5000:]
+    assert code == 0, log[-5000:]
     lost = [ln for ln in log.splitlines() if "lost supernode-1" in ln]
     assert len(lost) == 1 and "signal SIGKILL" in lost[0] and "goes on with 1 of 2 SuperNodes" in lost[0], log
     assert "finished:completed" in log and "\x1b" not in log
@@ -261,23 +268,10 @@ def test_a_superlink_killed_mid_run_ends_the_command_in_one_line_and_leaves_noth
     argv = [str(BIN / "mekd-fl"), "deploy-local", "--supernodes", "2", "--workdir", str(work)]
     argv += ["--port", str(ports[0]), "--node-port", str(ports[1]), "--timeout", "600", "--run-config", settings]
     console = tmp_path / "console.log"
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=console.open("w"), stderr=subprocess.STDOUT)
-    try:
-        deadline, victim = time.time() + 300, 0
-        while time.time() < deadline and proc.poll() is None and not victim:
-            found = re.search(r"SuperLink \(PID (\d+)\)", console.read_text())
-            if found and (out / "cut" / "config.json").is_file():  # the ServerApp is running
-                victim = int(found.group(1))
-                os.kill(victim, signal.SIGKILL)
-            time.sleep(0.2)
-        assert victim, console.read_text()[-4000:]
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
+    server_app_running = (out / "cut" / "config.json").is_file
+    code = kill_mid_deploy(argv, console, "SuperLink", server_app_running, 300)
     log = console.read_text()
-    assert proc.returncode == 1, log[-4000:]
+    assert code == 1, log[-4000:]
     ends = [ln for ln in log.splitlines() if ln.startswith("[deploy] error: the run ends: superlink")]
     assert len(ends) == 1 and "signal SIGKILL" in ends[0] and "run folder" in ends[0], log
     assert "Traceback" not in log and "\x1b" not in log

@@ -131,6 +131,24 @@ def test_two_honest_emulators_are_both_averaged() -> None:
     assert s.phases.run_emulation(grid, [11, 22], ConfigRecord()) == [11, 22] and s.failures.entries == []
 
 
+def test_a_rejoined_node_is_given_the_runs_federated_emulator_not_a_new_average() -> None:
+    """Item 10 with a federated emulator: the node that lost its state gets the average every client got
+    (one install message, no training rounds) and its queries re-delivered without a second charge."""
+    installed: dict[int, dict] = {}
+    grid = FakeGrid({n: _emulator_client(i, installed) for i, n in enumerate((11, 22, 33))})
+    s, _ = make(n=3, train_emulators=True, federated_emulator=True, emulator_rounds=2, emulator_steps=4)
+    s.transport.partition_of = {11: 0, 22: 1, 33: 2}
+    s.phases.prepare(grid, [11, 22, 33], ConfigRecord())
+    first, sent_before = installed.pop(22), len(grid.sent)
+    assert s.phases.reprepare(grid, [22], ConfigRecord()) == [22]
+    again = [m for m in grid.sent[sent_before:] if m.metadata.message_type == P.EMULATOR]
+    assert len(again) == 1 and not again[0].content[P.CONFIG].get(P.RETURN_WEIGHTS, False)
+    for key, weights in first.items():
+        assert all(np.array_equal(weights[k], installed[22][key][k]) for k in weights)
+    assert s.ledger.queries_used["client-1"] == 6 and s.ledger.log[-1]["redelivered"]
+    assert s.ledger.answered == {11, 22, 33}
+
+
 def test_two_clients_one_scaling_its_emulator_x1000_cannot_poison_the_installed_emulator() -> None:
     installed: dict[int, dict] = {}
     grid = FakeGrid({11: _emulator_client(0, installed), 22: _emulator_client(1, installed, scale=1000.0)})
@@ -330,6 +348,14 @@ def test_a_reply_to_a_sent_message_from_another_node_is_not_used_and_not_waited_
     ]
 
 
+def _phases_done(s: MEKD) -> None:
+    """Three clients (nodes 11, 22, 33) that came through the phases: `start` runs only the rounds."""
+    s.transport.partition_of = {11: 0, 22: 1, 33: 2}
+    s.ledger.answered = {11, 22, 33}
+    s.ledger.example_cap = {11: 6, 22: 6, 33: 6}
+    s.phases.plan.phase = "lazy"  # lazy phases skip clients that already hold answers
+
+
 class RefusingGrid(SuperLinkGrid):
     """A SuperLink that does not accept the messages to some nodes (Flower returns None for their ids,
     or nothing at all for a payload that is too large)."""
@@ -345,10 +371,7 @@ class RefusingGrid(SuperLinkGrid):
 def test_a_message_the_superlink_refused_is_recorded_as_not_delivered_not_as_a_timeout() -> None:
     s, _ = make(min_reply_fraction=0.5)
     grid = RefusingGrid({11: honest(0), 22: honest(1), 33: honest(2)})
-    s.transport.partition_of = {11: 0, 22: 1, 33: 2}
-    s.ledger.answered = {11, 22, 33}
-    s.ledger.example_cap = {11: 6, 22: 6, 33: 6}
-    s.phases.plan.phase = "lazy"
+    _phases_done(s)
     t0 = time.time()
     run(s, grid, rounds=1, timeout=20)
     assert time.time() - t0 < 10
@@ -360,11 +383,8 @@ def test_a_message_the_superlink_refused_is_recorded_as_not_delivered_not_as_a_t
 def test_an_offline_node_is_one_failure_with_flowers_reason_per_phase() -> None:
     s, _ = make(min_reply_fraction=0.5)
     grid = SuperLinkGrid({11: honest(0), 22: honest(1), 33: honest(2)})
-    s.transport.partition_of = {11: 0, 22: 1, 33: 2}
-    s.ledger.answered = {11, 22, 33}
-    s.ledger.example_cap = {11: 6, 22: 6, 33: 6}
+    _phases_done(s)
     grid.offline = {33}  # gone after the phases: the SuperLink answers its round messages (source: node 1)
-    s.phases.plan.phase = "lazy"  # the phases are already done: only the rounds run
     t0 = time.time()
     run(s, grid, rounds=2, timeout=20)
     assert time.time() - t0 < 10
