@@ -61,6 +61,16 @@ def test_argument_checks_are_one_line() -> None:
     assert D.check_args(3, 60, 8000, 9094) == [8000, 9094, 9095, 9096]
 
 
+def test_supernodes_share_the_cores_and_superexec_polls_often(tmp_path: Path) -> None:
+    """N SuperNodes on one machine get cores / N torch threads each (at least 1): a thread per core in
+    every ClientApp process made the emulator phase 4x slower; SuperExec looks for tasks 5x a second."""
+    assert D.node_threads(2, cpus=2) == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    assert D.node_threads(3, cpus=16)["OMP_NUM_THREADS"] == "5"
+    assert D.node_threads(5, cpus=2)["OMP_NUM_THREADS"] == "1"
+    assert int(D.node_threads(1)["OMP_NUM_THREADS"]) >= 1
+    assert float(D.tool_env(tmp_path)["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"]) == D.TASK_POLL_INTERVAL < 1
+
+
 def test_busy_port_is_named() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -147,6 +157,25 @@ def test_node_config_partition_is_the_servers_split() -> None:
         assert partition == pid
         assert np.array_equal(local.images.numpy(), ds.train_images[split.client_train[pid]].numpy())
         assert np.array_equal(local.test_labels.numpy(), ds.train_labels[split.client_test[pid]].numpy())
+
+
+def test_a_node_cuts_its_partition_once_and_again_only_when_the_split_changes(monkeypatch) -> None:
+    """Under the Deployment Engine every message is a fresh process; the node keeps its partition's
+    indices in its own state, so later messages neither load the whole data set nor partition it."""
+    import mekd_fl.run_data as R
+
+    run = {"dataset": "synthetic", "num-clients": 3, "partition": "dirichlet", "alpha": 0.3, "seed": 7}
+    context = _context({"partition-id": 1, "num-partitions": 3}, run)
+    _, first = node_config_data(context)
+    calls: list[int] = []
+    real = R.run_data
+    monkeypatch.setattr(R, "run_data", lambda cfg: calls.append(1) or real(cfg))
+    _, again = node_config_data(context)  # the same state, as the next message's process gets it
+    assert calls == [] and np.array_equal(first.images.numpy(), again.images.numpy())
+    context.run_config["seed"] = 8  # another split: cut again, not the stale indices
+    _, other = node_config_data(context)
+    split = real(RunConfig.from_mapping({**run, "seed": 8})).split
+    assert calls == [1] and len(other.images) == len(split.client_train[1])
 
 
 def test_node_config_must_fit_the_run() -> None:

@@ -65,7 +65,8 @@ def node_threads(supernodes: int, cpus: int | None = None) -> dict[str, str]:
     emulator phase took 100 s instead of 24 s. Each node gets its share of the cores instead (at least
     one); `mekd_fl.device.limit_threads` applies OMP_NUM_THREADS in the ClientApp.
     """
-    cpus = cpus or len(os.sched_getaffinity(0))
+    if not cpus:  # the CPUs this process may use (Linux), else all of the machine's (macOS has no affinity)
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     share = str(max(1, cpus // max(1, supernodes)))
     return {"OMP_NUM_THREADS": share, "MKL_NUM_THREADS": share}
 
