@@ -57,10 +57,24 @@ def toml(value: object) -> str:
     return "'" + str(value).replace("'", "") + "'"
 
 
-def free_port() -> int:
+def free_ports(nodes: int) -> tuple[int, int]:
+    """A free port for the SuperLink, and the first of `nodes` consecutive free ports for the SuperNodes."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        link = s.getsockname()[1]
+    for first in range(20000, 60000, nodes + 1):
+        if link not in range(first, first + nodes) and all(_free(p) for p in range(first, first + nodes)):
+            return link, first
+    raise RuntimeError("no free ports for the SuperNodes")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def plan(settings: dict, out: Path, mekd_fl: str, ports: tuple[int, int], timeout: float) -> dict[str, list[str]]:
@@ -81,8 +95,12 @@ def plan(settings: dict, out: Path, mekd_fl: str, ports: tuple[int, int], timeou
 
 def exchanges(settings: dict) -> int:
     """Messages one node answers in the run (see the module docstring)."""
-    emulator = int(settings.get("emulator-rounds", 4)) + 1 if settings.get("federated-emulator") else 1
-    samples = 1 if int(settings.get("num-samples", 8)) > 0 else 0
+    from mekd_fl.config import RunConfig  # the defaults of the settings not given
+
+    defaults = RunConfig()
+    federated = settings.get("federated-emulator", defaults.federated_emulator)
+    emulator = int(settings.get("emulator-rounds", defaults.emulator_rounds)) + 1 if federated else 1
+    samples = 1 if int(settings.get("num-samples", defaults.num_samples)) > 0 else 0
     return emulator + 2 + 2 * int(settings["num-rounds"]) + samples
 
 
@@ -149,7 +167,10 @@ def report(rows: dict[str, dict], messages: int) -> str:
         parts = {"wall": "wall-s", "run": "run-s", "emulator": "emulator-s", "per round": "s-per-round"}
         lines.append("deploy-local / in-process: " + ", ".join(f"{k} {ratio(a[v], b[v])}" for k, v in parts.items()))
         per = (a["run-s"] - b["run-s"]) / messages
-        lines.append(f"overhead per message: {per:.1f} s ({messages} messages per node)")
+        lines.append(
+            f"overhead per message: {per:.1f} s ({messages} messages per node: emulator, queries, answers, "
+            "train and evaluate per round, samples)"
+        )
         same = a["accuracies"] == b["accuracies"]
         lines.append(
             "per-round accuracies: " + ("identical" if same else f"DIFFER: {a['accuracies']} vs {b['accuracies']}")
@@ -171,7 +192,7 @@ def main() -> int:
     out = Path(args.out or f"experiments/runs/bench-deploy/{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()
-    commands = plan(settings, out, args.mekd_fl, (free_port(), free_port()), args.timeout)
+    commands = plan(settings, out, args.mekd_fl, free_ports(int(settings["num-clients"])), args.timeout)
     rows: dict[str, dict] = {}
     for engine in ENGINES:
         print(f"[bench] {engine}: {shlex.join(commands[engine])}", flush=True)

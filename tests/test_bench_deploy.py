@@ -28,6 +28,11 @@ def test_plan_gives_each_engine_its_own_run_and_deploy_local_a_toml_run_config(t
     assert parsed["download"] is False and parsed["out-dir"] == str(tmp_path / "runs")
 
 
+def test_ports_are_free_and_distinct() -> None:
+    link, first = bench.free_ports(3)
+    assert link not in range(first, first + 3) and all(bench._free(p) for p in (link, first, first + 1, first + 2))
+
+
 def test_messages_per_node_follow_the_settings() -> None:
     assert bench.exchanges({"num-rounds": 2}) == 1 + 2 + 4 + 1
     assert bench.exchanges({"num-rounds": 3, "num-samples": 0}) == 1 + 2 + 6
@@ -70,7 +75,7 @@ def test_report_gives_the_ratios_and_the_overhead_per_message(tmp_path: Path) ->
     }
     text = bench.report(rows, messages=8)
     assert "wall 3.00, run 3.67, emulator 1.00, per round 5.00" in text
-    assert "overhead per message: 10.0 s (8 messages per node)" in text
+    assert "overhead per message: 10.0 s (8 messages per node" in text
     assert "per-round accuracies: identical" in text
 
 
