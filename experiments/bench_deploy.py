@@ -34,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 
+from mekd_fl.runtime.deploy.local import port_free, toml_value
+
 DEFAULTS = {"dataset": "synthetic", "num-clients": 2, "num-rounds": 2}
 ENGINES = ("in-process", "deploy-local")
 
@@ -48,33 +50,15 @@ def parse_value(text: str) -> object:
     return {"true": True, "false": False}.get(text.lower(), text.strip("'\""))
 
 
-def toml(value: object) -> str:
-    """A run-config value for `deploy-local --run-config` (TOML)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    return "'" + str(value).replace("'", "") + "'"
-
-
 def free_ports(nodes: int) -> tuple[int, int]:
     """A free port for the SuperLink, and the first of `nodes` consecutive free ports for the SuperNodes."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         link = s.getsockname()[1]
     for first in range(20000, 60000, nodes + 1):
-        if link not in range(first, first + nodes) and all(_free(p) for p in range(first, first + nodes)):
+        if link not in range(first, first + nodes) and all(port_free(p) for p in range(first, first + nodes)):
             return link, first
     raise RuntimeError("no free ports for the SuperNodes")
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def plan(settings: dict, out: Path, mekd_fl: str, ports: tuple[int, int], timeout: float) -> dict[str, list[str]]:
@@ -82,7 +66,7 @@ def plan(settings: dict, out: Path, mekd_fl: str, ports: tuple[int, int], timeou
     common = {**settings, "out-dir": str(out / "runs")}
     local = {**common, "run-name": "in-process"}
     deployed = {**common, "run-name": "deploy-local"}
-    pairs = " ".join(f"{k}={toml(v)}" for k, v in deployed.items())
+    pairs = " ".join(f"{k}={toml_value(v)}" for k, v in deployed.items())
     return {
         "in-process": [mekd_fl, "run", *(f"{k}={v}" for k, v in local.items())],
         "deploy-local": [

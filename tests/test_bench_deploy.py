@@ -30,7 +30,7 @@ def test_plan_gives_each_engine_its_own_run_and_deploy_local_a_toml_run_config(t
 
 def test_ports_are_free_and_distinct() -> None:
     link, first = bench.free_ports(3)
-    assert link not in range(first, first + 3) and all(bench._free(p) for p in (link, first, first + 1, first + 2))
+    assert link not in range(first, first + 3) and all(bench.port_free(p) for p in (link, first, first + 1, first + 2))
 
 
 def test_messages_per_node_follow_the_settings() -> None:
