@@ -197,6 +197,23 @@ def test_mekd_loss_is_weighted_sum() -> None:
     assert parts["loss"].item() != pytest.approx(parts["emulation"].item() + parts["kl"].item())
 
 
+@pytest.mark.parametrize("epoch", [1.0, 40.0])  # inside DKD's warm-up, and past it
+def test_mekd_on_dkd_is_the_emulation_term_plus_dkds_loss(epoch: float) -> None:
+    from mekd_fl.distill.dkd import dkd_parts
+
+    kw = {"temperature": 4.0, "weight_emulation": 0.3, "dkd_alpha": 0.5, "dkd_beta": 6.0, "dkd_warmup": 20.0}
+    gen = LinearGen()
+    ctx = DistillContext(num_classes=C, generator=gen, **kw)
+    parts = get_distiller("mekd-dkd", ctx).losses(STUDENT, TEACHER.softmax(1), IMAGES, epoch)
+    plain = make_mekd(gen, **kw).losses(STUDENT, TEACHER.softmax(1), IMAGES, epoch)
+    tckd, nckd = dkd_parts(log_softmax_rows(TEACHER), STUDENT, 4.0)
+    dkd = min(epoch / 20.0, 1.0) * (0.5 * tckd.item() + 6.0 * nckd.item())
+    assert parts["emulation"].item() == pytest.approx(plain["emulation"].item(), rel=1e-6)
+    assert parts["loss"].item() == pytest.approx(0.3 * plain["emulation"].item() + dkd, rel=1e-5)
+    assert {"tckd", "nckd"} <= set(parts) and "kl" not in parts
+    assert needs_generator("mekd-dkd") is True
+
+
 def test_gradient_flows_to_student_not_to_generator() -> None:
     gen = LinearGen(batchnorm=True)
     gen.train()  # the distiller must freeze it whatever mode it came in

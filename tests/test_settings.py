@@ -128,6 +128,7 @@ def test_methods_declare_the_settings_they_read() -> None:
         "dkd": ["dkd-alpha", "dkd-beta", "dkd-warmup"],
         "kd": [],
         "mekd": ["distance", "emulator-input", "weight-emulation", "weight-kl"],
+        "mekd-dkd": [],  # reads mekd's and dkd's, declared by their classes
         "supervised": [],
     }
     assert config.METHODS == methods() == run_setting("method").accepted()

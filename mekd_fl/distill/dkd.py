@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mekd_fl.distill.base import Distiller, register, teacher_log_probs
+from mekd_fl.distill.base import DistillContext, Distiller, register, teacher_log_probs
 from mekd_fl.settings.schema import Setting
 
 # Added below the target's scaled logit to drop it from the non-target softmax; as in the reference
@@ -84,8 +84,15 @@ class DKD(Distiller):
         epoch: float,
         labels: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        ctx = self.ctx
-        tckd, nckd = dkd_parts(teacher_log_probs(teacher_response, ctx.oracle_output), student_logits, ctx.temperature)
-        warm = warmup_weight(epoch, ctx.dkd_warmup)
-        loss = warm * (ctx.dkd_alpha * tckd + ctx.dkd_beta * nckd)
-        return {"loss": loss, "tckd": tckd, "nckd": nckd, "warmup": torch.tensor(warm, device=student_logits.device)}
+        return dkd_loss(teacher_log_probs(teacher_response, self.ctx.oracle_output), student_logits, epoch, self.ctx)
+
+
+def dkd_loss(
+    t_log_p: torch.Tensor, student_logits: torch.Tensor, epoch: float, ctx: DistillContext
+) -> dict[str, torch.Tensor]:
+    """DKD's loss and its parts, from the teacher's log p and the settings in `ctx` (dkd-alpha, dkd-beta,
+    dkd-warmup, temperature): shared by DKD and MEKD on DKD."""
+    tckd, nckd = dkd_parts(t_log_p, student_logits, ctx.temperature)
+    warm = warmup_weight(epoch, ctx.dkd_warmup)
+    loss = warm * (ctx.dkd_alpha * tckd + ctx.dkd_beta * nckd)
+    return {"loss": loss, "tckd": tckd, "nckd": nckd, "warmup": torch.tensor(warm, device=student_logits.device)}

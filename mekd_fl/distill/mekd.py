@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mekd_fl.distill.base import DistillContext, Distiller, kl_divergence, register, teacher_log_probs
+from mekd_fl.distill.dkd import dkd_loss
 from mekd_fl.models.gan import Generator
 from mekd_fl.settings.schema import Setting
 
@@ -206,6 +207,26 @@ class MEKD(Distiller):
         # float(): under bf16 autocast G runs in bfloat16; the distance is taken in float32 like its target
         emulated = self._g(generator_input(s_scores, ctx.emulator_input, ctx.temperature)).float()
         dist = F.l1_loss(emulated, target) if ctx.distance == "l1" else F.mse_loss(emulated, target)
-        kl = kl_divergence(t_log_p, student_logits, ctx.temperature)
-        loss = ctx.weight_emulation * dist + ctx.weight_kl * kl
-        return {"loss": loss, "emulation": dist, "kl": kl}
+        parts = self.distillation(t_log_p, student_logits, epoch)
+        return {**parts, "loss": ctx.weight_emulation * dist + parts["loss"], "emulation": dist}
+
+    def distillation(
+        self, t_log_p: torch.Tensor, student_logits: torch.Tensor, epoch: float
+    ) -> dict[str, torch.Tensor]:
+        """The term beside the emulation term ("loss": its weighted value, plus its named parts): KD's KL."""
+        kl = kl_divergence(t_log_p, student_logits, self.ctx.temperature)
+        return {"loss": self.ctx.weight_kl * kl, "kl": kl}
+
+
+@register("mekd-dkd")
+class MEKDOnDKD(MEKD):
+    """L = weight_emulation * d(G(S(x)), G(T(x))) + DKD's loss (dkd-alpha, dkd-beta, dkd-warmup).
+
+    Why: DKD leads KD on skewed splits; this asks whether the emulation term adds to the stronger
+    logit loss as it does to KD's KL. weight-kl is not read (DKD's own weights replace it).
+    """
+
+    def distillation(
+        self, t_log_p: torch.Tensor, student_logits: torch.Tensor, epoch: float
+    ) -> dict[str, torch.Tensor]:
+        return dkd_loss(t_log_p, student_logits, epoch, self.ctx)
