@@ -110,7 +110,15 @@ class RunConfig(SettingValues):
         """
         self.check(skip=[s for s in self.declared() if not s.sent] if client else ())
 
-    # ------------------------------------------------------------------ derived paths
+    # ------------------------------------------------------------------ derived values
+    @property
+    def pairing(self) -> str:
+        """emulator-pairing resolved: auto is paired where the queries are the client's own images
+        (query-source=local), since only then are there (answer, image) pairs before G is trained."""
+        if self.emulator_pairing != "auto":
+            return self.emulator_pairing
+        return "paired" if self.query_source == "local" else "none"
+
     def resolved_cache_dir(self) -> Path:
         base = self.cache_dir or os.environ.get("MEKD_FL_CACHE") or str(Path.home() / ".cache" / "mekd-fl")
         return Path(base).expanduser()

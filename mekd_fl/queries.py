@@ -204,7 +204,11 @@ def select_queries(
     if selection not in SELECTIONS:
         raise ValueError(f"query-selection={selection!r} is not accepted; accepted: {', '.join(SELECTIONS)}")
     if source != "local" and generator is None:
-        raise ValueError(f"query-source={source!r} needs the client's emulator, which this client has not trained")
+        raise ValueError(
+            f"query-source={source!r} needs the client's emulator, which this client has not trained (a paired "
+            "emulator, the default, is trained after the queries; accepted: emulator-pairing=none, or "
+            "MEKD(emulator_pairing='none'), or query-source=local)"
+        )
     if selection in SCORED_SELECTIONS and scorer is None:
         selection = "random"
     gen = torch.Generator().manual_seed(seed)

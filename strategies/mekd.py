@@ -60,8 +60,10 @@ class MEKD(Strategy):
     emulator_phase : "upfront" (every client trains its emulator and queries the teacher before round 1,
         the paper's protocol) or "lazy" (the first time a client is sampled; not with a federated
         emulator): the cost of a run then follows the clients that take part, not the population.
-    emulator_pairing : "none" (the paper: unconditional GANs, trained before the queries) or "paired"
-        (queries first, then G learns to map each client's answers back to its images: G inverts the teacher).
+    emulator_pairing : "paired" (queries first, then G learns to map each client's answers back to its
+        images: G inverts the teacher) or "none" (the paper: unconditional GANs, trained before the queries;
+        what clients that send emulator samples as queries need). Paired is the default: the paper's G does
+        not emulate (a fidelity consistency near chance) and costs the same (issue 22).
     query_budget : images each client may send to the teacher (enforced here and by the oracle).
     query_teacher : False for a reference that trains on labels: the query round trip only registers
         the clients, with a budget of 0, and the oracle is never called.
@@ -100,7 +102,7 @@ class MEKD(Strategy):
         train_emulators: bool = True,
         federated_emulator: bool = False,
         emulator_rounds: int = 4,
-        emulator_steps: int = 200,
+        emulator_steps: int = 100,
         emulator_reference: Mapping[str, ArrayRecord] | None = None,
         measure_fid: bool = False,
         client_config_keys: Iterable[str] | None = None,
@@ -109,7 +111,7 @@ class MEKD(Strategy):
         norm_outlier_factor: float = 2.0,
         min_reply_fraction: float = 0.5,
         emulator_phase: str = "upfront",
-        emulator_pairing: str = "none",
+        emulator_pairing: str = "paired",
         seed: int = 0,
         on_round: RoundCallback | None = None,
         log_fn: Callable[[str], None] = print,

@@ -16,7 +16,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from mekd_fl.client.edge import EdgeClient
 from mekd_fl.config import RunConfig
-from mekd_fl.emulator import EmulatorConfig, from_gan_range, train_emulator
+from mekd_fl.emulator import EmulatorConfig, build_emulator, from_gan_range, train_emulator
 from mekd_fl.errors import ConfigError
 from mekd_fl.fidelity import class_separation, emulator_fidelity
 from strategies import protocol as P
@@ -50,14 +50,17 @@ def _toy_teacher(images: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- pairing on a toy problem
-def test_pairing_makes_the_teacher_recognise_its_class_in_g_of_its_answer() -> None:
+@pytest.mark.parametrize("gan", [False, True])  # the reconstruction alone (the default), and beside a GAN
+def test_pairing_makes_the_teacher_recognise_its_class_in_g_of_its_answer(gan: bool) -> None:
     images, labels = _toy()
     answers = _toy_teacher(images)
     assert (answers.argmax(1) == labels).all()
     consistency = {}
     for seed in (1, 2):
         for name, codes in (("unpaired", None), ("paired", answers)):
-            cfg = EmulatorConfig(steps=80, batch_size=32, width=8, seed=seed, kind="dcgan", pairing_weight=10.0)
+            cfg = EmulatorConfig(
+                steps=80, batch_size=32, width=8, seed=seed, kind="dcgan", pairing_weight=10.0, pairing_gan=gan
+            )
             g = train_emulator(images, C, cfg, CPU, codes=codes).generator
             with torch.no_grad():
                 emulated = from_gan_range(g(answers))
@@ -71,9 +74,25 @@ def test_pairing_makes_the_teacher_recognise_its_class_in_g_of_its_answer() -> N
 @pytest.mark.parametrize("kind", ["wgan-gp", "infogan"])
 def test_every_emulator_kind_trains_paired(kind: str) -> None:
     images, _ = _toy(64)
-    cfg = EmulatorConfig(steps=2, batch_size=16, width=8, seed=0, kind=kind, n_critic=2)
+    cfg = EmulatorConfig(steps=2, batch_size=16, width=8, seed=0, kind=kind, n_critic=2, pairing_gan=True)
     res = train_emulator(images, C, cfg, CPU, codes=_toy_teacher(images))
     assert np.isfinite([res.d_loss, res.g_loss]).all()
+
+
+def test_paired_without_the_gan_term_trains_g_alone_on_the_reconstruction() -> None:
+    images, _ = _toy(64)
+    cfg = EmulatorConfig(steps=5, batch_size=16, width=8, seed=0, pairing_weight=2.0)
+    assert cfg.pairing_gan is False  # the default
+    _, d_fresh = build_emulator(C, (1, 8, 8), 8)
+    d_before = {k: v.clone() for k, v in d_fresh.state_dict().items()}
+    res = train_emulator(images, C, cfg, CPU, discriminator=d_fresh, codes=_toy_teacher(images))
+    assert all(torch.equal(d_before[k], v) for k, v in res.discriminator.state_dict().items())  # D untouched
+    assert res.d_loss == 0.0
+    with torch.no_grad():  # g_loss is the weighted L1 of the last step(s): the same order as 2 * |G(T(x)) - x|
+        l1 = (res.generator(_toy_teacher(images)) - images.float().div(127.5).sub(1)).abs().mean().item()
+    assert 0 < res.g_loss < 2 * 2.0 and abs(res.g_loss - 2.0 * l1) < 0.5
+    with_gan = train_emulator(images, C, dataclasses.replace(cfg, pairing_gan=True), CPU, codes=_toy_teacher(images))
+    assert with_gan.d_loss > 0
 
 
 def test_unpaired_training_is_unchanged_by_the_pairing_code() -> None:
@@ -101,6 +120,14 @@ def test_edge_client_trains_on_the_pairs_it_is_given() -> None:
     assert metrics["num-examples"] == 40  # the query set, not the device's 64 images
     with pytest.raises(ValueError, match="answers for"):
         edge.train_emulator(pairs=(images[:40], _toy_teacher(images[:30])))
+
+
+def test_auto_pairing_pairs_where_the_queries_are_the_clients_own_images() -> None:
+    assert RunConfig().emulator_pairing == "auto" and RunConfig().pairing == "paired"
+    assert RunConfig(query_source="generated").pairing == "none"
+    assert RunConfig(query_source="mixed").pairing == "none"
+    assert RunConfig(emulator_pairing="none").pairing == "none"
+    RunConfig(query_source="generated").validate()  # auto never asks for what cannot be paired
 
 
 def test_paired_needs_local_queries() -> None:

@@ -198,8 +198,8 @@ RUN_SETTINGS: tuple[Setting, ...] = (
         SERVER,
     ),
     # --- emulator (clients) ---
-    Setting("emulator-steps", 200, "Generator updates of each client's emulator GAN.", BOTH, within=">= 0"),
-    Setting("emulator-batch-size", 64, "Emulator GAN batch size.", CLIENT, within=">= 1"),
+    Setting("emulator-steps", 100, "Generator updates of each client's emulator.", BOTH, within=">= 0"),
+    Setting("emulator-batch-size", 32, "Emulator batch size.", CLIENT, within=">= 1"),
     Setting(
         "emulator-lr",
         2e-4,
@@ -251,16 +251,23 @@ RUN_SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "emulator-pairing",
-        "none",
-        "How the emulator learns: none (the paper's unconditional GAN on z ~ N(0, I_C)) or paired (queries "
-        "first, then G is trained on the client's own (T(x), x) pairs: a reconstruction term plus the GAN "
-        "term, so that G inverts the teacher); paired needs query-source=local.",
+        "auto",
+        "How the emulator learns: none (the paper's unconditional GAN on z ~ N(0, I_C)), paired (queries "
+        "first, then G is fitted to the client's own (T(x), x) pairs, so that G inverts the teacher; needs "
+        "query-source=local) or auto (paired with query-source=local, else none).",
         SERVER,
-        choices=("none", "paired"),
+        choices=("auto", "none", "paired"),
+    ),
+    Setting(
+        "emulator-pairing-gan",
+        False,
+        "Paired emulator: also train G against a discriminator (the GAN term beside the L1 reconstruction); "
+        "false fits G by the reconstruction alone, with no discriminator: cheaper per step and steadier.",
+        CLIENT,
     ),
     Setting(
         "emulator-pairing-lr",
-        1e-3,
+        3e-3,
         "Emulator Adam learning rate when emulator-pairing=paired (replaces emulator-lr): the reconstruction "
         "converges at Adam's usual rate, not at a GAN's.",
         CLIENT,
@@ -269,7 +276,8 @@ RUN_SETTINGS: tuple[Setting, ...] = (
     Setting(
         "emulator-pairing-weight",
         100.0,
-        "Weight of the L1 reconstruction term of G(T(x)) against x, beside the GAN term; emulator-pairing=paired.",
+        "Weight of the L1 reconstruction term of G(T(x)) against x (paired emulator); with emulator-pairing-gan=true, "
+        "its weight against the GAN term.",
         CLIENT,
         within="> 0",
     ),
