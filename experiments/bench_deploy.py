@@ -27,27 +27,17 @@ import argparse
 import json
 import os
 import shlex
-import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from mekd_fl.bench.timing import parse_value, read_run
+from mekd_fl.bench.timing import run_command as run
 from mekd_fl.runtime.deploy.local import port_free, toml_value
 
 DEFAULTS = {"dataset": "synthetic", "num-clients": 2, "num-rounds": 2}
 ENGINES = ("in-process", "deploy-local")
-
-
-def parse_value(text: str) -> object:
-    """A `--set` value as the CLI would read it: int, float, true/false, else the string."""
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text.strip("'\""))
 
 
 def free_ports(nodes: int) -> tuple[int, int]:
@@ -86,48 +76,6 @@ def exchanges(settings: dict) -> int:
     emulator = int(settings.get("emulator-rounds", defaults.emulator_rounds)) + 1 if federated else 1
     samples = 1 if int(settings.get("num-samples", defaults.num_samples)) > 0 else 0
     return emulator + 2 + 2 * int(settings["num-rounds"]) + samples
-
-
-def read_run(folder: Path) -> dict:
-    """What the run says about itself (summary.json, metrics.jsonl); status 'missing' without a summary."""
-    path = folder / "summary.json"
-    if not path.is_file():
-        return {"status": "missing"}
-    summary = json.loads(path.read_text())
-    rounds = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    elapsed = [r["elapsed-s"] for r in rounds if r.get("round", 0) >= 1]
-    timeline = summary.get("timeline", {})
-    run_s = float(summary.get("wall-seconds", 0.0))
-    last = timeline.get(f"round-{len(elapsed)}", elapsed[-1] if elapsed else 0.0)
-    return {
-        "status": summary.get("status"),
-        "run-s": run_s,
-        "setup-s": float(timeline.get("round-0", 0.0)),
-        "emulator-s": float(summary.get("phase-seconds", {}).get("emulator", 0.0)),
-        "query-s": float(summary.get("phase-seconds", {}).get("query", 0.0)),
-        "s-per-round": (elapsed[-1] - elapsed[0]) / (len(elapsed) - 1) if len(elapsed) > 1 else float("nan"),
-        "after-last-round-s": max(0.0, run_s - float(last)),
-        "accuracies": [r.get("server/accuracy") for r in rounds],
-        "accuracy": summary.get("student-accuracy"),
-    }
-
-
-def run(argv: list[str], log: Path, timeout: float) -> float:
-    """Run one command (its own session, output to `log`); its wall time. Killed by group on timeout."""
-    t0 = time.time()
-    with log.open("w") as fh:
-        proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-                os.killpg(proc.pid, sig)
-                try:
-                    proc.wait(timeout=grace)
-                    break
-                except subprocess.TimeoutExpired:
-                    pass
-    return time.time() - t0
 
 
 def ratio(a: float, b: float) -> str:

@@ -7,6 +7,7 @@ another test file.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -52,3 +53,24 @@ def stop_superlink(flwr_home: Path) -> None:
                 os.kill(int(p), signal.SIGTERM)
             except ProcessLookupError:
                 pass
+
+
+def write_run_folder(
+    folder: Path, wall: float, rounds: list[tuple[float, float]], status: str = "completed", **summary: object
+) -> None:
+    """A finished run's folder as `mekd-fl run` writes it (summary.json, metrics.jsonl), for the benchmarks'
+    readers: `rounds` are (elapsed seconds, server accuracy) per round; `summary` adds summary.json keys."""
+    folder.mkdir(parents=True)
+    timeline = {"round-0": 10.0, **{f"round-{i + 1}": t for i, (t, _) in enumerate(rounds)}}
+    summary = {
+        **summary,
+        "status": status,
+        "wall-seconds": wall,
+        "student-accuracy": rounds[-1][1],
+        "phase-seconds": {"emulator": 6.0, "query": 1.0, "total": wall},
+        "timeline": timeline,
+    }
+    (folder / "summary.json").write_text(json.dumps(summary))
+    lines = [{"round": 0, "elapsed-s": 0.1, "server/accuracy": 0.1}]
+    lines += [{"round": i + 1, "elapsed-s": t, "server/accuracy": a} for i, (t, a) in enumerate(rounds)]
+    (folder / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")

@@ -4,11 +4,12 @@ builds, what it reads from a run folder, and the ratios it prints."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 from pathlib import Path
 
 from flwr.common.config import parse_config_args
+
+from tests.helpers import write_run_folder
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "bench_deploy.py"
 _spec = importlib.util.spec_from_file_location("bench_deploy", SCRIPT)
@@ -39,36 +40,20 @@ def test_messages_per_node_follow_the_settings() -> None:
     assert bench.exchanges({"num-rounds": 1, "federated-emulator": True, "emulator-rounds": 3}) == 4 + 2 + 2 + 1
 
 
-def _run_folder(folder: Path, wall: float, rounds: list[tuple[float, float]], status: str = "completed") -> None:
-    folder.mkdir(parents=True)
-    timeline = {"round-0": 10.0, **{f"round-{i + 1}": t for i, (t, _) in enumerate(rounds)}}
-    summary = {
-        "status": status,
-        "wall-seconds": wall,
-        "student-accuracy": rounds[-1][1],
-        "phase-seconds": {"emulator": 6.0, "query": 1.0, "total": wall},
-        "timeline": timeline,
-    }
-    (folder / "summary.json").write_text(json.dumps(summary))
-    lines = [{"round": 0, "elapsed-s": 0.1, "server/accuracy": 0.1}]
-    lines += [{"round": i + 1, "elapsed-s": t, "server/accuracy": a} for i, (t, a) in enumerate(rounds)]
-    (folder / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-
-
 def test_read_run_takes_the_run_s_own_times(tmp_path: Path) -> None:
-    _run_folder(tmp_path / "r", 30.0, [(14.0, 0.2), (18.0, 0.3)])
+    write_run_folder(tmp_path / "r", 30.0, [(14.0, 0.2), (18.0, 0.3)])
     row = bench.read_run(tmp_path / "r")
     assert row["status"] == "completed" and row["run-s"] == 30.0 and row["setup-s"] == 10.0
     assert row["emulator-s"] == 6.0 and row["s-per-round"] == 4.0 and row["after-last-round-s"] == 12.0
     assert row["accuracies"] == [0.1, 0.2, 0.3] and row["accuracy"] == 0.3
     assert bench.read_run(tmp_path / "none") == {"status": "missing"}
-    _run_folder(tmp_path / "one", 20.0, [(14.0, 0.2)])
+    write_run_folder(tmp_path / "one", 20.0, [(14.0, 0.2)])
     assert math.isnan(bench.read_run(tmp_path / "one")["s-per-round"])
 
 
 def test_report_gives_the_ratios_and_the_overhead_per_message(tmp_path: Path) -> None:
-    _run_folder(tmp_path / "a", 30.0, [(14.0, 0.2), (18.0, 0.3)])
-    _run_folder(tmp_path / "b", 110.0, [(50.0, 0.2), (70.0, 0.3)])
+    write_run_folder(tmp_path / "a", 30.0, [(14.0, 0.2), (18.0, 0.3)])
+    write_run_folder(tmp_path / "b", 110.0, [(50.0, 0.2), (70.0, 0.3)])
     rows = {
         "in-process": {"wall-s": 40.0, **bench.read_run(tmp_path / "a")},
         "deploy-local": {"wall-s": 120.0, **bench.read_run(tmp_path / "b")},
@@ -80,7 +65,7 @@ def test_report_gives_the_ratios_and_the_overhead_per_message(tmp_path: Path) ->
 
 
 def test_report_says_when_a_run_did_not_complete(tmp_path: Path) -> None:
-    _run_folder(tmp_path / "a", 30.0, [(14.0, 0.2), (18.0, 0.3)])
+    write_run_folder(tmp_path / "a", 30.0, [(14.0, 0.2), (18.0, 0.3)])
     rows = {"in-process": {"wall-s": 40.0, **bench.read_run(tmp_path / "a")}, "deploy-local": {"wall-s": 9.0}}
     text = bench.report(rows, messages=8)
     assert "| deploy-local | missing |" in text and "no ratio: a run did not complete" in text
