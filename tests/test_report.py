@@ -301,3 +301,47 @@ def test_table_entries_keep_the_digits_their_metric_needs() -> None:
     assert format_stat(Stat((0.62109375,), 1, True), "fidelity-consistency") == "0.621"
     assert format_stat(Stat((0.5, 0.7), 2, True), "fidelity-class-separation") == "0.600 ± 0.141"
     assert format_stat(Stat((88.87,), 3, True), "emulator-fid-mean") == "88.9 (n=1/3)"
+
+
+def test_plateau_check_lists_every_finished_cell_and_flags_the_ones_still_moving(bench_folder: Path) -> None:
+    data = yaml.safe_load((bench_folder / "spec.yaml").read_text())
+    data["report"]["plateau"] = {"rounds": 3, "points": 0.3}
+    (bench_folder / "spec.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    still = "method=kd__partition=dir-a0.1__seed=1"  # its last 3 rounds: 50.00, 50.20, 50.60 -> moved 0.60 points
+    flat = "method=kd__partition=dir-a0.1__seed=2"  # 50.00, 50.20, 50.25 -> 0.25
+    accuracies = {still: [0.5, 0.502, 0.506], flat: [0.5, 0.502, 0.5025]}
+    for name, values in accuracies.items():
+        rounds = [{"round": 0, "server/accuracy": 0.1}] + [
+            {"round": r + 1, "server/accuracy": a} for r, a in enumerate(values)
+        ]
+        (bench_folder / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
+    markdown = write_report(bench_folder)
+    section = markdown[markdown.index("## Plateau check") :]
+    assert "| method=kd__partition=dir-a0.1__seed=1 | 50.00, 50.20, 50.60 | 0.60 | **NO** |" in section
+    assert "| method=kd__partition=dir-a0.1__seed=2 | 50.00, 50.20, 50.25 | 0.25 | yes |" in section
+    assert "| method=kd__partition=iid__seed=3 |" not in section  # unfinished: not judged
+    # the fixture's other cells have 2 distillation rounds: too few to judge, so flagged, not passed
+    assert "| method=mekd__partition=iid__seed=1 | 30.00, 50.00 | n/a (too few rounds) | **NO** |" in section
+    assert "1 of 26 finished cells are at their plateau; **not at plateau**: " in section
+    assert parse_spec(data, "hand.yaml", {}).to_dict()["report"]["plateau"] == {"rounds": 3, "points": 0.3}
+
+
+@pytest.mark.parametrize("plateau", [{"rounds": 1}, {"points": 0}, {"rounds": 3, "slack": 1}, "3"])
+def test_bad_plateau_check_is_refused(plateau: object) -> None:
+    with pytest.raises(ConfigError, match="report.plateau"):
+        parse_spec(dict(SPEC, report=dict(SPEC["report"], plateau=plateau)), "hand.yaml", {})
+
+
+def test_relative_table_divides_each_cell_by_its_own_reference_cell_seed_by_seed(bench_folder: Path) -> None:
+    data = yaml.safe_load((bench_folder / "spec.yaml").read_text())
+    data["report"]["relative-to"] = "iid"
+    (bench_folder / "spec.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    markdown = write_report(bench_folder)
+    section = markdown[markdown.index("## Student accuracy as a percentage") :]
+    # mekd: dir-a0.1 0.50 / iid 0.80, 0.82, 0.84 (seeds 1-3); kd: 0.50/0.70, 0.52/0.72, seed 3's iid unfinished
+    mekd = [100 * 0.5 / x for x in (0.80, 0.82, 0.84)]
+    kd = [100 * 0.50 / 0.70, 100 * 0.52 / 0.72]
+    assert f"| mekd | 100.0 ± 0.0 | {np.mean(mekd):.1f} ± {np.std(mekd, ddof=1):.1f} |" in section
+    assert f"| kd | 100.0 ± 0.0 (n=2/3) | {np.mean(kd):.1f} ± {np.std(kd, ddof=1):.1f} (n=2/3) |" in section
+    with pytest.raises(ConfigError, match="relative-to='f1' is not a label of the columns axis; accepted: iid"):
+        parse_spec(dict(SPEC, report=dict(SPEC["report"], **{"relative-to": "f1"})), "hand.yaml", {})

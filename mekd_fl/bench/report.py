@@ -19,6 +19,8 @@ import numpy as np
 from mekd_fl.bench import cells
 from mekd_fl.bench.cells import SPEC_FILE, CellResult, load_results
 from mekd_fl.bench.figures import draw_all
+from mekd_fl.bench.plateau import PlateauCheck, plateau_section
+from mekd_fl.bench.relative import relative_section
 from mekd_fl.bench.spec import METRICS, Reference, Spec
 from mekd_fl.bench.tables import markdown_table, write_csv
 from mekd_fl.errors import ConfigError
@@ -190,6 +192,8 @@ def write_report(folder: Path) -> str:
             "",
         ]
         + [f"![{p.stem.replace('_', ' ')}]({p.name})\n" for p in plots if p is not None]
+        + (relative_section(spec, results, spec.report.relative_to) if spec.report.relative_to else [])
+        + (plateau_section(results, PlateauCheck(*spec.report.plateau)) if spec.report.plateau else [])
         + provenance(folder)
     )
     (folder / "report.md").write_text(markdown)

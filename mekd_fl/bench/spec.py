@@ -16,6 +16,9 @@ Format::
         - {label: iid, partition: iid}
         - {label: dirichlet-a0.1, partition: dirichlet, alpha: 0.1}
     report: {rows: method, columns: partition, metrics: [student-accuracy]}
+      # optional: plateau: {rounds: 3, points: 0.3} adds a per-cell check that the last 3 rounds moved
+      # the server accuracy by less than 0.3 points (`mekd_fl.bench.plateau`); relative-to: f1 (a label of
+      # the columns axis) adds each row's accuracy as a % of its own at that column (`mekd_fl.bench.relative`)
     timing: how long the sweep takes
     set: {}                        # written by `mekd-fl bench --set`: applied over base
 """
@@ -79,6 +82,8 @@ class ReportLayout:
     columns: str | None
     metrics: tuple[str, ...]
     reference: Reference | None = None
+    plateau: tuple[int, float] | None = None  # (last rounds, points): the report's plateau check; None: none
+    relative_to: str | None = None  # a columns label: add accuracies as a % of the row's own at that column
 
 
 @dataclass(frozen=True)
@@ -171,6 +176,10 @@ class Spec:
         report["metrics"] = list(self.report.metrics)
         if self.report.reference is not None:
             report["reference"] = self.report.reference.to_dict()
+        if self.report.plateau is not None:
+            report["plateau"] = {"rounds": self.report.plateau[0], "points": self.report.plateau[1]}
+        if self.report.relative_to is not None:
+            report["relative-to"] = self.report.relative_to
         return {
             "name": self.name,
             "description": self.description,
@@ -301,9 +310,12 @@ def _safe_label(label: str, where: str) -> str:
 def _report(data: Any, grid: tuple[Axis, ...], where: str) -> ReportLayout:
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: missing; give rows (an axis), optional columns (an axis) and metrics")
-    unknown = set(data) - {"rows", "columns", "metrics", "reference"}
+    unknown = set(data) - {"rows", "columns", "metrics", "reference", "plateau", "relative-to"}
     if unknown:
-        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}; accepted: rows, columns, metrics, reference")
+        raise ConfigError(
+            f"{where}: unknown key {sorted(unknown)[0]!r}; accepted: rows, columns, metrics, reference, plateau, "
+            "relative-to"
+        )
     axes = [axis.name for axis in grid]
     rows, columns = data.get("rows"), data.get("columns")
     for role, axis in (("rows", rows), ("columns", columns)):
@@ -320,7 +332,36 @@ def _report(data: Any, grid: tuple[Axis, ...], where: str) -> ReportLayout:
     reference = None
     if data.get("reference") is not None:
         reference = _reference(data["reference"], grid, rows, columns, f"{where}.reference")
-    return ReportLayout(rows=rows, columns=columns, metrics=tuple(metrics), reference=reference)
+    plateau = _plateau(data["plateau"], f"{where}.plateau") if data.get("plateau") is not None else None
+    relative_to = data.get("relative-to")
+    if relative_to is not None:
+        labels = [level.label for axis in grid if axis.name == columns for level in axis.levels]
+        if str(relative_to) not in labels:
+            raise ConfigError(
+                f"{where}.relative-to={relative_to!r} is not a label of the columns axis; accepted: "
+                + (", ".join(labels) if labels else "none (give columns first)")
+            )
+        relative_to = str(relative_to)
+    return ReportLayout(
+        rows=rows,
+        columns=columns,
+        metrics=tuple(metrics),
+        reference=reference,
+        plateau=plateau,
+        relative_to=relative_to,
+    )
+
+
+def _plateau(data: Any, where: str) -> tuple[int, float]:
+    """`{rounds: 3, points: 0.3}`: a cell is at its plateau when its last `rounds` rounds moved < `points`."""
+    if not isinstance(data, dict) or set(data) - {"rounds", "points"}:
+        raise ConfigError(f"{where}: give a mapping with rounds (an integer >= 2) and points (a number > 0)")
+    rounds, points = data.get("rounds", 3), data.get("points", 0.3)
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 2:
+        raise ConfigError(f"{where}.rounds={rounds!r} is not accepted; accepted: an integer >= 2")
+    if isinstance(points, bool) or not isinstance(points, (int, float)) or not points > 0:
+        raise ConfigError(f"{where}.points={points!r} is not accepted; accepted: a number > 0")
+    return rounds, float(points)
 
 
 def _reference(data: Any, grid: tuple[Axis, ...], rows: str, columns: str | None, where: str) -> Reference:
