@@ -24,6 +24,7 @@ from typing import Any
 
 from mekd_fl.errors import ConfigError
 from mekd_fl.settings import methods
+from mekd_fl.settings.checks import resolved_pairing
 from mekd_fl.settings.run import METHOD_SETTINGS_AFTER, RUN_SETTINGS
 from mekd_fl.settings.schema import Setting
 from mekd_fl.settings.values import SettingValues
@@ -113,11 +114,8 @@ class RunConfig(SettingValues):
     # ------------------------------------------------------------------ derived values
     @property
     def pairing(self) -> str:
-        """emulator-pairing resolved: auto is paired where the queries are the client's own images
-        (query-source=local), since only then are there (answer, image) pairs before G is trained."""
-        if self.emulator_pairing != "auto":
-            return self.emulator_pairing
-        return "paired" if self.query_source == "local" else "none"
+        """emulator-pairing with auto resolved (`settings.checks.resolved_pairing`): paired or none."""
+        return resolved_pairing(self)
 
     def resolved_cache_dir(self) -> Path:
         base = self.cache_dir or os.environ.get("MEKD_FL_CACHE") or str(Path.home() / ".cache" / "mekd-fl")

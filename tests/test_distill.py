@@ -438,3 +438,53 @@ def test_probabilities_that_underflowed_to_zero_stay_finite() -> None:
     probs = torch.tensor([[1.0, 0.0, 0.0]])
     log_p = teacher_log_probs(probs, "probs")
     assert torch.isfinite(log_p).all() and log_p[0, 1] == math.log(torch.finfo(torch.float32).tiny)
+
+
+# ---------------------------------------------------------------------------- query-free synthesised pairs
+def test_synthesised_pairs_are_g_of_answers_drawn_from_the_paid_ones() -> None:
+    gen = emulator_g()
+    answers = (torch.randn(16, C, generator=torch.Generator().manual_seed(1)) * 2).softmax(1)
+    assert make_mekd(gen).synthetic(answers) is None  # weight-synthetic=0: off
+    mekd = make_mekd(gen, weight_synthetic=0.5, temperature=4.0)
+    torch.manual_seed(0)
+    images, targets = mekd.synthetic(answers)
+    assert images.shape == (16, 1, 8, 8) and 0 <= images.min() and images.max() <= 1
+    torch.testing.assert_close(targets.sum(1), torch.ones(16))
+    assert not torch.allclose(targets, answers)  # drawn between and around them, not the answers themselves
+    with torch.no_grad():
+        expected = (gen.eval()(targets) + 1) / 2  # G(p') as an image in [0, 1] (emulator-input=probs)
+    torch.testing.assert_close(images, expected.clamp(0, 1), rtol=1e-4, atol=1e-5)
+    logits = torch.randn(16, C)
+    t = 4.0
+    pt = torch.softmax(targets.log() / t, dim=1)  # the target at temperature t, against the student's
+    hand = (pt * (pt.log() - torch.log_softmax(logits / t, dim=1))).sum(1).mean() * t * t
+    assert mekd.synthetic_loss(logits, targets).item() == pytest.approx(0.5 * hand.item(), rel=1e-5)
+
+
+def test_synthesised_pairs_train_the_student_in_a_clients_distill_call() -> None:
+    from mekd_fl.client.edge import EdgeClient, EdgeSettings
+
+    g = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (64, 1, 8, 8), dtype=torch.uint8, generator=g)
+    answers = (torch.randn(64, C, generator=g) * 2).softmax(1)
+    torch.manual_seed(0)
+    start, g_state = TinyNet().state_dict(), emulator_g(width=4).state_dict()
+    trained = {}
+    for weight in (0.0, 1.0):
+        settings = EdgeSettings(method="mekd", lr=0.05, batch_size=32, emulator_width=4, weight_synthetic=weight)
+        edge = EdgeClient(images, TinyNet, settings=settings, num_classes=C, device="cpu")
+        state, metrics, _ = edge.distill(start, images, answers, g_state=g_state)
+        trained[weight] = (state, metrics)
+    assert "train-synthetic" not in trained[0.0][1] and trained[1.0][1]["train-synthetic"] > 0
+    assert not torch.allclose(trained[0.0][0]["head.weight"], trained[1.0][0]["head.weight"])
+
+
+@pytest.mark.parametrize(
+    "settings", [{"emulator_pairing": "none"}, {"query_source": "generated"}, {"query_source": "mixed"}]
+)
+def test_synthesised_pairs_need_a_paired_emulator(settings: dict) -> None:
+    from mekd_fl.config import RunConfig
+
+    with pytest.raises(ConfigError, match="weight-synthetic=0.5 needs a paired emulator"):
+        RunConfig(weight_synthetic=0.5, **settings).validate()
+    RunConfig(weight_synthetic=0.5).validate()  # auto with local queries: paired

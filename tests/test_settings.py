@@ -127,7 +127,7 @@ def test_methods_declare_the_settings_they_read() -> None:
         "cdl": ["cdl-weight", "cdl-margin"],
         "dkd": ["dkd-alpha", "dkd-beta", "dkd-warmup"],
         "kd": [],
-        "mekd": ["distance", "emulator-input", "weight-emulation", "weight-kl"],
+        "mekd": ["distance", "emulator-input", "weight-emulation", "weight-kl", "weight-synthetic"],
         "mekd-dkd": [],  # reads mekd's and dkd's, declared by their classes
         "supervised": [],
     }

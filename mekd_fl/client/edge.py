@@ -353,6 +353,12 @@ class EdgeClient:
                         labels[idx] if labels is not None else None,
                         **({"index": idx} if distiller.batch_index else {}),
                     )
+                    synthetic = distiller.synthetic(responses_dev[idx])
+                    if synthetic is not None:  # MEKD's query-free pairs (weight-synthetic)
+                        s_images, s_targets = synthetic
+                        s_logits = student(self.preprocess(s_images)).float()
+                        parts["synthetic"] = distiller.synthetic_loss(s_logits, s_targets)
+                        parts["loss"] = parts["loss"] + parts["synthetic"]
                 if anchor:
                     prox = sum((p - a).norm(2) for p, a in zip(student.parameters(), anchor))
                     parts["proximal"] = proximal_mu / 2 * prox

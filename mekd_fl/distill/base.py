@@ -122,6 +122,15 @@ class Distiller:
     def prepare(self, responses: torch.Tensor) -> None:
         """Once per round, before the steps: all the teacher answers that `losses` will see (default: nothing)."""
 
+    def synthetic(self, responses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Extra (images in [0, 1], target probabilities) to distill on beside the batch, made without a
+        query (MEKD's synthesised pairs); None: none (the default). The client adds `synthetic_loss`."""
+        return None
+
+    def synthetic_loss(self, student_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The loss of the student's logits on `synthetic`'s images against its target probabilities."""
+        raise NotImplementedError
+
     def extra_state(self) -> dict[str, torch.Tensor] | None:
         """Weights of the method's own trainable parts, to persist between rounds (None: nothing)."""
         return None

@@ -26,6 +26,7 @@ from mekd_fl.settings.schema import Setting
 # Rows: the 4 taps of the transposed kernel; columns: the 3 taps of the original kernel (see FrozenGenerator).
 _UPSAMPLE_TAPS = ((0.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 1.0, 0.0), (1.0, 0.0, 0.0))
 _TARGET_CHUNK = 512  # images per generator forward in `prepare` (bounds its activation memory)
+_SYNTHETIC_NOISE = 0.5  # std of the log-space noise around a synthesised answer (weight-synthetic)
 
 
 def generator_input(scores: torch.Tensor, how: str, temperature: float) -> torch.Tensor:
@@ -151,6 +152,15 @@ class MEKD(Distiller):
         ),
         Setting("weight-emulation", 1.0, "Weight of the emulation term d(G(S(x)), G(T(x))).", "client", within=">= 0"),
         Setting("weight-kl", 1.0, "Weight of the KL term.", "client", within=">= 0"),
+        Setting(
+            "weight-synthetic",
+            0.0,
+            "Weight of the query-free synthesised pairs: per batch, answers p' drawn between two of the "
+            "client's paid answers and around them, and the student taught p' on G(p') (0: off; needs a "
+            "paired emulator).",
+            "client",
+            within=">= 0",
+        ),
     )
     needs_generator = True
     batch_index = True
@@ -209,6 +219,33 @@ class MEKD(Distiller):
         dist = F.l1_loss(emulated, target) if ctx.distance == "l1" else F.mse_loss(emulated, target)
         parts = self.distillation(t_log_p, student_logits, epoch)
         return {**parts, "loss": ctx.weight_emulation * dist + parts["loss"], "emulation": dist}
+
+    def synthetic(self, responses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Query-free pairs (issue 22, variant b): answers p' between two of the batch's answers (a uniform
+        mix) and around them (log-space noise of scale `_SYNTHETIC_NOISE`), and G(p') as their images.
+
+        Why: a paired G renders any answer vector as an image of what it names, so the student can be
+        taught answers the teacher was never asked for, from what the client already paid for: nothing is
+        sent and nothing new is learnt about the teacher beyond its answers. Random numbers come from
+        torch's global generator, which the client seeds per round.
+        """
+        if self.ctx.weight_synthetic == 0 or len(responses) < 2:
+            return None
+        ctx = self.ctx
+        p = teacher_log_probs(responses.float(), ctx.oracle_output).exp()
+        lam = torch.rand(len(p), 1, device=p.device)
+        mixed = lam * p + (1 - lam) * p[torch.randperm(len(p), device=p.device)]
+        noisy = mixed.clamp_min(1e-8).log() + _SYNTHETIC_NOISE * torch.randn_like(mixed)
+        targets = noisy.softmax(1)
+        codes = generator_input(targets.log(), ctx.emulator_input, ctx.temperature)
+        with torch.no_grad():
+            images = self._g(codes).float().add(1.0).div(2.0).clamp(0.0, 1.0)
+        return images, targets
+
+    def synthetic_loss(self, student_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """weight-synthetic x KL(p' || S(G(p'))) at the run's temperature (x T^2), as KD's term."""
+        kl = kl_divergence(targets.clamp_min(1e-8).log(), student_logits, self.ctx.temperature)
+        return self.ctx.weight_synthetic * kl
 
     def distillation(
         self, t_log_p: torch.Tensor, student_logits: torch.Tensor, epoch: float

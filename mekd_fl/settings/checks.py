@@ -51,6 +51,23 @@ def pairing_needs_local_queries(v: Any) -> None:
         )
 
 
+def resolved_pairing(v: Any) -> str:
+    """emulator-pairing with auto resolved: paired where the queries are the client's own images
+    (query-source=local), since only then are there (answer, image) pairs before G is trained."""
+    if v.emulator_pairing != "auto":
+        return v.emulator_pairing
+    return "paired" if v.query_source == "local" else "none"
+
+
+def synthetic_pairs_need_a_paired_emulator(v: Any) -> None:
+    if v.weight_synthetic > 0 and resolved_pairing(v) != "paired":
+        raise ConfigError(
+            f"weight-synthetic={v.weight_synthetic:g} needs a paired emulator (an unpaired G(p') does not show "
+            f"the class p' names), and emulator-pairing={v.emulator_pairing} with query-source={v.query_source} "
+            "gives none; accepted: weight-synthetic=0, or emulator-pairing=paired (or auto) with query-source=local"
+        )
+
+
 def top_k_needs_probabilities(v: Any) -> None:
     if v.oracle_top_k > 0 and v.oracle_output != "probs":
         raise ConfigError(
@@ -79,6 +96,7 @@ CHECKS: tuple[Check, ...] = (
     Check(("emulator-phase", "federated-emulator"), lazy_phases_need_local_emulators),
     Check(("query-selection", "emulator-phase", "fraction-train"), scored_selections_need_a_trained_student),
     Check(("emulator-pairing", "query-source"), pairing_needs_local_queries),
+    Check(("weight-synthetic", "emulator-pairing", "query-source"), synthetic_pairs_need_a_paired_emulator),
     Check(("oracle-top-k", "oracle-output"), top_k_needs_probabilities),
     Check(("dp-noise", "dp-clip"), dp_noise_needs_clipping),
     Check(("server-share", "teacher-epochs"), teacher_needs_labeled_data),
