@@ -102,7 +102,7 @@ class MEKD(Strategy):
         train_emulators: bool = True,
         federated_emulator: bool = False,
         emulator_rounds: int = 4,
-        emulator_steps: int = 100,
+        emulator_steps: int = 150,
         emulator_reference: Mapping[str, ArrayRecord] | None = None,
         measure_fid: bool = False,
         client_config_keys: Iterable[str] | None = None,

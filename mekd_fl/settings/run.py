@@ -198,7 +198,7 @@ RUN_SETTINGS: tuple[Setting, ...] = (
         SERVER,
     ),
     # --- emulator (clients) ---
-    Setting("emulator-steps", 100, "Generator updates of each client's emulator.", BOTH, within=">= 0"),
+    Setting("emulator-steps", 150, "Generator updates of each client's emulator.", BOTH, within=">= 0"),
     Setting("emulator-batch-size", 32, "Emulator batch size.", CLIENT, within=">= 1"),
     Setting(
         "emulator-lr",
@@ -207,7 +207,7 @@ RUN_SETTINGS: tuple[Setting, ...] = (
         CLIENT,
         within="> 0",
     ),
-    Setting("emulator-width", 16, "Emulator channel width (generator and discriminator).", BOTH, within=">= 1"),
+    Setting("emulator-width", 8, "Emulator channel width (generator and discriminator).", BOTH, within=">= 1"),
     Setting(
         "emulator",
         "dcgan",
