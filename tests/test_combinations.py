@@ -38,6 +38,9 @@ TINY = {
     "num-samples": 2,
     "query-views": 2,
     "emulator-fid": True,
+    # Local queries pair the emulator (emulator-pairing=auto); with the GAN term kept, each emulator kind
+    # is its own paired run here (without it, the three kinds would be one run three times).
+    "emulator-pairing-gan": True,
 }
 
 
