@@ -61,9 +61,10 @@ class MEKD(Strategy):
         the paper's protocol) or "lazy" (the first time a client is sampled; not with a federated
         emulator): the cost of a run then follows the clients that take part, not the population.
     emulator_pairing : "paired" (queries first, then G learns to map each client's answers back to its
-        images: G inverts the teacher) or "none" (the paper: unconditional GANs, trained before the queries;
-        what clients that send emulator samples as queries need). Paired is the default: the paper's G does
-        not emulate (a fidelity consistency near chance) and costs the same (issue 22).
+        images: G inverts the teacher), "none" (the paper: unconditional GANs, trained before the queries;
+        what clients that send emulator samples as queries need) or "auto" (the default: paired, except with
+        a federated emulator, whose average of paired Gs would carry other clients' answers to every
+        client). Why paired: the paper's G does not emulate (a fidelity consistency near chance; issue 22).
     query_budget : images each client may send to the teacher (enforced here and by the oracle).
     query_teacher : False for a reference that trains on labels: the query round trip only registers
         the clients, with a budget of 0, and the oracle is never called.
@@ -111,7 +112,7 @@ class MEKD(Strategy):
         norm_outlier_factor: float = 2.0,
         min_reply_fraction: float = 0.5,
         emulator_phase: str = "upfront",
-        emulator_pairing: str = "paired",
+        emulator_pairing: str = "auto",
         seed: int = 0,
         on_round: RoundCallback | None = None,
         log_fn: Callable[[str], None] = print,

@@ -26,7 +26,7 @@ from strategies.transport import Transport
 #: When a client trains its emulator and queries the teacher: all before round 1 (the paper's protocol),
 #: or the first time it is sampled (large populations: a run's cost follows the clients that take part).
 PHASES = ("upfront", "lazy")
-PAIRINGS = ("none", "paired")
+PAIRINGS = ("auto", "none", "paired")
 
 
 @dataclass
@@ -37,7 +37,7 @@ class EmulatorPlan:
     federated: bool = False
     rounds: int = 4
     steps: int = 200
-    pairing: str = "none"
+    pairing: str = "auto"
     measure_fid: bool = False
     reference: Mapping[str, ArrayRecord] = field(default_factory=dict)
 
@@ -55,6 +55,8 @@ class EmulatorPlan:
                 "emulators needs every client at once (use emulator_phase='upfront')"
             )
         self.rounds = max(1, self.rounds)
+        if self.pairing == "auto":  # a federated G trained on pairs would carry other clients' answers
+            self.pairing = "none" if self.federated else "paired"
 
     @property
     def paired(self) -> dict:

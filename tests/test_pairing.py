@@ -20,6 +20,7 @@ from mekd_fl.emulator import EmulatorConfig, build_emulator, from_gan_range, tra
 from mekd_fl.errors import ConfigError
 from mekd_fl.fidelity import class_separation, emulator_fidelity
 from strategies import protocol as P
+from strategies.phases import EmulatorPlan
 from tests.scripted_clients import RecordingGrid, honest, mekd, node_id, student, with_emulator
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -127,6 +128,15 @@ def test_auto_pairing_pairs_where_the_queries_are_the_clients_own_images() -> No
     assert RunConfig(query_source="generated").pairing == "none"
     assert RunConfig(query_source="mixed").pairing == "none"
     assert RunConfig(emulator_pairing="none").pairing == "none"
+    # a federated average of paired Gs would carry other clients' answers to every client: auto keeps it unpaired
+    assert RunConfig(federated_emulator=True).pairing == "none"
+    assert RunConfig(federated_emulator=True, emulator_pairing="paired").pairing == "paired"  # explicit choice
+    plan = EmulatorPlan(federated=True)
+    plan.check()
+    assert plan.pairing == "none" and plan.paired == {}
+    plan = EmulatorPlan()
+    plan.check()
+    assert plan.pairing == "paired" and plan.paired == {P.PAIRED: True}
     RunConfig(query_source="generated").validate()  # auto never asks for what cannot be paired
 
 

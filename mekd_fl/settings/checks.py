@@ -53,10 +53,11 @@ def pairing_needs_local_queries(v: Any) -> None:
 
 def resolved_pairing(v: Any) -> str:
     """emulator-pairing with auto resolved: paired where the queries are the client's own images
-    (query-source=local), since only then are there (answer, image) pairs before G is trained."""
+    (query-source=local: only then are there (answer, image) pairs before G is trained) and each G stays
+    on its client (a federated average of paired Gs would carry other clients' answers to every client)."""
     if v.emulator_pairing != "auto":
         return v.emulator_pairing
-    return "paired" if v.query_source == "local" else "none"
+    return "paired" if v.query_source == "local" and not v.federated_emulator else "none"
 
 
 def synthetic_pairs_need_a_paired_emulator(v: Any) -> None:
@@ -64,7 +65,8 @@ def synthetic_pairs_need_a_paired_emulator(v: Any) -> None:
         raise ConfigError(
             f"weight-synthetic={v.weight_synthetic:g} needs a paired emulator (an unpaired G(p') does not show "
             f"the class p' names), and emulator-pairing={v.emulator_pairing} with query-source={v.query_source} "
-            "gives none; accepted: weight-synthetic=0, or emulator-pairing=paired (or auto) with query-source=local"
+            f"and federated-emulator={v.federated_emulator} gives none; accepted: weight-synthetic=0, or "
+            "emulator-pairing=paired, or auto with query-source=local and federated-emulator=false"
         )
 
 
@@ -96,7 +98,10 @@ CHECKS: tuple[Check, ...] = (
     Check(("emulator-phase", "federated-emulator"), lazy_phases_need_local_emulators),
     Check(("query-selection", "emulator-phase", "fraction-train"), scored_selections_need_a_trained_student),
     Check(("emulator-pairing", "query-source"), pairing_needs_local_queries),
-    Check(("weight-synthetic", "emulator-pairing", "query-source"), synthetic_pairs_need_a_paired_emulator),
+    Check(
+        ("weight-synthetic", "emulator-pairing", "query-source", "federated-emulator"),
+        synthetic_pairs_need_a_paired_emulator,
+    ),
     Check(("oracle-top-k", "oracle-output"), top_k_needs_probabilities),
     Check(("dp-noise", "dp-clip"), dp_noise_needs_clipping),
     Check(("server-share", "teacher-epochs"), teacher_needs_labeled_data),

@@ -254,7 +254,7 @@ RUN_SETTINGS: tuple[Setting, ...] = (
         "auto",
         "How the emulator learns: none (the paper's unconditional GAN on z ~ N(0, I_C)), paired (queries "
         "first, then G is fitted to the client's own (T(x), x) pairs, so that G inverts the teacher; needs "
-        "query-source=local) or auto (paired with query-source=local, else none).",
+        "query-source=local) or auto (paired with query-source=local and federated-emulator=false, else none).",
         SERVER,
         choices=("auto", "none", "paired"),
     ),
