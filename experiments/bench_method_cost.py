@@ -55,15 +55,6 @@ def plan(shape: str, method: str, extra: dict, out: Path, mekd_fl: str) -> list[
     return [mekd_fl, "run", *(f"{k}={v}" for k, v in {**settings, "out-dir": str(out / "runs")}.items())]
 
 
-def read(folder: Path) -> dict:
-    """`read_run`'s figures plus the emulator's fidelity consistency (None when no emulator was measured)."""
-    row = read_run(folder)
-    path = folder / "summary.json"
-    if path.is_file():
-        row["fidelity-consistency"] = json.loads(path.read_text()).get("fidelity-consistency")
-    return row
-
-
 def _cell(value: object, column: str) -> str:
     if not isinstance(value, int | float) or isinstance(value, bool):
         return "-"
@@ -115,7 +106,7 @@ def main() -> int:
             command = plan(shape, method, extra, out, args.mekd_fl)
             print(f"[bench] {shape} {method}: {shlex.join(command)}", flush=True)
             wall = run_command(command, out / f"{shape}-{method}.log", args.timeout)
-            row = {"shape": shape, "method": method, "wall-s": wall, **read(out / "runs" / f"{shape}-{method}")}
+            row = {"shape": shape, "method": method, "wall-s": wall, **read_run(out / "runs" / f"{shape}-{method}")}
             rows.append(row)
             print(f"[bench] {shape} {method}: {row['status']} in {wall:.0f} s", flush=True)
     table = report(rows, args.methods)

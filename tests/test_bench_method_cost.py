@@ -41,9 +41,9 @@ def test_report_gives_each_methods_ratio_to_the_first_per_shape(tmp_path: Path) 
     write_run_folder(tmp_path / "kd", 100.0, [(40.0, 0.5), (60.0, 0.6)])
     write_run_folder(tmp_path / "mekd", 125.0, [(50.0, 0.5), (75.0, 0.62)], **{"fidelity-consistency": 0.93})
     rows = [
-        {"shape": "quickstart", "method": "kd", "wall-s": 110.0, **bench.read(tmp_path / "kd")},
-        {"shape": "quickstart", "method": "mekd", "wall-s": 132.0, **bench.read(tmp_path / "mekd")},
-        {"shape": "default", "method": "kd", "wall-s": 10.0, **bench.read(tmp_path / "none")},
+        {"shape": "quickstart", "method": "kd", "wall-s": 110.0, **bench.read_run(tmp_path / "kd")},
+        {"shape": "quickstart", "method": "mekd", "wall-s": 132.0, **bench.read_run(tmp_path / "mekd")},
+        {"shape": "default", "method": "kd", "wall-s": 10.0, **bench.read_run(tmp_path / "none")},
     ]
     text = bench.report(rows, ["kd", "mekd"])
     assert "quickstart: mekd/kd run 1.25, wall 1.20" in text

@@ -46,6 +46,7 @@ def read_run(folder: Path) -> dict:
         "after-last-round-s": max(0.0, run_s - float(last)),
         "accuracies": [r.get("server/accuracy") for r in rounds],
         "accuracy": summary.get("student-accuracy"),
+        "fidelity-consistency": summary.get("fidelity-consistency"),  # None without a measured emulator
     }
 
 
