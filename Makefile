@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.mekd-stamp
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: run test test-fast test-slow bench data venv clean docs docs-serve
+.PHONY: run test test-fast test-slow bench bench-gpu data venv clean docs docs-serve
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,10 @@ test-slow: $(STAMP) data
 
 bench: $(STAMP) data
 	$(PY) experiments/bench_step.py
+
+# The GPU figures in one command (8 minutes on one GPU; refuses in one line without CUDA): docs/gpus.md
+bench-gpu: $(STAMP) data
+	$(PY) experiments/bench_gpu.py $(ARGS)
 
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site

@@ -43,6 +43,7 @@ def read_run(folder: Path) -> dict:
         "emulator-s": float(summary.get("phase-seconds", {}).get("emulator", 0.0)),
         "query-s": float(summary.get("phase-seconds", {}).get("query", 0.0)),
         "s-per-round": (elapsed[-1] - elapsed[0]) / (len(elapsed) - 1) if len(elapsed) > 1 else float("nan"),
+        "last-round-at-s": float(last),
         "after-last-round-s": max(0.0, run_s - float(last)),
         "accuracies": [r.get("server/accuracy") for r in rounds],
         "accuracy": summary.get("student-accuracy"),
