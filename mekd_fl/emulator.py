@@ -324,8 +324,9 @@ def train_emulator(
             discriminator = fresh_d if discriminator is None else discriminator
         d_loss, g_loss = _run_gan(images, cfg, spec, device, generator, discriminator, log_every, log, codes)
 
-    generator.eval()
-    discriminator.eval()
+    # back to the default layout: the weights are averaged with other clients' and sent in messages
+    generator.to(memory_format=torch.contiguous_format).eval()
+    discriminator.to(memory_format=torch.contiguous_format).eval()
     return EmulatorResult(generator, discriminator, d_loss, g_loss, cfg.steps)
 
 
@@ -341,9 +342,14 @@ def _run_gan(
     codes: torch.Tensor | None = None,
 ) -> tuple[float, float]:
     """``cfg.steps`` generator steps of ``spec`` (paired without the GAN term: `_regression_step`); returns
-    (d_loss, g_loss) averaged over the last 10% of steps."""
-    generator.to(device).train()
-    discriminator.to(device).train()
+    (d_loss, g_loss) averaged over the last 10% of steps.
+
+    The networks train in channels-last memory layout (the same function, to float rounding), as
+    FrozenGenerator computes: a paired step at the default width 8, batch 32, took 8.8 ms instead of 12.9
+    on one CPU thread (interleaved, 200 steps each), and the emulators are most of MEKD's extra cost.
+    """
+    generator.to(device, memory_format=torch.channels_last).train()
+    discriminator.to(device, memory_format=torch.channels_last).train()
     betas = spec.betas if cfg.betas is None else cfg.betas
     loop = _Loop(
         data=images.to(device),

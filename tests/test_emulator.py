@@ -154,6 +154,9 @@ def test_every_kind_shares_the_generator_with_c_inputs(kind_run) -> None:
     assert out.shape == (8, 1, 16, 16) and out.min() >= -1 and out.max() <= 1
     with pytest.raises(ValueError):
         gen(torch.randn(8, NUM_CLASSES + 1))
+    # trained in channels-last layout, handed back in the default one (averaged and sent as arrays)
+    for net in (gen, result.discriminator):
+        assert all(t.is_contiguous() for t in net.state_dict().values())
 
 
 def test_every_kind_is_deterministic_for_a_seed(kind_run, small_images: torch.Tensor) -> None:
