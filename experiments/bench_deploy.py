@@ -24,7 +24,6 @@ Usage: `python experiments/bench_deploy.py [--set key=value ...] [--timeout 900]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import socket
@@ -32,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from mekd_fl.bench.timing import parse_value, read_run
+from mekd_fl.bench.timing import parse_value, read_run, write_results
 from mekd_fl.bench.timing import run_command as run
 from mekd_fl.runtime.deploy.local import port_free, toml_value
 
@@ -133,16 +132,9 @@ def main() -> int:
         print(f"[bench] {engine}: {rows[engine]['status']} in {wall:.0f} s", flush=True)
     table = report(rows, exchanges(settings))
     print(table)
-    with (out / "results.jsonl").open("w") as fh:
-        for row in rows.values():
-            fh.write(json.dumps(row) + "\n")
-    header = (
-        f"# Deployment Engine vs in-process ({time.strftime('%Y-%m-%d')})\n\n"
-        f"`python experiments/bench_deploy.py {shlex.join(sys.argv[1:])}` on {os.cpu_count()} CPUs, "
-        f"load average {load[0]:.2f} at the start; settings {settings}.\n\n"
-    )
-    (out / "results.md").write_text(header + table + "\n")
-    print(f"[bench] {out / 'results.md'}, {out / 'results.jsonl'}")
+    command = f"python experiments/bench_deploy.py {shlex.join(sys.argv[1:])}"
+    context = f"on {os.cpu_count()} CPUs, load average {load[0]:.2f} at the start; settings {settings}."
+    write_results(out, "Deployment Engine vs in-process", command, context, table, list(rows.values()))
     done = all(r.get("status") == "completed" for r in rows.values())
     return 0 if done else 1
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mekd_fl.bench.gpu_sampler import GpuSampler, summarise
-from mekd_fl.bench.timing import parse_value, read_run, run_command
+from mekd_fl.bench.timing import parse_value, read_run, run_command, write_results
 from mekd_fl.config import RunConfig
 from mekd_fl.data import load_dataset
 from mekd_fl.errors import ConfigError
@@ -357,18 +357,13 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(measure_run(plan, timeouts([p.weight for p in plans[i:]], left), out, sampler))
     table = report(steps, oracle, runs, args.rehearse_on_cpu)
     print(table)
-    with (out / "results.jsonl").open("w") as fh:
-        for row in [{"part": "machine", **info}, *steps, *oracle, *runs]:
-            fh.write(json.dumps(row) + "\n")
-    header = (
-        f"# GPU figures ({time.strftime('%Y-%m-%d')})\n\n"
-        f"`python experiments/bench_gpu.py {shlex.join(sys.argv[1:] if argv is None else argv)}` in "
-        f"{time.time() - started:.0f} s on {info['nvidia-smi'] or info['gpu'] or 'no GPU'}, {info['cpus']} CPUs, "
+    command = f"python experiments/bench_gpu.py {shlex.join(sys.argv[1:] if argv is None else argv)}"
+    context = (
+        f"in {time.time() - started:.0f} s on {info['nvidia-smi'] or info['gpu'] or 'no GPU'}, {info['cpus']} CPUs, "
         f"torch {info['torch']} (CUDA {info['cuda']}); runs: the default settings with "
-        f"{ {**COMMON, 'num-rounds': args.rounds, **_extra(args)} }.\n\n"
+        f"{ {**COMMON, 'num-rounds': args.rounds, **_extra(args)} }."
     )
-    (out / "results.md").write_text(header + table + "\n")
-    print(f"[bench-gpu] {out / 'results.md'}, {out / 'results.jsonl'}")
+    write_results(out, "GPU figures", command, context, table, [{"part": "machine", **info}, *steps, *oracle, *runs])
     return 0 if all(r["status"] == "completed" for r in runs) else 1
 
 

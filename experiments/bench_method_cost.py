@@ -25,14 +25,13 @@ Usage: `python experiments/bench_method_cost.py [--shapes default quickstart] [-
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
 import time
 from pathlib import Path
 
-from mekd_fl.bench.timing import parse_value, read_run, run_command
+from mekd_fl.bench.timing import parse_value, read_run, run_command, write_results
 
 SHAPES: dict[str, dict[str, object]] = {
     "default": {},
@@ -111,17 +110,12 @@ def main() -> int:
             print(f"[bench] {shape} {method}: {row['status']} in {wall:.0f} s", flush=True)
     table = report(rows, args.methods)
     print(table)
-    with (out / "results.jsonl").open("w") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
-    header = (
-        f"# Whole-run cost by method ({time.strftime('%Y-%m-%d')})\n\n"
-        f"`python experiments/bench_method_cost.py {shlex.join(sys.argv[1:])}` on {os.cpu_count()} CPUs, "
-        f"load average {load[0]:.2f} at the start; shapes {[SHAPES[s] for s in args.shapes]}, "
-        f"every run with {COMMON | extra}.\n\n"
+    context = (
+        f"on {os.cpu_count()} CPUs, load average {load[0]:.2f} at the start; shapes "
+        f"{[SHAPES[s] for s in args.shapes]}, every run with {COMMON | extra}."
     )
-    (out / "results.md").write_text(header + table + "\n")
-    print(f"[bench] {out / 'results.md'}, {out / 'results.jsonl'}")
+    command = f"python experiments/bench_method_cost.py {shlex.join(sys.argv[1:])}"
+    write_results(out, "Whole-run cost by method", command, context, table, rows)
     return 0 if all(r.get("status") == "completed" for r in rows) else 1
 
 

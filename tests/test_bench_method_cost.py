@@ -49,3 +49,10 @@ def test_report_gives_each_methods_ratio_to_the_first_per_shape(tmp_path: Path) 
     assert "quickstart: mekd/kd run 1.25, wall 1.20" in text
     assert "| quickstart | mekd | completed | 132.0 | 125.0 |" in text and "| 0.620 | 0.930 |" in text
     assert "| default | kd | missing |" in text and "default: mekd/kd: no ratio" in text
+
+
+def test_results_are_written_as_markdown_and_json_lines(tmp_path: Path) -> None:
+    bench.write_results(tmp_path, "Cost", "python x.py --a", "on 2 CPUs.", "| a |\n|---|", [{"a": 1}, {"a": 2}])
+    text = (tmp_path / "results.md").read_text()
+    assert text.startswith("# Cost (") and "`python x.py --a` on 2 CPUs.\n\n| a |\n|---|\n" in text
+    assert (tmp_path / "results.jsonl").read_text() == '{"a": 1}\n{"a": 2}\n'

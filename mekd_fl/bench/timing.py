@@ -67,3 +67,14 @@ def run_command(argv: list[str], log: Path, timeout: float) -> float:
                 except subprocess.TimeoutExpired:
                     pass
     return time.time() - t0
+
+
+def write_results(out: Path, title: str, command: str, context: str, table: str, rows: list[dict]) -> None:
+    """A benchmark's `results.md` (title, date, the command and what it ran on, then the table) and
+    `results.jsonl` (one line per row) under `out`, and a line saying where they are."""
+    with (out / "results.jsonl").open("w") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+    header = f"# {title} ({time.strftime('%Y-%m-%d')})\n\n`{command}` {context}\n\n"
+    (out / "results.md").write_text(header + table + "\n")
+    print(f"[bench] {out / 'results.md'}, {out / 'results.jsonl'}", flush=True)
