@@ -98,7 +98,8 @@ def plan_runs(
     for level in levels:
         label = f"cuda x{level:g}"
         device, gpus = ("cpu", 0.0) if rehearse else ("cuda", level)
-        concurrent = min(num_clients, by_cpu, int(1 / level + 1e-9)) if not rehearse else min(num_clients, by_cpu)
+        by_gpu = num_clients if rehearse else int(1 / level + 1e-9)
+        concurrent = min(num_clients, by_cpu, by_gpu)
         plans.append(
             RunPlan(
                 label,
@@ -125,8 +126,7 @@ def plan_runs(
 def _command(
     launcher: list[str], settings: dict[str, object], device: str, gpus: float, client_cpus: int, out: Path, label: str
 ) -> list[str]:
-    name = label.replace(" ", "-")  # the run folder and log of this plan: "cuda-x0.25", "cpu"
-    values = {**settings, "device": device, "run-name": name, "out-dir": str(out / "runs")}
+    values = {**settings, "device": device, "run-name": run_name(label), "out-dir": str(out / "runs")}
     return [
         *launcher,
         "run",
@@ -152,9 +152,10 @@ def run_started_at(folder: Path) -> float | None:
 def measure_run(plan: RunPlan, timeout_s: float, out: Path, sampler: GpuSampler) -> dict:
     """Run one plan under `timeout_s`; what it says about itself (finished rounds only, if stopped), and the
     GPU readings taken between its first and last round."""
-    folder = out / "runs" / _run_name(plan)
+    name = run_name(plan.label)
+    folder = out / "runs" / name
     print(f"[bench-gpu] {plan.label}: {shlex.join(plan.command)} (at most {timeout_s:.0f} s)", flush=True)
-    wall = run_command(plan.command, out / f"{_run_name(plan)}.log", timeout_s)
+    wall = run_command(plan.command, out / f"{name}.log", timeout_s)
     row: dict = {"part": "run", "label": plan.label, "engine": plan.engine, "client-gpus": plan.client_gpus}
     row |= {"concurrent": plan.concurrent, "wall-s": wall, "timeout-s": timeout_s}
     if (folder / "summary.json").is_file():
@@ -170,8 +171,9 @@ def measure_run(plan: RunPlan, timeout_s: float, out: Path, sampler: GpuSampler)
     return row
 
 
-def _run_name(plan: RunPlan) -> str:
-    return next(a.split("=", 1)[1] for a in plan.command if a.startswith("run-name="))
+def run_name(label: str) -> str:
+    """The run folder and log name of a plan: "cuda x0.25" -> "cuda-x0.25"."""
+    return label.replace(" ", "-")
 
 
 def _unfinished(folder: Path, timed_out: bool) -> dict:
