@@ -77,6 +77,35 @@ def test_generator_rejects_side_not_divisible_by_4() -> None:
 
 
 @pytest.mark.parametrize("shape", INPUTS)
+@pytest.mark.parametrize("train", [True, False])
+def test_generator_is_its_layer_stack_with_upsample_and_conv_merged(shape: tuple[int, int, int], train: bool) -> None:
+    """forward computes each (Upsample, Conv2d) as one transposed convolution: the same outputs and the same
+    weight gradients as running `body` layer by layer, in training (batch statistics) and eval mode."""
+    torch.manual_seed(0)
+    gen = Generator(10, shape, width=8)
+    gen.apply(init_dcgan_weights)
+    for bn in (gen.body[0], gen.body[3], gen.body[7]):  # eval mode: statistics that are not the identity
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    gen.train(train)
+    z = torch.randn(6, 10)
+    target = torch.rand(6, *shape) * 2 - 1
+    side = shape[1] // 4
+
+    def grads(out: torch.Tensor) -> list[torch.Tensor]:
+        gen.zero_grad()
+        (out - target).abs().mean().backward()
+        return [p.grad.clone() for p in gen.parameters()]
+
+    merged = gen(z)
+    merged_grads = grads(merged)
+    reference = gen.body(gen.fc(z).view(-1, 16, side, side))
+    reference_grads = grads(reference)
+    assert torch.allclose(merged, reference, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(merged_grads, reference_grads, strict=True))
+
+
+@pytest.mark.parametrize("shape", INPUTS)
 def test_discriminator_one_logit_per_image(shape: tuple[int, int, int]) -> None:
     disc = Discriminator(shape, width=8)
     assert disc(torch.randn(3, *shape)).shape == (3, 1)

@@ -20,11 +20,9 @@ from torch import nn
 
 from mekd_fl.distill.base import DistillContext, Distiller, kl_divergence, register, teacher_log_probs
 from mekd_fl.distill.dkd import dkd_loss
-from mekd_fl.models.gan import Generator
+from mekd_fl.models.gan import Generator, upsample_conv_kernel
 from mekd_fl.settings.schema import Setting
 
-# Rows: the 4 taps of the transposed kernel; columns: the 3 taps of the original kernel (see FrozenGenerator).
-_UPSAMPLE_TAPS = ((0.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 1.0, 0.0), (1.0, 0.0, 0.0))
 _TARGET_CHUNK = 512  # images per generator forward in `prepare` (bounds its activation memory)
 _SYNTHETIC_NOISE = 0.5  # std of the log-space noise around a synthesised answer (weight-synthetic)
 
@@ -81,10 +79,8 @@ class FrozenGenerator(nn.Module):
 
     - BatchNorm in eval is a per-channel affine map: the first one (after the linear layer) is folded
       into the linear weights, the others into the convolution before them.
-    - Nearest 2x upsampling u, then a 3x3 convolution w (padding 1), is a 4x4 transposed convolution of
-      stride 2 (padding 1) of the small map: output row 2i+a reads input rows i-1, i (a=0: weights w0 and
-      w1+w2) or i, i+1 (a=1: w0+w1 and w2); per axis, the transposed kernel's taps are
-      (w2, w1+w2, w0+w1, w0) (`_UPSAMPLE_TAPS`), and the 2-D kernel is their outer combination.
+    - Nearest 2x upsampling, then a 3x3 convolution (padding 1), is a 4x4 transposed convolution of
+      stride 2 (padding 1) of the small map (`upsample_conv_kernel`), as in Generator.forward.
 
     Its tensors are copies taken when it is built, none requiring gradient: the gradient flows to the
     input only. Build it again if the generator's weights change. It computes in channels-last memory
@@ -118,8 +114,7 @@ class FrozenGenerator(nn.Module):
         scale, shift = _bn_affine(bn)
         w = conv.weight * scale[:, None, None, None]
         bias = (conv.bias * scale if conv.bias is not None else 0.0) + shift
-        taps = torch.tensor(_UPSAMPLE_TAPS, dtype=w.dtype, device=w.device)
-        return torch.einsum("ky,oiyx,lx->iokl", taps, w, taps).contiguous(), bias.contiguous()
+        return upsample_conv_kernel(w).contiguous(), bias.contiguous()
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         if z.dim() != 2 or z.shape[1] != self.latent_dim:
