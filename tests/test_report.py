@@ -345,3 +345,57 @@ def test_relative_table_divides_each_cell_by_its_own_reference_cell_seed_by_seed
     assert f"| kd | 100.0 ± 0.0 (n=2/3) | {np.mean(kd):.1f} ± {np.std(kd, ddof=1):.1f} (n=2/3) |" in section
     with pytest.raises(ConfigError, match="relative-to='f1' is not a label of the columns axis; accepted: iid"):
         parse_spec(dict(SPEC, report=dict(SPEC["report"], **{"relative-to": "f1"})), "hand.yaml", {})
+
+
+def _with_report(folder: Path, **report: object) -> str:
+    data = yaml.safe_load((folder / "spec.yaml").read_text())
+    data["report"].update(report)
+    (folder / "spec.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    markdown = write_report(folder)
+    return markdown[markdown.index("## Best of") :]
+
+
+def test_versus_compares_the_best_of_each_group_seed_by_seed(bench_folder: Path) -> None:
+    """Per partition and seed: mekd against kd (ACC), reached where mekd wins by 1 point or more."""
+    section = _with_report(bench_folder, versus={"ours": ["mekd"], "baselines": ["kd"], "points": 1})
+    assert "| iid | 1 | mekd 80.00 | kd 70.00 | +10.00 | **yes** | - |" in section
+    assert "| dir-a0.1 | 3 | mekd 50.00 | kd 54.00 | -4.00 | no | - |" in section
+    assert "| dir-a1.0 | 2 | mekd 60.00 | kd 60.00 | +0.00 | no | - |" in section
+    assert "| dir-a1.0 | 3 | mekd 62.00 | kd 60.00 | +2.00 | **yes** | - |" in section
+    assert "| iid | 3 |" not in section  # kd's cell never finished: nothing to compare with
+    assert "Reached in 3 of 8 comparisons (8 of them with every listed method finished)." in section
+    # a group's best is its highest finished cell, and a group member without a finished cell is named
+    section = _with_report(bench_folder, versus={"ours": ["mekd"], "baselines": ["kd", "supervised"], "points": 0})
+    assert "| iid | 3 | mekd 84.00 | supervised 95.00 | -11.00 | no | kd |" in section
+    assert "Reached in 0 of 9 comparisons (8 of them with every listed method finished)." in section
+
+
+def test_versus_marks_a_best_cell_not_at_its_plateau(bench_folder: Path) -> None:
+    section = _with_report(
+        bench_folder, plateau={"rounds": 2, "points": 0.3}, versus={"ours": ["mekd"], "baselines": ["kd"]}
+    )
+    # the fixture's cells climb 20 points over their last 2 rounds
+    assert "| iid | 1 | mekd 80.00* | kd 70.00* | +10.00 | **yes** | - |" in section
+
+
+@pytest.mark.parametrize(
+    ("versus", "message"),
+    [
+        ({"ours": ["mekd"], "baselines": ["dkd"]}, "baselines: 'dkd' is not a label of the rows axis; accepted: kd, "),
+        ({"ours": ["mekd", "kd"], "baselines": ["kd"]}, "'kd' is in both ours and baselines"),
+        ({"ours": [], "baselines": ["kd"]}, "versus.ours: give a non-empty list of rows labels"),
+        ({"ours": ["mekd"], "baselines": ["kd"], "points": -1}, r"points=-1 is not accepted; accepted: a number >= 0"),
+        ({"ours": ["mekd"], "baseline": ["kd"]}, "give a mapping with ours and baselines"),
+    ],
+)
+def test_bad_versus_is_refused(versus: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_spec(dict(SPEC, report=dict(SPEC["report"], versus=versus)), "hand.yaml", {})
+
+
+def test_versus_survives_the_saved_spec() -> None:
+    versus = {"ours": ["mekd"], "baselines": ["kd", "supervised"], "points": 0.5}
+    spec = parse_spec(dict(SPEC, report=dict(SPEC["report"], versus=versus)), "hand.yaml", {})
+    saved = spec.to_dict()
+    assert saved["report"]["versus"] == versus
+    assert parse_spec(saved, "again.yaml", {}).report.versus == spec.report.versus

@@ -23,6 +23,7 @@ from mekd_fl.bench.plateau import PlateauCheck, plateau_section
 from mekd_fl.bench.relative import relative_section
 from mekd_fl.bench.spec import METRICS, Reference, Spec
 from mekd_fl.bench.tables import markdown_table, write_csv
+from mekd_fl.bench.versus import versus_section
 from mekd_fl.errors import ConfigError
 
 INVOCATIONS_FILE = "invocations.jsonl"
@@ -193,6 +194,7 @@ def write_report(folder: Path) -> str:
         ]
         + [f"![{p.stem.replace('_', ' ')}]({p.name})\n" for p in plots if p is not None]
         + (relative_section(spec, results, spec.report.relative_to) if spec.report.relative_to else [])
+        + (versus_section(spec, results, spec.report.versus) if spec.report.versus else [])
         + (plateau_section(results, PlateauCheck(*spec.report.plateau)) if spec.report.plateau else [])
         + provenance(folder)
     )

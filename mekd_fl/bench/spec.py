@@ -18,7 +18,10 @@ Format::
     report: {rows: method, columns: partition, metrics: [student-accuracy]}
       # optional: plateau: {rounds: 3, points: 0.3} adds a per-cell check that the last 3 rounds moved
       # the server accuracy by less than 0.3 points (`mekd_fl.bench.plateau`); relative-to: f1 (a label of
-      # the columns axis) adds each row's accuracy as a % of its own at that column (`mekd_fl.bench.relative`)
+      # the columns axis) adds each row's accuracy as a % of its own at that column (`mekd_fl.bench.relative`);
+      # versus: {ours: [mekd], baselines: [kd], points: 1} (labels of the rows axis) adds, per column and
+      # seed, the best of `ours` against the best of `baselines` and whether it wins by `points`
+      # (`mekd_fl.bench.versus`)
     timing: how long the sweep takes
     set: {}                        # written by `mekd-fl bench --set`: applied over base
 """
@@ -84,6 +87,19 @@ class ReportLayout:
     reference: Reference | None = None
     plateau: tuple[int, float] | None = None  # (last rounds, points): the report's plateau check; None: none
     relative_to: str | None = None  # a columns label: add accuracies as a % of the row's own at that column
+    versus: Versus | None = None  # two groups of rows labels: add the best of one against the best of the other
+
+
+@dataclass(frozen=True)
+class Versus:
+    """Two disjoint groups of the rows axis's labels and the margin (points) the first should win by."""
+
+    ours: tuple[str, ...]
+    baselines: tuple[str, ...]
+    points: float = 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ours": list(self.ours), "baselines": list(self.baselines), "points": self.points}
 
 
 @dataclass(frozen=True)
@@ -180,6 +196,8 @@ class Spec:
             report["plateau"] = {"rounds": self.report.plateau[0], "points": self.report.plateau[1]}
         if self.report.relative_to is not None:
             report["relative-to"] = self.report.relative_to
+        if self.report.versus is not None:
+            report["versus"] = self.report.versus.to_dict()
         return {
             "name": self.name,
             "description": self.description,
@@ -310,11 +328,11 @@ def _safe_label(label: str, where: str) -> str:
 def _report(data: Any, grid: tuple[Axis, ...], where: str) -> ReportLayout:
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: missing; give rows (an axis), optional columns (an axis) and metrics")
-    unknown = set(data) - {"rows", "columns", "metrics", "reference", "plateau", "relative-to"}
+    unknown = set(data) - {"rows", "columns", "metrics", "reference", "plateau", "relative-to", "versus"}
     if unknown:
         raise ConfigError(
             f"{where}: unknown key {sorted(unknown)[0]!r}; accepted: rows, columns, metrics, reference, plateau, "
-            "relative-to"
+            "relative-to, versus"
         )
     axes = [axis.name for axis in grid]
     rows, columns = data.get("rows"), data.get("columns")
@@ -342,6 +360,10 @@ def _report(data: Any, grid: tuple[Axis, ...], where: str) -> ReportLayout:
                 + (", ".join(labels) if labels else "none (give columns first)")
             )
         relative_to = str(relative_to)
+    versus = None
+    if data.get("versus") is not None:
+        row_labels = [level.label for axis in grid if axis.name == rows for level in axis.levels]
+        versus = _versus(data["versus"], row_labels, f"{where}.versus")
     return ReportLayout(
         rows=rows,
         columns=columns,
@@ -349,7 +371,33 @@ def _report(data: Any, grid: tuple[Axis, ...], where: str) -> ReportLayout:
         reference=reference,
         plateau=plateau,
         relative_to=relative_to,
+        versus=versus,
     )
+
+
+def _versus(data: Any, row_labels: list[str], where: str) -> Versus:
+    """`{ours: [...], baselines: [...], points: 1}`: two disjoint, non-empty lists of the rows axis's labels."""
+    if not isinstance(data, dict) or set(data) - {"ours", "baselines", "points"}:
+        raise ConfigError(f"{where}: give a mapping with ours and baselines (lists of rows labels) and points")
+    groups = {}
+    for key in ("ours", "baselines"):
+        value = data.get(key)
+        labels = [value] if isinstance(value, str) else value
+        if not isinstance(labels, list) or not labels:
+            raise ConfigError(f"{where}.{key}: give a non-empty list of rows labels; accepted: {', '.join(row_labels)}")
+        for label in map(str, labels):
+            if label not in row_labels:
+                raise ConfigError(
+                    f"{where}.{key}: {label!r} is not a label of the rows axis; accepted: {', '.join(row_labels)}"
+                )
+        groups[key] = tuple(dict.fromkeys(map(str, labels)))
+    both = set(groups["ours"]) & set(groups["baselines"])
+    if both:
+        raise ConfigError(f"{where}: {sorted(both)[0]!r} is in both ours and baselines; give each label to one group")
+    points = data.get("points", 1.0)
+    if isinstance(points, bool) or not isinstance(points, (int, float)) or points < 0:
+        raise ConfigError(f"{where}.points={points!r} is not accepted; accepted: a number >= 0")
+    return Versus(groups["ours"], groups["baselines"], float(points))
 
 
 def _plateau(data: Any, where: str) -> tuple[int, float]:
