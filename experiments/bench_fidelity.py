@@ -31,7 +31,7 @@ from mekd_fl.emulator import from_gan_range
 from mekd_fl.fidelity import emulator_fidelity
 from mekd_fl.models.classifier import build_model, predict_logits
 from mekd_fl.run_data import run_data
-from mekd_fl.teacher.training import TeacherRecipe, load_or_train_teacher
+from mekd_fl.teacher.training import teacher_for_run
 
 
 def main() -> None:
@@ -57,15 +57,7 @@ def main() -> None:
     data = run_data(cfg)
     ds = data.dataset
     device = torch.device("cpu")
-    teacher, meta = load_or_train_teacher(
-        TeacherRecipe.for_run(data, cfg),
-        cfg.resolved_cache_dir(),
-        *data.server_train(),
-        ds.test_images,
-        ds.test_labels,
-        device,
-        print,
-    )
+    teacher, meta = teacher_for_run(data, cfg, device)
     teacher.eval()
 
     def answer(images: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ from mekd_fl.config import RunConfig
 from mekd_fl.distill import DistillContext, Distiller, get_distiller
 from mekd_fl.models.classifier import build_model, predict_logits
 from mekd_fl.run_data import run_data
-from mekd_fl.teacher.training import TeacherRecipe, load_or_train_teacher
+from mekd_fl.teacher.training import teacher_for_run
 
 # the converged pathological protocol's federation (experiments/converged-pathological-fmnist.yaml)
 _DEFAULT_SET = [
@@ -89,15 +89,7 @@ def main() -> None:
     data = run_data(cfg)
     ds = data.dataset
     device = torch.device("cpu")
-    teacher, _ = load_or_train_teacher(
-        TeacherRecipe.for_run(data, cfg),
-        cfg.resolved_cache_dir(),
-        *data.server_train(),
-        ds.test_images,
-        ds.test_labels,
-        device,
-        print,
-    )
+    teacher, _ = teacher_for_run(data, cfg, device)
     teacher.eval()
     fresh = build_model(cfg.student_arch, ds.num_classes, ds.image_shape, ds.mean, ds.std).state_dict()
     students = {"fresh": fresh}  # one initialisation, so both methods see the same student

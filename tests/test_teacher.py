@@ -238,3 +238,20 @@ def shifted(img: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
             if 0 <= sr < h and 0 <= sc < w:
                 out[..., r, c] = img[..., sr, sc]
     return out
+
+
+def test_teacher_for_run_is_the_runs_cached_teacher(tmp_path, monkeypatch) -> None:
+    from mekd_fl.config import RunConfig
+    from mekd_fl.run_data import run_data
+
+    settings = {"dataset": "synthetic", "teacher-arch": "resnet8", "teacher-epochs": 1, "server-share": 0.05}
+    cfg = RunConfig.from_mapping({**settings, "cache-dir": str(tmp_path)})
+    data = run_data(cfg)
+    first, meta = teacher_mod.teacher_for_run(data, cfg, CPU, log=lambda _: None)
+    recipe = TeacherRecipe.for_run(data, cfg)
+    assert not meta["cached"] and Path(meta["path"]) == tmp_path / "teachers" / f"{recipe.key()}.pt"
+    monkeypatch.setattr(teacher_mod, "train_teacher", lambda *a, **k: pytest.fail("trained again"))
+    again, meta = teacher_mod.teacher_for_run(data, cfg, CPU, log=lambda _: None)
+    assert meta["cached"]
+    for key, value in first.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[key], value)

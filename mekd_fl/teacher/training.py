@@ -185,3 +185,19 @@ def load_or_train_teacher(
     )
     log(f"[teacher] test acc {acc:.4f}, trained in {meta['train_seconds']:.0f}s, cached at {path}")
     return model, dict(meta, cached=False, path=str(path))
+
+
+def teacher_for_run(
+    data: RunData, cfg: RunConfig, device: torch.device, log: Callable[[str], None] = print
+) -> tuple[nn.Module, dict]:
+    """The teacher a run with `cfg` would use, from the cache or trained on the run's server share.
+
+    Why: scripts that study one client of a run (the emulator and loss benchmarks) must see the very
+    teacher the run sees; one call keeps them from rebuilding its recipe and data arguments by hand.
+    """
+    ds = data.dataset
+    images, labels = data.server_train()
+    recipe = TeacherRecipe.for_run(data, cfg)
+    return load_or_train_teacher(
+        recipe, cfg.resolved_cache_dir(), images, labels, ds.test_images, ds.test_labels, device, log
+    )
