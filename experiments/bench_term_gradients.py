@@ -111,15 +111,15 @@ def main() -> None:
         batch = torch.arange(min(args.batch, len(images)))
         x = to_unit(images[batch])
         for student_name, state in students.items():
+            student = build_model(cfg.student_arch, ds.num_classes, ds.image_shape, ds.mean, ds.std)
+            student.load_state_dict(state)
+            student.train()
+            params = [p for p in student.parameters() if p.requires_grad]
+            logits = student(edge.preprocess(x))  # one forward: each method's gradients keep the graph
             for method in args.methods:
                 settings = base.updated(method=method, weight_emulation=1.0)
                 ctx = DistillContext.from_config(settings, ds.num_classes, edge.load_generator(g_state), device)
                 distiller = get_distiller(method, ctx)
-                student = build_model(cfg.student_arch, ds.num_classes, ds.image_shape, ds.mean, ds.std)
-                student.load_state_dict(state)
-                student.train()
-                params = [p for p in student.parameters() if p.requires_grad]
-                logits = student(edge.preprocess(x))
                 grads = term_gradients(distiller, logits, responses[batch], x, settings.dkd_warmup + 1, params)
                 row = {"client": client, "student": student_name, "method": method, **grads}
                 rows.append(row)
