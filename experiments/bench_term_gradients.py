@@ -57,7 +57,7 @@ def term_gradients(
     """Gradient norms (w.r.t. `params`) of an MEKD method's emulation term, as its setting weighs it, and of
     the rest of its loss, from one batch through the method's own `losses`; their ratio and cosine."""
     parts = distiller.losses(logits, responses, x, epoch)
-    emulation = distiller.ctx.weight_emulation * parts["emulation"]
+    emulation = distiller.emulation_weight * parts["emulation"]
     g_emulation = _flat_grad(emulation, params)
     g_rest = _flat_grad(parts["loss"] - emulation, params)
     ratio = float(g_emulation.norm() / g_rest.norm())
@@ -66,7 +66,7 @@ def term_gradients(
         "grad-rest": float(g_rest.norm()),
         "ratio": ratio,
         "cosine": float(F.cosine_similarity(g_emulation, g_rest, dim=0)),
-        "parity-weight": distiller.ctx.weight_emulation / ratio if ratio > 0 else float("inf"),
+        "parity-weight": distiller.emulation_weight / ratio if ratio > 0 else float("inf"),
     }
 
 

@@ -214,6 +214,31 @@ def test_mekd_on_dkd_is_the_emulation_term_plus_dkds_loss(epoch: float) -> None:
     assert needs_generator("mekd-dkd") is True
 
 
+@pytest.mark.parametrize(("method", "own"), [("mekd", 1.0), ("mekd-dkd", 10.0)])
+def test_emulation_weight_left_at_minus_one_is_the_methods_own(method: str, own: float) -> None:
+    # weight-emulation's default (-1) gives mekd the paper's 1 and mekd-dkd 10; a weight the run gives wins.
+    kw = {"temperature": 4.0, "weight_kl": 2.0, "dkd_warmup": 1.0}
+    gen = LinearGen()
+    by_default = get_distiller(method, DistillContext(num_classes=C, generator=gen, **kw))
+    given = get_distiller(method, DistillContext(num_classes=C, generator=gen, weight_emulation=0.5, **kw))
+    parts = by_default.losses(STUDENT, TEACHER.softmax(1), IMAGES, 5.0)
+    other = parts["loss"] - own * parts["emulation"]  # the term beside the emulation term (KD's or DKD's)
+    assert parts["emulation"].item() > 0
+    assert (by_default.emulation_weight, given.emulation_weight) == (own, 0.5)
+    again = given.losses(STUDENT, TEACHER.softmax(1), IMAGES, 5.0)
+    assert again["loss"].item() == pytest.approx(0.5 * again["emulation"].item() + other.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("weight", [-0.5, -2.0])
+def test_negative_emulation_weight_other_than_minus_one_is_refused(weight: float) -> None:
+    from mekd_fl.config import RunConfig
+
+    with pytest.raises(ConfigError, match=r"^weight-emulation=-[0-9.]+ must be >= 0, or -1 \(the method's own"):
+        RunConfig(weight_emulation=weight).validate()
+    for accepted in (-1.0, 0.0, 10.0):
+        RunConfig(weight_emulation=accepted).validate()
+
+
 def test_gradient_flows_to_student_not_to_generator() -> None:
     gen = LinearGen(batchnorm=True)
     gen.train()  # the distiller must freeze it whatever mode it came in

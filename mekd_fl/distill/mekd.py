@@ -20,11 +20,19 @@ from torch import nn
 
 from mekd_fl.distill.base import DistillContext, Distiller, kl_divergence, register, teacher_log_probs
 from mekd_fl.distill.dkd import dkd_loss
+from mekd_fl.errors import ConfigError
 from mekd_fl.models.gan import Generator, upsample_conv_kernel
 from mekd_fl.settings.schema import Setting
 
 _TARGET_CHUNK = 512  # images per generator forward in `prepare` (bounds its activation memory)
 _SYNTHETIC_NOISE = 0.5  # std of the log-space noise around a synthesised answer (weight-synthetic)
+METHOD_WEIGHT = -1.0  # weight-emulation's "the method's own" (`MEKD.own_emulation_weight`)
+
+
+def _method_weight(setting: Setting, value: float) -> None:
+    """A weight is >= 0, or -1 for the method's own (`MEKD.own_emulation_weight`)."""
+    if value < 0 and value != METHOD_WEIGHT:
+        raise ConfigError(f"{setting.name}={value} must be >= 0, or -1 (the method's own: 1 for mekd, 10 for mekd-dkd)")
 
 
 def generator_input(scores: torch.Tensor, how: str, temperature: float) -> torch.Tensor:
@@ -145,7 +153,14 @@ class MEKD(Distiller):
             "client",
             choices=("probs", "logits"),
         ),
-        Setting("weight-emulation", 1.0, "Weight of the emulation term d(G(S(x)), G(T(x))).", "client", within=">= 0"),
+        Setting(
+            "weight-emulation",
+            -1.0,
+            "Weight of the emulation term d(G(S(x)), G(T(x))); -1: the method's own, 1 for mekd (the "
+            "paper's) and 10 for mekd-dkd (measured at convergence: docs/methods.md).",
+            "client",
+            rule=_method_weight,
+        ),
         Setting("weight-kl", 1.0, "Weight of the KL term.", "client", within=">= 0"),
         Setting(
             "weight-synthetic",
@@ -159,6 +174,8 @@ class MEKD(Distiller):
     )
     needs_generator = True
     batch_index = True
+    #: weight-emulation when the run leaves it at -1: the paper's weight on KD's KL.
+    own_emulation_weight = 1.0
 
     def __init__(self, ctx: DistillContext) -> None:
         super().__init__(ctx)
@@ -168,6 +185,9 @@ class MEKD(Distiller):
             p.requires_grad_(False)
         self._g = frozen_generator(self.generator)
         self._targets: torch.Tensor | None = None  # G(T(x)) for the answers given to `prepare`
+        chosen = ctx.weight_emulation
+        #: The emulation term's weight in this run: weight-emulation, or the method's own when it is -1.
+        self.emulation_weight = self.own_emulation_weight if chosen == METHOD_WEIGHT else chosen
 
     def _target(self, teacher_response: torch.Tensor) -> torch.Tensor:
         """G(T(x)), without gradient."""
@@ -213,7 +233,7 @@ class MEKD(Distiller):
         emulated = self._g(generator_input(s_scores, ctx.emulator_input, ctx.temperature)).float()
         dist = F.l1_loss(emulated, target) if ctx.distance == "l1" else F.mse_loss(emulated, target)
         parts = self.distillation(t_log_p, student_logits, epoch)
-        return {**parts, "loss": ctx.weight_emulation * dist + parts["loss"], "emulation": dist}
+        return {**parts, "loss": self.emulation_weight * dist + parts["loss"], "emulation": dist}
 
     def synthetic(self, responses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Query-free pairs (issue 22, variant b): answers p' between two of the batch's answers (a uniform
@@ -256,7 +276,12 @@ class MEKDOnDKD(MEKD):
 
     Why: DKD leads KD on skewed splits; this asks whether the emulation term adds to the stronger
     logit loss as it does to KD's KL. weight-kl is not read (DKD's own weights replace it).
+    Its own emulation weight is 10, not 1: at 1 the term's gradient is 1-5 % of DKD's loss's
+    (experiments/bench_term_gradients.py) and barely moves the student; at 10 it ended above weight 1 in
+    every converged cell measured and above DKD in most (docs/methods.md).
     """
+
+    own_emulation_weight = 10.0
 
     def distillation(
         self, t_log_p: torch.Tensor, student_logits: torch.Tensor, epoch: float
