@@ -358,15 +358,15 @@ def _with_report(folder: Path, **report: object) -> str:
 def test_versus_compares_the_best_of_each_group_seed_by_seed(bench_folder: Path) -> None:
     """Per partition and seed: mekd against kd (ACC), reached where mekd wins by 1 point or more."""
     section = _with_report(bench_folder, versus={"ours": ["mekd"], "baselines": ["kd"], "points": 1})
-    assert "| iid | 1 | mekd 80.00 | kd 70.00 | +10.00 | **yes** | - |" in section
-    assert "| dir-a0.1 | 3 | mekd 50.00 | kd 54.00 | -4.00 | no | - |" in section
-    assert "| dir-a1.0 | 2 | mekd 60.00 | kd 60.00 | +0.00 | no | - |" in section
-    assert "| dir-a1.0 | 3 | mekd 62.00 | kd 60.00 | +2.00 | **yes** | - |" in section
+    assert "| iid | 1 | mekd 80.00 | kd 70.00 | +10.00 | **yes** | yes | - |" in section
+    assert "| dir-a0.1 | 3 | mekd 50.00 | kd 54.00 | -4.00 | no | yes | - |" in section
+    assert "| dir-a1.0 | 2 | mekd 60.00 | kd 60.00 | +0.00 | no | yes | - |" in section
+    assert "| dir-a1.0 | 3 | mekd 62.00 | kd 60.00 | +2.00 | **yes** | yes | - |" in section
     assert "| iid | 3 |" not in section  # kd's cell never finished: nothing to compare with
     assert "Reached in 3 of 8 comparisons (8 of them with every listed method finished)." in section
     # a group's best is its highest finished cell, and a group member without a finished cell is named
     section = _with_report(bench_folder, versus={"ours": ["mekd"], "baselines": ["kd", "supervised"], "points": 0})
-    assert "| iid | 3 | mekd 84.00 | supervised 95.00 | -11.00 | no | kd |" in section
+    assert "| iid | 3 | mekd 84.00 | supervised 95.00 | -11.00 | no | yes | kd |" in section
     assert "Reached in 0 of 9 comparisons (8 of them with every listed method finished)." in section
 
 
@@ -375,7 +375,26 @@ def test_versus_marks_a_best_cell_not_at_its_plateau(bench_folder: Path) -> None
         bench_folder, plateau={"rounds": 2, "points": 0.3}, versus={"ours": ["mekd"], "baselines": ["kd"]}
     )
     # the fixture's cells climb 20 points over their last 2 rounds
-    assert "| iid | 1 | mekd 80.00* | kd 70.00* | +10.00 | **yes** | - |" in section
+    assert "| iid | 1 | mekd 80.00* | kd 70.00* | +10.00 | **yes** | yes | - |" in section
+
+
+def test_versus_does_not_count_cells_taught_by_different_teachers(bench_folder: Path) -> None:
+    """The same recipe trained on another machine is another teacher: such a pairing is shown, flagged and
+    never counted as reached, by weights digest where the summaries have one (else by test accuracy)."""
+    mekd_iid_1 = bench_folder / "method=mekd__partition=iid__seed=1" / "summary.json"
+    kd_iid_1 = bench_folder / "method=kd__partition=iid__seed=1" / "summary.json"
+    for file, digest in ((mekd_iid_1, "aaaa"), (kd_iid_1, "bbbb")):
+        summary = json.loads(file.read_text())
+        file.write_text(json.dumps(dict(summary, **{"teacher-digest": digest})))  # same accuracy, other weights
+    section = _with_report(bench_folder, versus={"ours": ["mekd"], "baselines": ["kd"], "points": 1})
+    assert "| iid | 1 | mekd 80.00 | kd 70.00 | +10.00 | no | **no** | - |" in section
+    assert "| iid | 2 | mekd 82.00 | kd 72.00 | +10.00 | **yes** | yes | - |" in section
+    assert "Reached in 2 of 8 comparisons" in section and "**1 of them compare cells taught by different" in section
+    # Without digests, a different test accuracy is a different teacher.
+    file = bench_folder / "method=kd__partition=iid__seed=2" / "summary.json"
+    file.write_text(json.dumps(dict(json.loads(file.read_text()), **{"teacher-accuracy": 0.5})))
+    section = _with_report(bench_folder, versus={"ours": ["mekd"], "baselines": ["kd"], "points": 1})
+    assert "| iid | 2 | mekd 82.00 | kd 72.00 | +10.00 | no | **no** | - |" in section
 
 
 @pytest.mark.parametrize(

@@ -251,7 +251,13 @@ def test_teacher_for_run_is_the_runs_cached_teacher(tmp_path, monkeypatch) -> No
     recipe = TeacherRecipe.for_run(data, cfg)
     assert not meta["cached"] and Path(meta["path"]) == tmp_path / "teachers" / f"{recipe.key()}.pt"
     monkeypatch.setattr(teacher_mod, "train_teacher", lambda *a, **k: pytest.fail("trained again"))
+    trained_digest = meta["digest"]
     again, meta = teacher_mod.teacher_for_run(data, cfg, CPU, log=lambda _: None)
     assert meta["cached"]
     for key, value in first.state_dict().items():
         torch.testing.assert_close(again.state_dict()[key], value)
+    # The digest names the weights: the same teacher loaded gives it, one changed weight does not.
+    assert meta["digest"] == trained_digest == teacher_mod.weights_digest(first)
+    with torch.no_grad():
+        next(again.parameters()).view(-1)[0] += 1e-3
+    assert teacher_mod.weights_digest(again) != trained_digest

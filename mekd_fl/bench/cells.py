@@ -39,6 +39,26 @@ class CellResult:
         return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def teacher_identity(result: CellResult) -> str | None:
+    """Which teacher a finished cell distilled from: its weights' digest, or (summaries written before the
+    digest existed) its test accuracy; None while unfinished. Cells to compare must share it."""
+    s = result.summary
+    if s is None:
+        return None
+    if s.teacher_digest:
+        return f"digest {s.teacher_digest}"
+    return f"accuracy {s.teacher_accuracy}" if s.teacher_accuracy is not None else None
+
+
+def same_teacher(results: list[CellResult]) -> bool:
+    """Whether the finished cells share one teacher. By digest where every cell has one; else by test
+    accuracy, the only mark an older summary has (two teachers of equal accuracy would pass)."""
+    finished = [r.summary for r in results if r.summary is not None]
+    if all(s.teacher_digest for s in finished):
+        return len({s.teacher_digest for s in finished}) <= 1
+    return len({s.teacher_accuracy for s in finished}) <= 1
+
+
 def load_results(folder: Path) -> tuple[Spec, list[CellResult]]:
     """The saved spec and every cell of its grid, finished or not."""
     if not (folder / SPEC_FILE).is_file():

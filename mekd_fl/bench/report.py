@@ -57,7 +57,9 @@ def stat(members: list[CellResult], metric: str) -> Stat:
 def teacher_stat(members: list[CellResult]) -> Stat:
     """Teacher accuracy, one value per distinct teacher (methods sharing a teacher count it once)."""
     teachers = {
-        (m.cell.config.teacher_arch, m.cell.config.seed, m.cell.config.dataset): m.value("teacher-accuracy")
+        (m.cell.config.teacher_arch, m.cell.config.seed, m.cell.config.dataset, cells.teacher_identity(m)): m.value(
+            "teacher-accuracy"
+        )
         for m in members
         if m.summary is not None
     }

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from mekd_fl.bench.cells import CellResult
+from mekd_fl.bench.cells import CellResult, same_teacher
 from mekd_fl.bench.plateau import PlateauCheck, movement
 from mekd_fl.bench.spec import Spec, Versus
 from mekd_fl.bench.tables import markdown_table
@@ -32,6 +32,12 @@ class Match:
     ours: CellResult
     baseline: CellResult
     missing: tuple[str, ...]  # rows of either group that have no finished cell here
+    one_teacher: bool  # every finished cell compared here distilled from the same teacher
+
+    def reached(self, points: float) -> bool:
+        """The goal holds here: a margin of `points` or more between cells of one teacher (cells taught by
+        different teachers, e.g. the same recipe trained on another machine, are no fair pairing)."""
+        return self.one_teacher and self.margin >= points
 
     @property
     def margin(self) -> float:
@@ -60,7 +66,8 @@ def matches(spec: Spec, results: list[CellResult], versus: Versus) -> list[Match
         if not ours or not base:
             continue
         missing = tuple(row for row in (*versus.ours, *versus.baselines) if row not in finished)
-        out.append(Match(column, dict(zip(others, labels)), max(ours, key=_value), max(base, key=_value), missing))
+        best_ours, best_base = max(ours, key=_value), max(base, key=_value)
+        out.append(Match(column, dict(zip(others, labels)), best_ours, best_base, missing, same_teacher(ours + base)))
     return out
 
 
@@ -77,10 +84,14 @@ def versus_section(spec: Spec, results: list[CellResult], versus: Versus) -> lis
 
     body = []
     for m in found:
-        met = "**yes**" if m.margin >= versus.points else "no"
+        met = "**yes**" if m.reached(versus.points) else "no"
         where = ([str(m.column)] if cols_axis else []) + list(m.others.values())
-        body.append([*where, entry(m.ours), entry(m.baseline), f"{m.margin:+.2f}", met, ", ".join(m.missing) or "-"])
-    met = [m for m in found if m.margin >= versus.points]
+        teacher = "yes" if m.one_teacher else "**no**"
+        body.append(
+            [*where, entry(m.ours), entry(m.baseline), f"{m.margin:+.2f}", met, teacher, ", ".join(m.missing) or "-"]
+        )
+    met = [m for m in found if m.reached(versus.points)]
+    mixed = [m for m in found if not m.one_teacher]
     complete = [m for m in found if not m.missing]
     verdict = (
         f"Reached in {len(met)} of {len(found)} comparisons ({len(complete)} of them with every listed "
@@ -88,9 +99,20 @@ def versus_section(spec: Spec, results: list[CellResult], versus: Versus) -> lis
         if found
         else "No comparison yet: no column and seed has a finished cell of both groups."
     )
+    if mixed:
+        verdict += (
+            f" **{len(mixed)} of them compare cells taught by different teachers** ('one teacher': no; the same "
+            "recipe trained on another machine gives other weights): none of those counts as reached."
+        )
     others = [a.name for a in spec.grid if a.name not in (rows_axis, cols_axis)]
     header = ([cols_axis] if cols_axis else []) + others
-    header += [f"best of {', '.join(versus.ours)}", f"best of {', '.join(versus.baselines)}", "margin", "reached"]
+    header += [
+        f"best of {', '.join(versus.ours)}",
+        f"best of {', '.join(versus.baselines)}",
+        "margin",
+        "reached",
+        "one teacher",
+    ]
     plateau_note = (
         f" An entry marked * is a cell not at its plateau (its last {check.rounds} rounds moved "
         f"{check.points:g} points or more)."

@@ -386,6 +386,7 @@ class ServerRun:
             aggregation=cfg.aggregation,
             teacher_accuracy=self.teacher_meta["test_accuracy"],
             teacher_cached=self.teacher_meta["cached"],
+            teacher_digest=self.teacher_meta.get("digest"),
             student_accuracy=last.get("server/accuracy"),
             student_best_accuracy=max((r["server/accuracy"] for r in rounds), default=None),
             student_agreement=last.get("server/agreement"),

@@ -39,6 +39,8 @@ class RunSummary:
     aggregation: str
     teacher_accuracy: float | None = None
     teacher_cached: bool | None = None
+    #: `weights_digest` of the teacher: cells compared in a report must share it (None: written before it).
+    teacher_digest: str | None = None
     student_accuracy: float | None = None
     student_best_accuracy: float | None = None
     student_agreement: float | None = None

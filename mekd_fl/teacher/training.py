@@ -147,6 +147,21 @@ def load_checkpoint(path: Path) -> dict:
     return ckpt
 
 
+def weights_digest(model: nn.Module) -> str:
+    """The first 16 hex digits of a SHA-256 over the model's weights (names, shapes and values, in order).
+
+    Why: a teacher is cached per recipe, but the same recipe trained on another machine (other CPU
+    kernels) gives other weights and a test accuracy some tenths apart; results compared across cells
+    must share a teacher, and a report can only check that with the teacher's identity in each summary.
+    """
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def load_or_train_teacher(
     recipe: TeacherRecipe,
     cache_dir: Path,
@@ -171,7 +186,7 @@ def load_or_train_teacher(
                 f"teacher-arch={recipe.arch}: checkpoint {path} does not fit this architecture "
                 f"({str(exc).splitlines()[0]}); delete it to retrain"
             ) from exc
-        meta = dict(ckpt["meta"], cached=True, path=str(path))
+        meta = dict(ckpt["meta"], cached=True, path=str(path), digest=weights_digest(model))
         log(f"[teacher] loaded from cache {path} (test acc {meta['test_accuracy']:.4f})")
         return model.to(device).eval(), meta
     t0 = time.time()
@@ -184,7 +199,7 @@ def load_or_train_teacher(
         path,
     )
     log(f"[teacher] test acc {acc:.4f}, trained in {meta['train_seconds']:.0f}s, cached at {path}")
-    return model, dict(meta, cached=False, path=str(path))
+    return model, dict(meta, cached=False, path=str(path), digest=weights_digest(model))
 
 
 def teacher_for_run(
