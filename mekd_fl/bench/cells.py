@@ -39,17 +39,6 @@ class CellResult:
         return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def teacher_identity(result: CellResult) -> str | None:
-    """Which teacher a finished cell distilled from: its weights' digest, or (summaries written before the
-    digest existed) its test accuracy; None while unfinished. Cells to compare must share it."""
-    s = result.summary
-    if s is None:
-        return None
-    if s.teacher_digest:
-        return f"digest {s.teacher_digest}"
-    return f"accuracy {s.teacher_accuracy}" if s.teacher_accuracy is not None else None
-
-
 def same_teacher(results: list[CellResult]) -> bool:
     """Whether the finished cells share one teacher. By digest where every cell has one; else by test
     accuracy, the only mark an older summary has (two teachers of equal accuracy would pass)."""

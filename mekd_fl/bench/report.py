@@ -55,15 +55,14 @@ def stat(members: list[CellResult], metric: str) -> Stat:
 
 
 def teacher_stat(members: list[CellResult]) -> Stat:
-    """Teacher accuracy, one value per distinct teacher (methods sharing a teacher count it once)."""
+    """Teacher accuracy, one value per distinct teacher (methods sharing a teacher count it once; a recipe
+    trained again on another machine is another teacher, told apart by its accuracy)."""
     teachers = {
-        (m.cell.config.teacher_arch, m.cell.config.seed, m.cell.config.dataset, cells.teacher_identity(m)): m.value(
-            "teacher-accuracy"
-        )
+        (m.cell.config.teacher_arch, m.cell.config.seed, m.cell.config.dataset, m.value("teacher-accuracy"))
         for m in members
         if m.summary is not None
     }
-    return Stat(tuple(v for v in teachers.values() if v is not None), len(teachers) or 1, True)
+    return Stat(tuple(key[-1] for key in teachers if key[-1] is not None), len(teachers) or 1, True)
 
 
 def format_stat(value: Stat, metric: str) -> str:
