@@ -7,7 +7,8 @@ its teacher and partition), and which method is best may change from seed to see
 (e.g. budget) and every combination of the other labels (e.g. seed), the best finished cell of each
 group is found and their margin compared with `points`. A pair where only one group has finished is left
 out; one where some listed rows have not finished is shown with the rows missing, since a missing row
-might have been the best.
+might have been the best. That a seed's cells share one teacher is checked, not assumed (`same_teacher`):
+the teacher cache is per machine, and the same recipe trained on another CPU gives another teacher.
 """
 
 from __future__ import annotations
