@@ -261,3 +261,36 @@ def test_teacher_for_run_is_the_runs_cached_teacher(tmp_path, monkeypatch) -> No
     with torch.no_grad():
         next(again.parameters()).view(-1)[0] += 1e-3
     assert teacher_mod.weights_digest(again) != trained_digest
+
+
+def test_a_retrained_teacher_is_never_answered_from_the_old_teachers_cache(tmp_path) -> None:
+    """One recipe trained on two machines gives two teachers. A cache dir that keeps its answers while the
+    checkpoint is replaced (copied between machines) must answer with the teacher the run loaded."""
+    from mekd_fl.config import RunConfig
+    from mekd_fl.models.classifier import predict_logits
+    from mekd_fl.run_data import run_data
+    from mekd_fl.server.app import ServerRun
+
+    settings = {"dataset": "synthetic", "teacher-arch": "resnet8", "teacher-epochs": 1, "server-share": 0.05}
+    cfg = RunConfig.from_mapping({**settings, "cache-dir": str(tmp_path), "answer-cache": True, "device": "cpu"})
+
+    def built() -> ServerRun:
+        run = ServerRun(None, cfg, log=lambda _: None)  # type: ignore[arg-type]
+        run.data = run_data(cfg)
+        run.build_teacher()
+        return run
+
+    first = built()
+    checkpoint = Path(first.teacher_meta["path"])
+    ckpt = torch.load(checkpoint, weights_only=True)
+    # "Another machine's" teacher: the same recipe, other weights. Its last layer's bias now favours
+    # whichever class the first teacher predicts least, so that their answers differ.
+    name = [k for k in ckpt["state_dict"] if k.endswith("bias")][-1]
+    least = torch.bincount(first.teacher_test_pred, minlength=len(ckpt["state_dict"][name])).argmin()
+    ckpt["state_dict"][name][least] += 1000.0
+    torch.save(ckpt, checkpoint)
+    second = built()
+    own = predict_logits(second.teacher, first.data.dataset.test_images, CPU).argmax(1)
+    assert torch.equal(second.teacher_test_pred, own)
+    assert not torch.equal(second.teacher_test_pred, first.teacher_test_pred)  # the old answers were not served
+    assert len(list((tmp_path / "answers").iterdir())) == 2  # one answer folder per teacher

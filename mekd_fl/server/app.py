@@ -216,8 +216,12 @@ class ServerRun:
             self.device, self.log,
         )  # fmt: skip
 
+        # Keyed by the weights, not only the recipe: the same recipe retrained on another machine gives
+        # other weights, and a cache dir copied between machines must not serve the old teacher's answers.
+        teacher_key = f"{recipe.key()}-w{self.teacher_meta['digest']}"
+
         def answer_cache(output: str) -> AnswerCache | None:
-            return AnswerCache(cfg.resolved_cache_dir(), recipe.key(), output) if cfg.answer_cache else None
+            return AnswerCache(cfg.resolved_cache_dir(), teacher_key, output) if cfg.answer_cache else None
 
         self.oracle = TeacherOracle(
             self.teacher,

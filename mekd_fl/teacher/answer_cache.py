@@ -8,7 +8,9 @@ teacher checkpoint itself. It lives on the server side, behind the oracle: clien
 oracle still validates and counts every query against the client's budget before looking here.
 
 Layout: `<cache-dir>/answers/<teacher key>/<output>-<sha256 of dtype, shape and bytes>.pt`, written to a
-temporary name and renamed, so a killed run never leaves a half-written file that a later run reads.
+temporary name and renamed, so a killed run never leaves a half-written file that a later run reads. The
+server's teacher key is the recipe's key plus `weights_digest` of the teacher it loaded: one recipe
+trained on two machines gives two teachers, and each must get its own answers.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def images_digest(images: torch.Tensor) -> str:
 
 
 class AnswerCache:
-    """Answers of one teacher (`teacher_key`, e.g. `TeacherRecipe.key()`) for one output kind."""
+    """Answers of one teacher (`teacher_key`: a name that changes whenever its weights do) for one output kind."""
 
     def __init__(self, folder: Path, teacher_key: str, output: str) -> None:
         self.folder = Path(folder) / "answers" / teacher_key
