@@ -91,6 +91,28 @@ def test_finished_cell_with_other_settings_is_refused(tmp_path: Path) -> None:
         bench(str(SMOKE), str(tmp_path), {"num-rounds": 2}, dry_run=True, echo=lambda _: None)
 
 
+def test_a_cell_counts_as_changed_only_by_a_setting_its_method_runs_with(tmp_path: Path) -> None:
+    """weight-emulation's -1 means each method's own weight (1 for mekd): cells finished when the spec
+    gave 1.0 resume under -1, KD's (which never reads the weight) under any value, and MEKD's are
+    refused when its weight really changes."""
+    cells = load_spec(SMOKE).cells(out_dir=str(tmp_path / "smoke"))
+    for cell in cells:
+        fake_finished(tmp_path / "smoke", cell.name, {**cell.config.to_dict(), "weight-emulation": 1.0})
+    lines: list[str] = []
+    assert bench(str(SMOKE), str(tmp_path), dry_run=True, echo=lines.append) == 0
+    assert lines[0] == f"smoke: 4 cells, 4 done, 0 to run -> {tmp_path / 'smoke'}"
+    # the KD cells come first in the grid and pass under any weight: the first cell refused is MEKD's
+    assert cells[0].labels["method"] == "kd"
+    mekd = next(c for c in cells if c.labels["method"] == "mekd")
+    with pytest.raises(
+        ConfigError,
+        match=re.escape(
+            f"cell {mekd.name} was finished with weight-emulation=1.0 but the spec now gives weight-emulation=10.0"
+        ),
+    ):
+        bench(str(SMOKE), str(tmp_path), {"weight-emulation": 10}, dry_run=True, echo=lambda _: None)
+
+
 def test_move_aside_keeps_everything(tmp_path: Path) -> None:
     for n in range(2):
         run = tmp_path / "cell"

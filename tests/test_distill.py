@@ -229,6 +229,22 @@ def test_emulation_weight_left_at_minus_one_is_the_methods_own(method: str, own:
     assert again["loss"].item() == pytest.approx(0.5 * again["emulation"].item() + other.item(), rel=1e-5)
 
 
+def test_a_run_is_compared_on_the_settings_its_method_runs_with() -> None:
+    # another method's settings are left out (KD never reads weight-emulation), MEKD on DKD keeps DKD's,
+    # and -1 is resolved to the method's own weight, so a bench sees "1.0 then -1" as no change for mekd
+    from mekd_fl.config import RunConfig
+    from mekd_fl.distill import get_class
+
+    run = RunConfig().to_dict()
+    kd = get_class("kd").runs_with(run)
+    assert "weight-emulation" not in kd and "dkd-alpha" not in kd and kd["temperature"] == run["temperature"]
+    on_dkd = get_class("mekd-dkd").runs_with(run)
+    assert (on_dkd["weight-emulation"], on_dkd["dkd-alpha"]) == (10.0, run["dkd-alpha"])
+    assert get_class("mekd").runs_with(run)["weight-emulation"] == 1.0
+    assert "dkd-alpha" not in get_class("mekd").runs_with(run)
+    assert get_class("mekd").runs_with({**run, "weight-emulation": 0.5})["weight-emulation"] == 0.5
+
+
 @pytest.mark.parametrize("weight", [-0.5, -2.0])
 def test_negative_emulation_weight_other_than_minus_one_is_refused(weight: float) -> None:
     from mekd_fl.config import RunConfig

@@ -26,6 +26,7 @@ import yaml
 from mekd_fl.bench.cells import SPEC_FILE
 from mekd_fl.bench.report import INVOCATIONS_FILE, write_report
 from mekd_fl.bench.spec import Cell, load_spec
+from mekd_fl.distill.base import get_class
 from mekd_fl.errors import ConfigError
 from mekd_fl.server.summary import RunSummary
 
@@ -54,13 +55,22 @@ def cell_state(path: Path) -> str:
 RERUN = ("partial", "failed")
 
 
+def _as_run(config: dict[str, Any]) -> dict[str, Any]:
+    """A cell's settings as its method runs with them (`Distiller.runs_with`): a setting of another
+    method, or a default that now means the same, never makes a finished cell count as changed."""
+    try:
+        return get_class(str(config.get("method"))).runs_with(config)
+    except ConfigError:  # a method no longer registered (a plug-in): compare every setting
+        return config
+
+
 def check_finished(cells: list[Cell], folder: Path) -> None:
     """Refuse to resume when a finished cell was run with other settings than the spec now gives it."""
     for cell in cells:
         saved_file = folder / cell.name / "config.json"
         if cell_state(folder / cell.name) != "done" or not saved_file.is_file():
             continue
-        saved, wanted = json.loads(saved_file.read_text()), cell.config.to_dict()
+        saved, wanted = _as_run(json.loads(saved_file.read_text())), _as_run(cell.config.to_dict())
         changed = [k for k in wanted if k not in NEUTRAL_SETTINGS and saved.get(k, wanted[k]) != wanted[k]]
         if changed:
             key = changed[0]

@@ -9,7 +9,7 @@ RunConfig, the pyproject and docs tables, the clients' settings and DistillConte
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mekd_fl.errors import ConfigError
-from mekd_fl.settings.methods import declare, method_settings, withdraw
+from mekd_fl.settings.methods import declare, method_settings, owner, withdraw
 from mekd_fl.settings.run import RUN_SETTINGS
 from mekd_fl.settings.schema import Setting
 from mekd_fl.settings.values import SettingValues
@@ -105,6 +105,21 @@ class Distiller:
     needs_generator: ClassVar[bool] = False
     uses_labels: ClassVar[bool] = False
     batch_index: ClassVar[bool] = False  # whether `losses` takes index= (rows of what `prepare` was given)
+    #: Other methods whose settings this one's loss reads besides its own and its parents' (MEKD on
+    #: DKD reads DKD's), so that `runs_with` keeps them.
+    reads_settings_of: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def runs_with(cls, values: Mapping[str, Any]) -> dict[str, Any]:
+        """A run's settings (`RunConfig.to_dict()`) as this method runs with them: the settings of other
+        methods, which its loss never reads, left out, and the method's own sentinels resolved.
+
+        Why: two runs that differ only there are the same run. A bench resumes a finished KD cell whose
+        spec now gives MEKD's weight-emulation another value, or its default a new meaning, and refuses a
+        MEKD cell whose weight really changed.
+        """
+        mine = {vars(c).get("name") for c in cls.__mro__} | set(cls.reads_settings_of)
+        return {k: v for k, v in values.items() if (declared_by := owner(k)) is None or declared_by in mine}
 
     def __init__(self, ctx: DistillContext) -> None:
         self.ctx = ctx

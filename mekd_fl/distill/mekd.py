@@ -14,6 +14,9 @@ convolution: 16 instead of 36 multiply-adds per output pixel and channel pair, a
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -185,9 +188,21 @@ class MEKD(Distiller):
             p.requires_grad_(False)
         self._g = frozen_generator(self.generator)
         self._targets: torch.Tensor | None = None  # G(T(x)) for the answers given to `prepare`
-        chosen = ctx.weight_emulation
         #: The emulation term's weight in this run: weight-emulation, or the method's own when it is -1.
-        self.emulation_weight = self.own_emulation_weight if chosen == METHOD_WEIGHT else chosen
+        self.emulation_weight = self.resolved_weight(ctx.weight_emulation)
+
+    @classmethod
+    def resolved_weight(cls, chosen: float) -> float:
+        """weight-emulation as this method runs with it: `own_emulation_weight` for -1."""
+        return cls.own_emulation_weight if chosen == METHOD_WEIGHT else chosen
+
+    @classmethod
+    def runs_with(cls, values: Mapping[str, Any]) -> dict[str, Any]:
+        """Distiller.runs_with, with weight-emulation's -1 resolved to the method's own weight."""
+        run = super().runs_with(values)
+        if "weight-emulation" in run:
+            run["weight-emulation"] = cls.resolved_weight(float(run["weight-emulation"]))
+        return run
 
     def _target(self, teacher_response: torch.Tensor) -> torch.Tensor:
         """G(T(x)), without gradient."""
@@ -282,6 +297,7 @@ class MEKDOnDKD(MEKD):
     """
 
     own_emulation_weight = 10.0
+    reads_settings_of = ("dkd",)
 
     def distillation(
         self, t_log_p: torch.Tensor, student_logits: torch.Tensor, epoch: float
