@@ -9,10 +9,10 @@ depends on what T(x) says. An unconditional GAN can produce nearly one figure fo
   G(T(x)), grouped by T(x)'s class, beside the same for the real images x (what a perfect inverse gives);
 - student distance: the mean L1 per pixel between G(S(x)) and G(T(x)), what the emulation term sees.
 
-Trust: the images come from the one client that returns the emulator-samples plot (x, G(T(x)),
-G(S(x)) as uint8, the `evaluate.samples` message); the teacher re-classifies them on the server with a
-forward pass of its own, outside any client's budget. Nothing here is sent to a client or used for
-training: it is a measurement for the summary and the benchmark reports.
+Trust: the images come from the one client that returns the emulator-samples plot, the one holding the
+most answers (x, G(T(x)), G(S(x)) as uint8, the `evaluate.samples` message); the teacher re-classifies
+them on the server with a forward pass of its own, outside any client's budget. Nothing here is sent to
+a client or used for training: it is a measurement for the summary and the benchmark reports.
 """
 
 from __future__ import annotations

@@ -402,5 +402,5 @@ class MEKD(Strategy):
     def request_samples(
         self, grid: Grid, arrays: ArrayRecord, config: ConfigRecord, count: int, timeout: float = 600
     ) -> dict[str, np.ndarray] | None:
-        """x, G(T(x)), G(S(x)) on `count` images of the first client with answers (see `Phases.samples`)."""
+        """x, G(T(x)), G(S(x)) on `count` images of the client holding the most answers (see `Phases.samples`)."""
         return self.phases.samples(grid, arrays, config, count, timeout)

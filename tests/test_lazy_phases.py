@@ -3,12 +3,13 @@ sampled, so a run's cost follows the clients that take part, not the population.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from strategies import MEKD, RunFailed
 from strategies import protocol as P
-from tests.scripted_clients import RecordingGrid, crashing, honest, mekd, node_id, student, with_emulator
+from tests.scripted_clients import SHAPE, RecordingGrid, crashing, honest, mekd, node_id, student, with_emulator
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -90,3 +91,36 @@ def test_large_phases_report_progress_with_an_eta() -> None:
     # paired (the default): the queries come first, then the emulators
     assert any(line.startswith("[query] 60/60 clients asked, 60 replied") for line in progress)
     assert progress[-1].startswith("[emulator] 60/60 clients asked, 60 replied") and "ETA 0s" in progress[-1]
+
+
+def with_samples(inner):
+    """A client that also answers the `evaluate.samples` message with `num-samples` uint8 images."""
+
+    def handle(m: Message) -> Message:
+        if m.metadata.message_type != P.SAMPLES:
+            return inner(m)
+        count = int(m.content[P.CONFIG][P.NUM_SAMPLES])
+        image = Array(np.zeros((count, *SHAPE), dtype=np.uint8))
+        return Message(
+            RecordDict(
+                {
+                    P.ARRAYS: ArrayRecord({"images": image, "g-teacher": image, "g-student": image}),
+                    P.METRICS: MetricRecord({P.NUM_EXAMPLES: count}),
+                }
+            ),
+            reply_to=m,
+        )
+
+    return handle
+
+
+@pytest.mark.parametrize(("images", "chosen"), [((2, 9, 5, 9), 1), ((3, 3, 3), 0)])
+def test_the_fidelity_samples_come_from_the_client_holding_the_most_answers(images: tuple, chosen: int) -> None:
+    """The server measures the emulator's fidelity on these images: a client with 2 answers would make
+    the diagnostic a coin toss. Ties go to the lowest partition, so a seed always picks the same client."""
+    grid = RecordingGrid({node_id(i): with_samples(with_emulator(honest(i, images=k))) for i, k in enumerate(images)})
+    s = mekd(n=len(images))
+    run(s, grid, rounds=1)
+    got = s.request_samples(grid, ArrayRecord({k: Array(v) for k, v in student().items()}), ConfigRecord({}), 8)
+    assert [m.metadata.dst_node_id for m in grid.sent_of(P.SAMPLES)] == [node_id(chosen)]
+    assert got is not None and got["images"].shape == (8, *SHAPE)

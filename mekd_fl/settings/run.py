@@ -417,8 +417,9 @@ RUN_SETTINGS: tuple[Setting, ...] = (
     Setting(
         "fidelity-images",
         256,
-        "Query images of the first client on which the server measures the emulator's fidelity after the run "
-        "(the teacher re-classifies G(T(x)); summary and reports only, never sent to a client; 0: off).",
+        "Query images of the client holding the most answers, on which the server measures the emulator's "
+        "fidelity after the run (the teacher re-classifies G(T(x)); summary and reports only, never sent to a "
+        "client; 0: off).",
         SERVER,
         within=">= 0",
     ),
