@@ -183,7 +183,7 @@ def test_paired_emulators_run_and_the_server_measures_their_fidelity(grid_outcom
         assert outcome.get(f"paired-{phase}") == "ok", outcome.get(f"paired-{phase}")
         summary = json.loads((runs / f"paired-{phase}" / "summary.json").read_text())
         assert summary["emulator-pairing"] == "paired" and summary["status"] == "completed"
-        assert 0.0 <= summary["fidelity-consistency"] <= 1.0
+        assert 0.0 <= summary["fidelity-consistency"] <= 1.0 and 0.0 < summary["fidelity-majority-share"] <= 1.0
         assert summary["fidelity-images"] >= 1 and summary["fidelity-student-distance"] >= 0.0
         # Queries are counted as without pairing: the pairs are the queries already paid for.
         assert summary["queries-total"] == sum(summary["queries-used"].values()) > 0

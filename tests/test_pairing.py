@@ -185,6 +185,12 @@ def test_fidelity_numbers_equal_their_definitions() -> None:
     same = images[:1].expand_as(images).clone()
     collapsed = emulator_fidelity(_toy_teacher, images, same)
     assert collapsed["consistency"] == pytest.approx(1 / C) and collapsed["class-separation"] == 0.0
+    assert collapsed["majority-share"] == pytest.approx(1 / C)
+    # On a skewed sample one figure of the main class scores that class's share, which majority-share gives.
+    skewed = torch.cat([images[labels == 0], images[labels == 0], images[labels != 0][:20]])
+    main = skewed[:1].expand_as(skewed).clone()
+    one_figure = emulator_fidelity(_toy_teacher, skewed, main)
+    assert one_figure["consistency"] == one_figure["majority-share"] == pytest.approx(20 / 40)
     # Separation: the mean L1 per pixel (images in [-1, 1]) between two class means.
     two = torch.stack([torch.zeros(1, 2, 2), torch.full((1, 2, 2), 255.0)]).to(torch.uint8)
     assert class_separation(two, torch.tensor([0, 1])) == pytest.approx(2.0)

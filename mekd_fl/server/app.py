@@ -317,7 +317,8 @@ class ServerRun:
                 )
                 self.log(
                     f"[fidelity] the teacher re-classifies G(T(x)) as T(x)'s class on {fidelity['consistency']:.1%} "
-                    f"of {fidelity['images']} query images; class means of G(T(x)) "
+                    f"of {fidelity['images']} query images (one figure of their main class: "
+                    f"{fidelity['majority-share']:.1%}); class means of G(T(x)) "
                     f"{fidelity['class-separation'] or 0:.3f} apart "
                     f"(real images {fidelity['real-class-separation'] or 0:.3f})"
                 )
