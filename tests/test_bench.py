@@ -13,11 +13,15 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from mekd_fl.bench.spec import load_spec
 from mekd_fl.bench.sweep import Progress, bench, cell_state, move_aside
+from mekd_fl.bench.teachers import check_teachers
 from mekd_fl.cli import parse_only
 from mekd_fl.errors import ConfigError
+from mekd_fl.run_data import run_data
+from mekd_fl.teacher.training import teacher_for_run
 
 SMOKE = Path(__file__).resolve().parents[1] / "experiments" / "smoke.yaml"
 
@@ -111,6 +115,35 @@ def test_a_cell_counts_as_changed_only_by_a_setting_its_method_runs_with(tmp_pat
         ),
     ):
         bench(str(SMOKE), str(tmp_path), {"weight-emulation": 10}, dry_run=True, echo=lambda _: None)
+
+
+def test_a_resumed_folder_refuses_cells_that_another_teacher_would_teach(tmp_path: Path) -> None:
+    """The same teacher recipe retrained on another machine has other weights: a bench resumed there must
+    not add its students to the folder's, and must say so before any cell runs or any file is written."""
+    overrides = {"cache-dir": str(tmp_path / "cache"), "teacher-epochs": 1}
+    folder = tmp_path / "smoke"
+    cells = load_spec(SMOKE, overrides).cells(out_dir=str(folder))
+    kd_iid, mekd_iid = (
+        next(c for c in cells if c.labels["method"] == m and c.labels["partition"] == "iid") for m in ("kd", "mekd")
+    )
+    finished = fake_finished(folder, kd_iid.name, kd_iid.config.to_dict())
+    summary = {"status": "completed", "teacher-accuracy": 0.5, "teacher-digest": "0123456789abcdef"}
+    (finished / "summary.json").write_text(json.dumps(summary))
+    shown: list[str] = []
+    with pytest.raises(
+        ConfigError,
+        match=rf"cell {re.escape(mekd_iid.name)}: its teacher \(test accuracy [0-9.]+, weights [0-9a-f]{{16}}\) is not "
+        r"the one that taught this folder's 1 finished cell\(s\) of the same recipe \(0.5000, weights 0123456789abcdef;"
+        r".*use another --out",
+    ):
+        bench(str(SMOKE), str(tmp_path), overrides, only={"method": ["mekd"], "partition": ["iid"]}, echo=shown.append)
+    assert sorted(p.name for p in folder.iterdir()) == [kd_iid.name]  # no spec, log or cell folder written
+    assert any(line.startswith("[teacher] training") for line in shown)
+    # the teacher is cached: the same teacher passes, once per recipe, and a new folder needs no check
+    _, meta = teacher_for_run(run_data(mekd_iid.config), mekd_iid.config, torch.device("cpu"), shown.append)
+    (finished / "summary.json").write_text(json.dumps({**summary, "teacher-digest": meta["digest"]}))
+    check_teachers(cells, [mekd_iid], folder, shown.append)
+    check_teachers(cells, [mekd_iid], tmp_path / "elsewhere", shown.append)
 
 
 def test_move_aside_keeps_everything(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ folder with `summary.json` is finished and is never touched again; a folder with
 of a killed run, and one whose `summary.json` says "failed" (a timeout, a crash) is a failed run: both
 are moved aside (nothing is deleted) and run again. Cells with the same
 `num-clients` share one simulation (`multirun.run_configs`), so Ray starts once per federation size.
+A resumed folder keeps one teacher per recipe (`teachers.check_teachers`).
 
 Layout of `OUT/<spec name>/`: `spec.yaml` (the resolved spec, `--set` included), one folder per cell,
 `cells.jsonl` (one line per attempted cell: status, error, wall time), `bench.log` (every log line),
@@ -26,6 +27,7 @@ import yaml
 from mekd_fl.bench.cells import SPEC_FILE
 from mekd_fl.bench.report import INVOCATIONS_FILE, write_report
 from mekd_fl.bench.spec import Cell, load_spec
+from mekd_fl.bench.teachers import check_teachers
 from mekd_fl.distill.base import get_class
 from mekd_fl.errors import ConfigError
 from mekd_fl.server.summary import RunSummary
@@ -208,6 +210,7 @@ def bench(
             prepare(cell.config, resume=states[cell.name] in RERUN, in_process=True)  # that folder is moved aside below
         except ConfigError as exc:
             raise ConfigError(f"cell {cell.name}: {exc}") from None
+    check_teachers(cells, todo, folder, echo)  # may train a teacher (cached for the cell); writes no result
     folder.mkdir(parents=True, exist_ok=True)
     (folder / SPEC_FILE).write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
     if todo:
