@@ -144,6 +144,14 @@ def test_a_resumed_folder_refuses_cells_that_another_teacher_would_teach(tmp_pat
     (finished / "summary.json").write_text(json.dumps({**summary, "teacher-digest": meta["digest"]}))
     check_teachers(cells, [mekd_iid], folder, shown.append)
     check_teachers(cells, [mekd_iid], tmp_path / "elsewhere", shown.append)
+    # a summary written before the digest is compared by the teacher's test accuracy
+    (finished / "summary.json").write_text(
+        json.dumps({"status": "completed", "teacher-accuracy": meta["test_accuracy"]})
+    )
+    check_teachers(cells, [mekd_iid], folder, shown.append)
+    (finished / "summary.json").write_text(json.dumps({"status": "completed", "teacher-accuracy": 0.25}))
+    with pytest.raises(ConfigError, match=r"\(0.2500, weights not recorded; retrained on another machine\?\)"):
+        check_teachers(cells, [mekd_iid], folder, shown.append)
 
 
 def test_move_aside_keeps_everything(tmp_path: Path) -> None:

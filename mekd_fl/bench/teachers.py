@@ -37,26 +37,33 @@ def recipe_group(config: RunConfig) -> str:
 
 def check_teachers(cells: list[Cell], todo: list[Cell], folder: Path, log: Callable[[str], None] = print) -> None:
     """Raise ConfigError when a cell of `todo` would be taught by another teacher than the finished cells
-    of `cells` (the spec's grid, in `folder`) of the same recipe. Recipes no finished cell has, and
-    finished cells that predate the digest, are not checked. Resolving a teacher may train it."""
+    of `cells` (the spec's grid, in `folder`) of the same recipe: by weights digest, or, where no finished
+    cell has one (written before it), by test accuracy, as `cells.same_teacher` does. Resolving a
+    teacher may train it."""
     taught: dict[str, list[RunSummary]] = {recipe_group(cell.config): [] for cell in todo}
     for cell in cells:
-        summary = _finished_summary(folder / cell.name / "summary.json")
-        if summary is not None and summary.teacher_digest and recipe_group(cell.config) in taught:
-            taught[recipe_group(cell.config)].append(summary)
+        group = recipe_group(cell.config)
+        if group in taught and (summary := _finished_summary(folder / cell.name / "summary.json")):
+            taught[group].append(summary)
     for cell in todo:
         before = taught.pop(recipe_group(cell.config), [])  # one check per recipe
         if not before:
             continue
         _, meta = teacher_for_run(run_data(cell.config), cell.config, pick_device(cell.config.device), log)
-        if meta["digest"] not in {s.teacher_digest for s in before}:
-            old = before[0]
-            raise ConfigError(
-                f"cell {cell.name}: its teacher (test accuracy {meta['test_accuracy']:.4f}, weights "
-                f"{meta['digest']}) is not the one that taught this folder's {len(before)} finished cell(s) of "
-                f"the same recipe ({old.teacher_accuracy:.4f}, weights {old.teacher_digest}; retrained on "
-                f"another machine?); students of two teachers are not comparable: use another --out"
-            )
+        digests = {s.teacher_digest for s in before if s.teacher_digest}
+        if meta["digest"] in digests or (not digests and meta["test_accuracy"] in {s.teacher_accuracy for s in before}):
+            continue
+        old = next((s for s in before if s.teacher_digest), before[0])
+        raise ConfigError(
+            f"cell {cell.name}: its teacher (test accuracy {meta['test_accuracy']:.4f}, weights {meta['digest']}) "
+            f"is not the one that taught this folder's {len(before)} finished cell(s) of the same recipe "
+            f"({_accuracy(old.teacher_accuracy)}, weights {old.teacher_digest or 'not recorded'}; retrained on "
+            f"another machine?); students of two teachers are not comparable: use another --out"
+        )
+
+
+def _accuracy(value: float | None) -> str:
+    return "test accuracy not recorded" if value is None else f"{value:.4f}"
 
 
 def _finished_summary(file: Path) -> RunSummary | None:
