@@ -64,10 +64,10 @@ def _read_cell(path: Path, cell: Cell) -> CellResult:
     metrics = path / "metrics.jsonl"
     lines = metrics.read_text().splitlines() if metrics.is_file() else []
     rounds = [json.loads(line) for line in lines if line.strip()]
-    return CellResult(cell, _summary(path / "summary.json"), rounds, read("partition.json"))
+    return CellResult(cell, read_summary(path / "summary.json"), rounds, read("partition.json"))
 
 
-def _summary(file: Path) -> RunSummary | None:
+def read_summary(file: Path) -> RunSummary | None:
     """The cell's summary; None when there is none, or none readable (`mekd-fl bench` reruns such a cell)."""
     if not file.is_file():
         return None

@@ -15,6 +15,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from mekd_fl.bench.cells import read_summary
 from mekd_fl.bench.spec import Cell
 from mekd_fl.config import RunConfig
 from mekd_fl.device import pick_device
@@ -43,7 +44,8 @@ def check_teachers(cells: list[Cell], todo: list[Cell], folder: Path, log: Calla
     taught: dict[str, list[RunSummary]] = {recipe_group(cell.config): [] for cell in todo}
     for cell in cells:
         group = recipe_group(cell.config)
-        if group in taught and (summary := _finished_summary(folder / cell.name / "summary.json")):
+        summary = read_summary(folder / cell.name / "summary.json") if group in taught else None
+        if summary is not None and summary.status == "completed":
             taught[group].append(summary)
     for cell in todo:
         before = taught.pop(recipe_group(cell.config), [])  # one check per recipe
@@ -64,11 +66,3 @@ def check_teachers(cells: list[Cell], todo: list[Cell], folder: Path, log: Calla
 
 def _accuracy(value: float | None) -> str:
     return "test accuracy not recorded" if value is None else f"{value:.4f}"
-
-
-def _finished_summary(file: Path) -> RunSummary | None:
-    try:
-        summary = RunSummary.read(file) if file.is_file() else None
-    except ValueError:
-        return None
-    return summary if summary is not None and summary.status == "completed" else None
